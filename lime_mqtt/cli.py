@@ -1,0 +1,275 @@
+"""The ``lime-mqtt`` command: one subcommand per role, plus ``ask``, ``plan`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from lime_mqtt.errors import LimeError
+from lime_mqtt.settings import Settings, load_settings
+
+log = logging.getLogger("lime_mqtt")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", help="mqtt://host:port (env LIME_BROKER; default mqtt://127.0.0.1:1883)")
+    parser.add_argument("--cluster", help="cluster name (env LIME_CLUSTER; default 'default')")
+    parser.add_argument("--model", help="model folder or built-in name: smollm2, tiny (env LIME_MODEL)")
+    parser.add_argument("--config", help="settings file (TOML; env LIME_CONFIG)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (env LIME_LOG_LEVEL; default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lime-mqtt", description="Run one language model across several devices through an MQTT broker."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run a local Mosquitto with the project's configuration")
+    _common(p)
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--data", help="folder for the config, log and persistence (default: a temp folder)")
+
+    p = sub.add_parser("planner", help="watch devices and publish the plan")
+    _common(p)
+    p.add_argument("--quorum", type=int, default=1, help="devices to wait for before the first plan")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet membership before planning")
+    p.add_argument("--min-kv-tokens", type=int, default=256, help="KV tokens every stage must have room for")
+
+    p = sub.add_parser("coordinator", help="serve requests from the request topic")
+    _common(p)
+    p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one step")
+    p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
+    p.add_argument("--max-concurrent", type=int, default=8, help="requests generated at once")
+
+    p = sub.add_parser("device", help="run a device agent")
+    _common(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--memory-mb", type=int, required=True, help="memory budget for weights and KV cache")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
+    p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
+
+    p = sub.add_parser("ask", help="send one request and stream the answer")
+    _common(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", action="store_true", help="print every message as JSON")
+
+    p = sub.add_parser("plan", help="print the current plan as a table")
+    _common(p)
+    p.add_argument("--timeout", type=float, default=5.0)
+
+    p = sub.add_parser("demo", help="broker, planner, coordinator and devices in one go; asks one question")
+    _common(p)
+    p.add_argument("--devices", type=int, default=3)
+    p.add_argument("--question", default="What is the boiling point of water at sea level? Answer in one sentence.")
+    p.add_argument("--max-tokens", type=int, default=64)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.config, broker=args.broker, cluster=args.cluster, model=args.model, log_level=args.log_level
+    )
+
+
+def _run_service(main: Callable[[], Awaitable[Any]]) -> int:
+    """Run ``main`` until it ends or SIGTERM/SIGINT arrives; then let it clean up."""
+
+    async def runner() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            log.info("stopped by signal")
+            return 0
+
+    result = asyncio.run(runner())
+    return int(result) if isinstance(result, int) else 0
+
+
+def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from lime_mqtt.broker import LocalBroker
+
+    broker = LocalBroker(args.port, Path(args.data) if args.data else None, args.bind).start()
+    print(f"mosquitto listening on {broker.url} (config in {broker.folder})", flush=True)
+
+    async def main() -> int:
+        try:
+            return await broker.wait()
+        finally:
+            broker.stop()
+
+    return _run_service(main)
+
+
+def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.model.builtin import resolve_model
+    from lime_mqtt.planner import PlannerService
+
+    service = PlannerService(
+        settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
+        settle_s=args.settle, min_kv_tokens=args.min_kv_tokens,
+        username=settings.username, password=settings.password,
+    )
+    return _run_service(service.run)
+
+
+def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.coordinator import Coordinator
+    from lime_mqtt.model.builtin import resolve_model
+
+    folder = resolve_model(settings.model)
+
+    async def main() -> None:
+        coordinator = Coordinator(
+            settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout,
+            ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent,
+            username=settings.username, password=settings.password,
+        )
+        await coordinator.run()
+
+    return _run_service(main)
+
+
+def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.device import DeviceAgent
+    from lime_mqtt.model.builtin import resolve_model
+
+    folder = resolve_model(settings.model)
+
+    async def main() -> None:
+        agent = DeviceAgent(
+            settings.broker, settings.cluster, args.device_id, args.memory_mb, folder,
+            kv_ttl_s=args.kv_ttl, threads=args.threads, torch_device=args.torch_device,
+            username=settings.username, password=settings.password,
+        )
+        await agent.run()
+
+    return _run_service(main)
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "top_k": args.top_k, "stop": args.stop,
+    }
+    if args.seed is not None:
+        request["seed"] = args.seed
+    if args.chat:
+        request["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        request["prompt"] = args.prompt
+    return request
+
+
+async def stream_answer(broker: str, cluster: str, request: dict[str, Any], timeout_s: float,
+                        as_json: bool = False) -> int:
+    """Print an answer as it streams; return 0 on success, 1 on an error message."""
+    from lime_mqtt.client import ask
+
+    async for message in ask(broker, cluster, request, timeout_s=timeout_s):
+        if as_json:
+            print(json.dumps(message), flush=True)
+        elif message["type"] == "chunk":
+            print(message["text"], end="", flush=True)
+        elif message["type"] == "final":
+            t, u = message["timings"], message["usage"]
+            print(f"\n[{message['finish_reason']}: {u['completion_tokens']} tokens, "
+                  f"first token {t['ttft_ms']:.0f} ms, {t['tpot_ms']:.1f} ms/token]", flush=True)
+        if message["type"] == "error":
+            err = message["error"]
+            print(f"error {err['code']}: {err['message']}", file=sys.stderr, flush=True)
+            return 1
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_service(
+        lambda: stream_answer(settings.broker, settings.cluster, _request_from_args(args), args.timeout, args.json)
+    )
+
+
+def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.plan import Plan, format_plan
+    from lime_mqtt.topics import Topics
+    from lime_mqtt.transport import MqttTransport
+
+    async def main() -> int:
+        topics = Topics(settings.cluster)
+        async with MqttTransport(settings.broker) as conn:
+            await conn.subscribe(topics.plan)
+            try:
+                async with asyncio.timeout(args.timeout):
+                    async for message in conn.messages():
+                        if message.payload:
+                            print(format_plan(Plan.from_json(message.payload)))
+                            return 0
+            except TimeoutError:
+                pass
+        print(f"no plan on {topics.plan} after {args.timeout:.0f} s", file=sys.stderr)
+        return 1
+
+    return _run_service(main)
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.demo import run_demo
+
+    return run_demo(settings, devices=args.devices, question=args.question, max_tokens=args.max_tokens)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "broker": _cmd_broker,
+    "planner": _cmd_planner,
+    "coordinator": _cmd_coordinator,
+    "device": _cmd_device,
+    "ask": _cmd_ask,
+    "plan": _cmd_plan,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return COMMANDS[args.command](args, settings)
+    except LimeError as exc:
+        print(f"lime-mqtt {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

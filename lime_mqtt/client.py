@@ -1,0 +1,70 @@
+"""Ask the cluster a question over MQTT, the way a factory system would.
+
+Uses the MQTT 5 request/response pattern: a Response Topic unique to this call and
+Correlation Data that the coordinator echoes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lime_mqtt.errors import TransportError
+from lime_mqtt.topics import Topics
+from lime_mqtt.transport import MqttTransport
+
+
+async def ask(
+    broker: str,
+    cluster: str,
+    request: dict[str, Any],
+    *,
+    timeout_s: float = 300.0,
+    transport: MqttTransport | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Send one request; yield each chunk, then the final (or error) message, then stop."""
+    topics = Topics(cluster)
+    correlation = uuid.uuid4().bytes
+    reply_topic = f"{topics.root}/responses/ask-{uuid.uuid4().hex[:12]}"
+
+    async def exchange(conn: MqttTransport) -> AsyncIterator[dict[str, Any]]:
+        await conn.subscribe(reply_topic, qos=1)
+        await conn.publish(
+            topics.requests, json.dumps(request).encode(), qos=1,
+            response_topic=reply_topic, correlation_data=correlation,
+        )
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        messages = conn.messages()
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await anext(messages)
+            except StopAsyncIteration:
+                raise TransportError("the connection ended before the answer did") from None
+            except TimeoutError:
+                raise TimeoutError(f"no complete answer within {timeout_s:.0f} s") from None
+            if message.topic != reply_topic or message.correlation_data != correlation:
+                continue
+            answer = json.loads(message.payload)
+            yield answer
+            if answer.get("type") in ("final", "error"):
+                return
+
+    if transport is not None:
+        async for answer in exchange(transport):
+            yield answer
+        return
+    async with MqttTransport(broker) as conn:
+        async for answer in exchange(conn):
+            yield answer
+
+
+async def ask_final(broker: str, cluster: str, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """The final (or error) message of one request, skipping the streamed chunks."""
+    last: dict[str, Any] = {}
+    async for answer in ask(broker, cluster, request, **kwargs):
+        last = answer
+    return last

@@ -1,0 +1,155 @@
+"""Start the roles of a cluster as separate OS processes and wait until it can serve.
+
+Used by ``lime-mqtt demo``, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lime_mqtt.errors import LimeError
+from lime_mqtt.plan import Plan
+from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device_id: str
+    memory_mb: int
+    threads: int | None = None
+
+
+async def wait_for_ready_plan(broker: str, cluster: str, timeout_s: float, quorum: int = 1) -> Plan:
+    """Wait until a plan exists with at least ``quorum`` stages, all of whose devices report ready for it."""
+    topics = Topics(cluster)
+    plan: Plan | None = None
+    status: dict[str, dict[str, object]] = {}
+    async with MqttTransport(broker) as conn:
+        await conn.subscribe(topics.plan, topics.all_device_status)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in conn.messages():
+                    if message.topic == topics.plan and message.payload:
+                        plan = Plan.from_json(message.payload)
+                    elif (device_id := device_id_from_status_topic(message.topic)) is not None:
+                        status[device_id] = json.loads(message.payload) if message.payload else {}
+                    if plan is not None and len(plan.stages) >= quorum and all(
+                        status.get(s.device_id, {}).get("state") == "ready"
+                        and status.get(s.device_id, {}).get("plan_epoch") == plan.epoch
+                        for s in plan.stages
+                    ):
+                        return plan
+        except TimeoutError:
+            pass
+    raise LimeError(f"no ready plan on cluster {cluster!r} after {timeout_s:.0f} s (devices: {status})")
+
+
+class ProcessCluster:
+    """Planner, coordinator and device agents, each its own ``python -m lime_mqtt.cli`` process."""
+
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        model: str,
+        devices: list[DeviceSpec],
+        log_dir: Path,
+        *,
+        coordinator: bool = True,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.broker, self.cluster, self.model = broker, cluster, model
+        self.devices = devices
+        self.log_dir = log_dir
+        self.with_coordinator = coordinator
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __repr__(self) -> str:
+        alive = sorted(n for n, p in self.processes.items() if p.poll() is None)
+        return f"ProcessCluster({self.cluster!r}, alive={alive})"
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / f"{name}.log").open("ab")
+        command = [
+            sys.executable, "-m", "lime_mqtt.cli", *args,
+            "--broker", self.broker, "--cluster", self.cluster, "--model", self.model,
+        ]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        self.processes[name] = process
+        return process
+
+    def start(self) -> ProcessCluster:
+        self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5")
+        if self.with_coordinator:
+            self._spawn("coordinator", "coordinator")
+        for device in self.devices:
+            args = ["device", "--device-id", device.device_id, "--memory-mb", str(device.memory_mb)]
+            if device.threads:
+                args += ["--threads", str(device.threads)]
+            self._spawn(device.device_id, *args)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0) -> Plan:
+        """Block until the cluster can serve; fail at once if one of its processes dies."""
+
+        async def watch() -> Plan:
+            waiter = asyncio.create_task(wait_for_ready_plan(self.broker, self.cluster, timeout_s))
+            try:
+                while not waiter.done():
+                    dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+                    if dead:
+                        raise LimeError(f"processes exited before the cluster was ready: {dead}")
+                    await asyncio.wait({waiter}, timeout=0.2)
+                return waiter.result()
+            finally:
+                waiter.cancel()
+
+        try:
+            return asyncio.run(watch())
+        except LimeError as exc:
+            raise LimeError(f"{exc}\n{self.log_tail()}") from exc
+
+    def log_tail(self, lines: int = 15) -> str:
+        parts = []
+        for name in self.processes:
+            path = self.log_dir / f"{name}.log"
+            if path.is_file():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def stop(self, timeout_s: float = 10.0) -> dict[str, int | None]:
+        """SIGTERM every process, wait, SIGKILL what is left; return the exit codes."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        codes: dict[str, int | None] = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                codes[name] = None
+        return codes
+
+    def __enter__(self) -> ProcessCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

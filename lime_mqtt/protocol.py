@@ -1,0 +1,114 @@
+"""The JSON contract with clients (docs/topics.md): requests in, chunks and answers out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lime_mqtt.errors import RequestError
+
+MAX_STOP_STRINGS = 8
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Request(BaseModel):
+    """What a factory system sends on the request topic."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^/+#\s]+$")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = True
+    reply_to: str | None = Field(None, min_length=1, pattern=r"^[^+#]+$")
+    client: str = Field("default", min_length=1, max_length=64, pattern=r"^[^/+#\s]+$")
+    return_logits: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stop"), str):
+            data = {**data, "stop": [data["stop"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Request:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("'prompt' is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' is empty")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise ValueError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return self
+
+
+def parse_request(payload: bytes) -> Request:
+    """Parse and validate a request, or raise :class:`RequestError` with a client-facing code."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError("invalid_json", f"request is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RequestError("invalid_json", "request must be a JSON object")
+    request_id = data.get("id") if isinstance(data.get("id"), str) else None
+    try:
+        return Request.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
+        )
+        raise RequestError("invalid_request", problems, request_id) from exc
+
+
+def chunk_message(request_id: str, index: int, text: str, token_ids: list[int]) -> dict[str, Any]:
+    return {"type": "chunk", "id": request_id, "index": index, "text": text, "token_ids": token_ids}
+
+
+def final_message(
+    request_id: str,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str,
+    prompt_tokens: int,
+    timings: dict[str, float],
+    logits: list[list[float]] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "type": "final",
+        "id": request_id,
+        "text": text,
+        "token_ids": token_ids,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(token_ids),
+            "total_tokens": prompt_tokens + len(token_ids),
+        },
+        "timings": timings,
+    }
+    if logits is not None:
+        message["logits"] = logits
+    return message
+
+
+def error_message(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def dumps(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,68 @@
+"""Topic names, all under ``lime/v1/{cluster}/``. Documented in docs/topics.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "lime/v1"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one cluster; pure string functions, no I/O."""
+
+    cluster: str = "default"
+
+    def __post_init__(self) -> None:
+        if not self.cluster or any(c in self.cluster for c in "/+#\0"):
+            raise ValueError(f"cluster name {self.cluster!r} must be non-empty without / + # or NUL")
+
+    @property
+    def root(self) -> str:
+        return f"{PREFIX}/{self.cluster}"
+
+    def device_status(self, device_id: str) -> str:
+        return f"{self.root}/devices/{device_id}/status"
+
+    @property
+    def all_device_status(self) -> str:
+        return f"{self.root}/devices/+/status"
+
+    def device_telemetry(self, device_id: str) -> str:
+        return f"{self.root}/devices/{device_id}/telemetry"
+
+    @property
+    def plan(self) -> str:
+        return f"{self.root}/plan"
+
+    def stage_in(self, stage: int) -> str:
+        return f"{self.root}/stage/{stage}/in"
+
+    @property
+    def results(self) -> str:
+        """Where the last stage sends sampled tokens back to the coordinator."""
+        return f"{self.root}/coordinator/results"
+
+    @property
+    def control(self) -> str:
+        """Broadcast to every device: end of a request (free its KV cache)."""
+        return f"{self.root}/control"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.root}/requests"
+
+    def responses(self, client: str, request_id: str) -> str:
+        return f"{self.root}/responses/{client}/{request_id}"
+
+
+def device_id_from_status_topic(topic: str) -> str | None:
+    """``lime/v1/c/devices/d1/status`` -> ``d1``; ``None`` for anything else."""
+    parts = topic.split("/")
+    if len(parts) == 6 and parts[3] == "devices" and parts[5] == "status":
+        return parts[4]
+    return None
+
+
+def valid_device_id(device_id: str) -> bool:
+    return bool(device_id) and len(device_id) <= 64 and not any(c in device_id for c in "/+#\0 ")
