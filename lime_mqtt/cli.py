@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="serve requests from the request topic")
     _common(p)
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one step")
+    p.add_argument("--step-retry", type=float, default=5.0, help="resend a step with no answer after this")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
     p.add_argument("--max-concurrent", type=int, default=8, help="requests generated at once")
 
@@ -145,7 +146,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> None:
         coordinator = Coordinator(
-            settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout,
+            settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent,
             username=settings.username, password=settings.password,
         )
@@ -253,6 +254,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads must sleep, not spin: several lime processes share the cores of
+    # a small device, and a spinning idle stage slows the busy one (docs/operations.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)

@@ -22,11 +22,14 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.plan import Plan
 from lime_mqtt.protocol import Request
 from lime_mqtt.textstream import TextStream
-from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic
 from lime_mqtt.transport import Message, MqttTransport
 from lime_mqtt.wire import Envelope, Sampling
 
 log = logging.getLogger(__name__)
+
+# A prefill of many tokens legitimately takes longer: add this much retry patience per token.
+PREFILL_RETRY_S_PER_TOKEN = 0.02
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Coordinator:
         model_folder: Path,
         *,
         step_timeout_s: float = 60.0,
+        step_retry_s: float = 5.0,
         ready_timeout_s: float = 30.0,
         max_concurrent: int = 8,
         username: str | None = None,
@@ -67,6 +71,7 @@ class Coordinator:
         self.context_length = int(self.checkpoint.config_dict.get("max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
         self.step_timeout_s = step_timeout_s
+        self.step_retry_s = step_retry_s
         self.ready_timeout_s = ready_timeout_s
         self.name = f"coord-{uuid.uuid4().hex[:8]}"
         self.results_topic = f"{self.topics.results}/{self.name}"
@@ -251,6 +256,7 @@ class Coordinator:
         first_at = last_at = started
         finish_reason = "length"
         inputs, pos = prompt_ids, 0
+        chunks = sent_tokens = 0  # chunks sent, and how many token ids they carried
         try:
             for step in range(max_new):
                 result = await self._step(active, rid, plan, step, pos, inputs, sampling)
@@ -264,17 +270,19 @@ class Coordinator:
                     finish_reason = "stop"
                     break
                 piece = stream.add(token)
-                if request.stream and (piece or stream.stopped):
-                    await self._send(target, protocol.chunk_message(client_id, len(stream.token_ids) - 1,
-                                                                    piece, [token]))
+                if request.stream and piece:
+                    await self._send(target, protocol.chunk_message(client_id, chunks, piece,
+                                                                    stream.token_ids[sent_tokens:]))
+                    chunks, sent_tokens = chunks + 1, len(stream.token_ids)
                 if stream.stopped:
                     finish_reason = "stop"
                     break
                 pos += len(inputs)
                 inputs = [token]
             tail = stream.finish()
-            if request.stream and tail:
-                await self._send(target, protocol.chunk_message(client_id, len(stream.token_ids) - 1, tail, []))
+            if request.stream and (tail or sent_tokens < len(stream.token_ids)):
+                await self._send(target, protocol.chunk_message(client_id, chunks, tail,
+                                                                stream.token_ids[sent_tokens:]))
         finally:
             del self.active[rid]
             end = Envelope(kind="end", request_id=rid, step=0, epoch=plan.epoch)
@@ -300,10 +308,20 @@ class Coordinator:
             kind="step", request_id=rid, step=step, epoch=plan.epoch, pos=pos, tokens=inputs,
             sampling=sampling, want_logits=active.request.return_logits, reply=self.results_topic,
         )
+        # A step may be lost (QoS 0): send it again, under the same identity, when no answer
+        # comes in time. Devices recompute a repeated step from the same cache position.
+        retry_s = self.step_retry_s + PREFILL_RETRY_S_PER_TOKEN * len(inputs)
+        deadline = asyncio.get_running_loop().time() + self.step_timeout_s
+        payload = envelope.encode()
         try:
-            await self.transport.publish(self.topics.stage_in(0), envelope.encode(), qos=1)
-            async with asyncio.timeout(self.step_timeout_s):
-                result = await future
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    await self.transport.publish(self.topics.stage_in(0), payload, qos=STEP_QOS)
+                    done, _ = await asyncio.wait({future}, timeout=retry_s)
+                    if done:
+                        result = future.result()
+                        break
+                    log.warning("request %s step %d: no answer in %.1f s, sending it again", rid, step, retry_s)
         except TimeoutError:
             raise RequestError(
                 "stage_timeout", f"step {step} got no answer from the stages in {self.step_timeout_s:.0f} s"

@@ -25,7 +25,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.model.shard import Shard, ShardSpec
 from lime_mqtt.plan import MIB, Plan, StagePlan
-from lime_mqtt.topics import Topics, valid_device_id
+from lime_mqtt.topics import STEP_QOS, Topics, valid_device_id
 from lime_mqtt.transport import LastWill, Message, MqttTransport
 from lime_mqtt.wire import Envelope
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 STATUS_VERSION = 1
 WORK_QUEUE_SIZE = 256
+# Steps of at most this many tokens run on the event loop; longer prefills in a worker thread.
+INLINE_MAX_TOKENS = 16
 
 
 @dataclass
@@ -290,10 +292,17 @@ class DeviceAgent:
         if sequence is None or envelope.pos == 0:
             sequence = self.sequences[envelope.request_id] = _Sequence(shard.new_cache(), time.monotonic())
         sequence.last_used = time.monotonic()
-        loop = asyncio.get_running_loop()
-        output = await loop.run_in_executor(
-            self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
+        width = len(envelope.tokens) if envelope.tokens is not None else (
+            envelope.hidden.shape[1] if envelope.hidden is not None and envelope.hidden.dim() == 3 else 1
         )
+        if width <= INLINE_MAX_TOKENS:
+            # A decode step is a few milliseconds: handing it to a thread costs more than it saves.
+            output = shard.forward(sequence.cache, envelope.pos, envelope.tokens, envelope.hidden)
+        else:
+            loop = asyncio.get_running_loop()
+            output = await loop.run_in_executor(
+                self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
+            )
         self.steps_done += 1
         if not stage.head:
             onward = Envelope(
@@ -301,7 +310,7 @@ class DeviceAgent:
                 pos=envelope.pos, hidden=output, sampling=envelope.sampling, want_logits=envelope.want_logits,
                 reply=envelope.reply,
             )
-            await self.transport.publish(self.topics.stage_in(stage.stage + 1), onward.encode(), qos=1)
+            await self.transport.publish(self.topics.stage_in(stage.stage + 1), onward.encode(), qos=STEP_QOS)
             return
         if envelope.sampling is None or envelope.reply is None:
             raise WireError("the last stage needs sampling parameters and a reply topic")
@@ -310,4 +319,4 @@ class DeviceAgent:
             kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
             pos=envelope.pos, token=token, logits=output if envelope.want_logits else None,
         )
-        await self.transport.publish(envelope.reply, result.encode(), qos=1)
+        await self.transport.publish(envelope.reply, result.encode(), qos=STEP_QOS)

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 PREFIX = "lime/v1"
 
+# Activations and sampled tokens go at QoS 0: they are on the per-token path, and the
+# coordinator, which holds every request's history, retries a step that goes missing.
+# Everything else (requests, responses, plans, status, control) is QoS 1.
+STEP_QOS = 0
+
 
 @dataclass(frozen=True)
 class Topics:

@@ -120,8 +120,12 @@ class Shard:
                 raise ModelError("a later stage needs hidden states")
             x = hidden.to(self.device)
         seen = cache.get_seq_length(self.spec.start) if self.spec.start < self.spec.stop else pos
-        if seen != pos:
-            raise ModelError(f"step at position {pos} but the cache holds {seen} tokens")
+        if seen > pos:
+            # A retried step: forget what the first attempt stored, then compute it again.
+            for index in range(self.spec.start, self.spec.stop):
+                cache.layers[index].crop(pos - seen)
+        elif seen < pos:
+            raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
         if self.layers:
             position_ids = torch.arange(pos, pos + x.shape[1], device=self.device).unsqueeze(0)  # [1, S]
             mask = create_causal_mask(

@@ -1,0 +1,109 @@
+"""Helpers for tests: an in-process cluster and the plain-transformers reference."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.client import ask
+from lime_mqtt.cluster import wait_for_ready_plan
+from lime_mqtt.coordinator import Coordinator
+from lime_mqtt.device import DeviceAgent
+from lime_mqtt.plan import Plan
+from lime_mqtt.planner import PlannerService
+
+
+@dataclass
+class RunningCluster:
+    broker: str
+    name: str
+    plan: Plan
+    coordinator: Coordinator
+    devices: list[DeviceAgent]
+
+    async def ask(self, request: dict[str, Any], timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        return [m async for m in ask(self.broker, self.name, request, timeout_s=timeout_s)]
+
+    async def final(self, request: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+        return (await self.ask(request, timeout_s))[-1]
+
+
+@contextlib.asynccontextmanager
+async def in_process_cluster(
+    broker: str, name: str, model: Path, memory_mb: list[int], **coordinator_options: Any
+) -> AsyncIterator[RunningCluster]:
+    """Planner, coordinator and devices as tasks of this event loop, on a real broker."""
+    planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, min_kv_tokens=64)
+    coordinator = Coordinator(broker, name, model, **coordinator_options)
+    devices = [DeviceAgent(broker, name, f"dev{i}", mb, model) for i, mb in enumerate(memory_mb)]
+    tasks = [asyncio.create_task(planner.run(), name="planner"),
+             asyncio.create_task(coordinator.run(), name="coordinator")]
+    tasks += [asyncio.create_task(d.run(), name=d.device_id) for d in devices]
+    try:
+        plan = await wait_for_ready_plan(broker, name, timeout_s=60)
+        yield RunningCluster(broker, name, plan, coordinator, devices)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@cache
+def _reference_model(folder: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@cache
+def tokenizer_of(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def prompt_ids(folder: Path, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+    tokenizer = tokenizer_of(folder)
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def reference_greedy(folder: Path, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain transformers greedy generation; the ids after the prompt, EOS not included."""
+    import torch
+
+    model = _reference_model(folder)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    for i, token in enumerate(new):
+        if token in eos_ids:
+            return new[:i]
+    return new
+
+
+def reference_logits(folder: Path, ids: list[int], steps: int) -> list[Any]:
+    """Logits of the last position at each greedy step, from one full forward per step."""
+    import torch
+
+    model = _reference_model(folder)
+    out = []
+    with torch.inference_mode():
+        result = model(torch.tensor([ids]), use_cache=True)
+        cache_ = result.cache if hasattr(result, "cache") else result.past_key_values
+        logits = result.logits[0, -1]
+        for _ in range(steps):
+            out.append(logits)
+            token = int(torch.argmax(logits))
+            result = model(torch.tensor([[token]]), cache=cache_, use_cache=True)
+            logits = result.logits[0, -1]
+    return out

@@ -1,0 +1,89 @@
+"""Integration: the whole request path on a real Mosquitto, tiny random model, in-process roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lime_mqtt.broker import LocalBroker
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits
+
+PROMPT = "Close valve V-17 before starting the maintenance"
+
+# memory budgets (MB) -> the layer split the planner must produce for the 6-layer tiny model
+SPLITS = {
+    "1 stage": ([10], [(0, 6)]),
+    "2 even": ([10, 10], [(0, 3), (3, 6)]),
+    "2 uneven": ([2, 10], [(0, 1), (1, 6)]),
+    "3 stages": ([10, 10, 10], [(0, 2), (2, 4), (4, 6)]),
+    "3 uneven": ([30, 10, 20], [(0, 3), (3, 4), (4, 6)]),
+    "4 stages": ([10, 10, 10, 10], None),
+    "4 uneven": ([10, 30, 10, 10], [(0, 1), (1, 4), (4, 5), (5, 6)]),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+async def test_greedy_matches_transformers_for_every_split(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, name: str
+) -> None:
+    memory, expected_split = SPLITS[name]
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, memory) as cluster:
+        split = [(s.start, s.stop) for s in cluster.plan.stages]
+        assert len(split) == len(memory)
+        if expected_split is not None:
+            assert split == expected_split
+        messages = await cluster.ask({"prompt": PROMPT, "max_tokens": 24})
+    final = messages[-1]
+    assert final["type"] == "final", final
+    expected = reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 24)
+    assert final["token_ids"] == expected
+    # The stream is the answer, in order, with nothing missing or repeated.
+    chunks = [m for m in messages if m["type"] == "chunk"]
+    assert "".join(c["text"] for c in chunks) == final["text"]
+    assert [t for c in chunks for t in c["token_ids"]] == final["token_ids"]
+    assert final["usage"]["prompt_tokens"] == len(prompt_ids(tiny_model, PROMPT))
+    assert final["usage"]["completion_tokens"] == len(expected)
+    assert final["finish_reason"] in ("length", "stop")
+
+
+async def test_last_stage_logits_match_single_process(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 20, 10]) as cluster:
+        final = await cluster.final({"prompt": PROMPT, "max_tokens": 5, "return_logits": True, "stream": False})
+    ids = prompt_ids(tiny_model, PROMPT)
+    expected = reference_logits(tiny_model, ids, len(final["logits"]))
+    assert len(final["logits"]) >= 1
+    for got, want in zip(final["logits"], expected, strict=True):
+        assert torch.allclose(torch.tensor(got), want, atol=1e-5, rtol=0)
+
+
+async def test_chat_request_uses_the_chat_template(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Pump status?"}]
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        final = await cluster.final({"messages": chat, "max_tokens": 16})
+    ids = prompt_ids(tiny_model, messages=chat)
+    assert final["usage"]["prompt_tokens"] == len(ids)
+    assert final["token_ids"] == reference_greedy(tiny_model, ids, 16)
+
+
+async def test_seeded_sampling_is_reproducible(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    request = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 7}
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        first = await cluster.final(request)
+        again = await cluster.final(request)
+        other = await cluster.final({**request, "seed": 8})
+    assert first["token_ids"] == again["token_ids"]
+    assert first["token_ids"] != other["token_ids"]
+
+
+async def test_stop_string_ends_the_answer(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
+        full = await cluster.final({"prompt": PROMPT, "max_tokens": 24})
+        assert len(full["text"]) > 6
+        stop = full["text"][3:6]
+        cut = await cluster.ask({"prompt": PROMPT, "max_tokens": 24, "stop": [stop]})
+    final = cut[-1]
+    assert final["finish_reason"] == "stop"
+    assert final["text"] == full["text"][: full["text"].find(stop)]
+    assert "".join(m["text"] for m in cut if m["type"] == "chunk") == final["text"]
