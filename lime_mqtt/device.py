@@ -23,7 +23,7 @@ from lime_mqtt.errors import LimeError, WireError
 from lime_mqtt.memory import peak_rss_bytes, rss_bytes
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
-from lime_mqtt.model.shard import Shard, ShardSpec
+from lime_mqtt.model.shard import Shard, ShardSpec, import_runtime
 from lime_mqtt.plan import MIB, Plan, StagePlan
 from lime_mqtt.topics import STEP_QOS, Topics, valid_device_id
 from lime_mqtt.transport import LastWill, Message, MqttTransport
@@ -76,7 +76,8 @@ class DeviceAgent:
         self.telemetry_s = telemetry_s
         self.threads = threads
         self.torch_device = torch_device
-        self.baseline_rss = rss_bytes()
+        import_runtime(self.checkpoint)
+        self.baseline_rss = rss_bytes()  # code loaded, no weights yet
         self.state = "idle"
         self.error: str | None = None
         self.plan: Plan | None = None

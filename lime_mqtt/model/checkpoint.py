@@ -7,6 +7,7 @@ headers, and tensors are read one by one.
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,17 +15,20 @@ from typing import Any
 
 from lime_mqtt.errors import ModelError
 
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                 "I64": "int64", "I32": "int32", "U8": "uint8", "I8": "int8"}
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``path`` and the file offset where tensor data starts."""
     with path.open("rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         if size <= 0 or size > 100_000_000:
             raise ModelError(f"{path} is not a safetensors file")
         header: dict[str, Any] = json.loads(fh.read(size))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # byte offset of the tensor in the file
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +60,7 @@ class Checkpoint:
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             raise ModelError(f"{self.folder} has no config.json")
+        self._mappings: dict[Path, mmap.mmap] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.folder)!r}, tensors={len(self.tensors)})"
@@ -87,8 +93,13 @@ class Checkpoint:
             raise ModelError(f"{self.folder} has no safetensors files")
         out: dict[str, TensorInfo] = {}
         for path in files:
-            for key, info in _read_header(path).items():
-                out[key] = TensorInfo(path, info["dtype"], tuple(info["shape"]))
+            header, data_start = _read_header(path)
+            for key, info in header.items():
+                start, stop = info["data_offsets"]
+                tensor = TensorInfo(path, info["dtype"], tuple(info["shape"]), data_start + start)
+                if tensor.nbytes != stop - start:
+                    raise ModelError(f"{path}: tensor {key} has {stop - start} bytes, its shape needs {tensor.nbytes}")
+                out[key] = tensor
         return out
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
@@ -123,22 +134,39 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def read(self, keys: list[str]) -> dict[str, Any]:
-        """Read exactly ``keys`` (a ``{key: torch.Tensor}`` dict), file by file."""
-        from safetensors import safe_open
+        """Exactly ``keys``, as tensors backed by a private memory map of the file.
 
-        by_file: dict[Path, list[str]] = {}
+        Nothing is copied: a tensor's pages come from the file when first touched, and
+        the pages of tensors nobody asked for are never read. Several tensors of one
+        file share one mapping.
+        """
+        import torch
+
+        out: dict[str, Any] = {}
         for key in keys:
             info = self.tensors.get(key)
             if info is None:
                 raise ModelError(f"tensor {key} is missing from {self.folder}")
-            by_file.setdefault(info.file, []).append(key)
-        out: dict[str, Any] = {}
-        for path, file_keys in by_file.items():
-            with safe_open(str(path), framework="pt") as fh:
-                for key in file_keys:
-                    out[key] = fh.get_tensor(key)
+            dtype = _TORCH_DTYPES.get(info.dtype)
+            if dtype is None:
+                raise ModelError(f"tensor {key} has unsupported dtype {info.dtype}")
+            if info.numel == 0:
+                out[key] = torch.empty(info.shape, dtype=getattr(torch, dtype))
+                continue
+            flat = torch.frombuffer(self._mapping(info.file), dtype=getattr(torch, dtype),
+                                    count=info.numel, offset=info.offset)
+            out[key] = flat.reshape(info.shape)
         return out
 
+    def _mapping(self, path: Path) -> mmap.mmap:
+        mapping = self._mappings.get(path)
+        if mapping is None:
+            with path.open("rb") as fh:
+                # ACCESS_COPY: private pages, so torch may treat the buffer as writable
+                # without ever writing to the file.
+                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mappings[path] = mapping
+        return mapping
 
 def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.plan.ModelSize
     """The byte sizes the planner needs, from the safetensors headers alone."""

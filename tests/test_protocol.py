@@ -1,0 +1,90 @@
+"""Unit: request validation, streaming text with stop strings, sampling, topics, settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lime_mqtt.errors import ConfigError, RequestError
+from lime_mqtt.model.sampling import choose_token
+from lime_mqtt.protocol import parse_request
+from lime_mqtt.settings import load_settings
+from lime_mqtt.textstream import TextStream
+from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.transport import BrokerAddress
+from lime_mqtt.wire import Sampling
+
+
+def test_request_defaults_and_stop_string() -> None:
+    request = parse_request(json.dumps({"prompt": "hi", "stop": "\n"}).encode())
+    assert (request.max_tokens, request.temperature, request.stop, request.stream) == (128, 0.0, ["\n"], True)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [(b"nope", "invalid_json"), (b"42", "invalid_json"), (b'{"prompt": ""}', "invalid_request"),
+     (b'{"prompt": "a", "top_p": 0}', "invalid_request"), (b'{"prompt": "a", "id": "a/b"}', "invalid_request")],
+)
+def test_bad_requests_raise_with_codes(body: bytes, code: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(body)
+    assert info.value.code == code
+
+
+class CharTokenizer:
+    """Token id = a character code; enough to test streaming logic."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_stream_holds_back_a_possible_stop_string() -> None:
+    stream = TextStream(CharTokenizer(), stop=["END"])
+    shown = [stream.add(ord(c)) for c in "abcEN"]
+    assert "".join(shown) == "abc"  # "EN" might become "END"
+    assert stream.add(ord("D")) == "" and stream.stopped
+    assert stream.text == "abc"
+
+
+def test_text_stream_releases_text_that_was_not_a_stop() -> None:
+    stream = TextStream(CharTokenizer(), stop=["END"])
+    out = "".join(stream.add(ord(c)) for c in "xENx") + stream.finish()
+    assert out == "xENx" and not stream.stopped
+
+
+def test_greedy_and_seeded_sampling() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert choose_token(logits, Sampling(), step=0) == 1
+    assert choose_token(logits, Sampling(temperature=1.0, top_k=1, seed=5), step=3) == 1
+    hot = Sampling(temperature=5.0, seed=11)
+    draws = [choose_token(logits, hot, step) for step in range(40)]
+    assert draws == [choose_token(logits, hot, step) for step in range(40)]
+    assert len(set(draws)) > 1
+    # top_p small enough keeps only the best token
+    assert all(choose_token(logits, Sampling(temperature=5.0, top_p=0.01, seed=s), 0) == 1 for s in range(10))
+
+
+def test_topics_and_status_parsing() -> None:
+    topics = Topics("plant-a")
+    assert topics.stage_in(2) == "lime/v1/plant-a/stage/2/in"
+    assert device_id_from_status_topic(topics.device_status("pi-4")) == "pi-4"
+    assert device_id_from_status_topic("lime/v1/plant-a/plan") is None
+    with pytest.raises(ValueError):
+        Topics("a/b")
+
+
+def test_broker_urls() -> None:
+    assert BrokerAddress.parse("mqtt://10.0.0.5:1884") == BrokerAddress("10.0.0.5", 1884, False)
+    assert BrokerAddress.parse("mqtts://broker.local") == BrokerAddress("broker.local", 8883, True)
+    with pytest.raises(ConfigError):
+        BrokerAddress.parse("http://x")
+
+
+def test_settings_precedence(tmp_path, monkeypatch) -> None:
+    config = tmp_path / "lime.toml"
+    config.write_text('cluster = "from-file"\nbroker = "mqtt://file:1"\nmodel = "tiny"\n')
+    monkeypatch.setenv("LIME_BROKER", "mqtt://env:2")
+    settings = load_settings(str(config), cluster=None, model="smollm2")
+    assert (settings.cluster, settings.broker, settings.model) == ("from-file", "mqtt://env:2", "smollm2")

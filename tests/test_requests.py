@@ -1,0 +1,138 @@
+"""Integration: bad requests get a JSON error and the coordinator keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lime_mqtt.broker import LocalBroker
+from lime_mqtt.coordinator import Coordinator
+from lime_mqtt.topics import Topics
+from lime_mqtt.transport import MqttTransport
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy
+
+GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
+
+
+async def _send_raw(broker: str, cluster: str, payload: bytes, reply_to: str) -> dict:
+    """Publish raw bytes as a request (MQTT 3.1.1 style reply_to) and wait for one answer."""
+    async with MqttTransport(broker) as conn:
+        await conn.subscribe(reply_to)
+        await conn.publish(Topics(cluster).requests, payload, qos=1)
+        async with asyncio.timeout(30):
+            async for message in conn.messages():
+                answer = json.loads(message.payload)
+                if answer["type"] in ("final", "error"):
+                    return answer
+    raise AssertionError("no answer")
+
+
+BAD_REQUESTS = {
+    "not json": (b"{this is not json", "invalid_json"),
+    "not an object": (b"[1, 2, 3]", "invalid_json"),
+    "missing prompt": (json.dumps({"max_tokens": 4}).encode(), "invalid_request"),
+    "both prompt and messages": (
+        json.dumps({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}).encode(), "invalid_request"),
+    "negative max_tokens": (json.dumps({"prompt": "a", "max_tokens": -3}).encode(), "invalid_request"),
+    "bad temperature": (json.dumps({"prompt": "a", "temperature": "hot"}).encode(), "invalid_request"),
+    "bad role": (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), "invalid_request"),
+    "prompt too long": (json.dumps({"prompt": "valve " * 2000}).encode(), "prompt_too_long"),
+}
+
+
+async def test_bad_requests_get_errors_and_the_next_good_one_is_answered(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        reply_to = f"plant/line1/answers/{cluster_name}"
+        for name, (payload, code) in BAD_REQUESTS.items():
+            if payload.startswith(b"{") and b"this is" not in payload:
+                payload = json.dumps({**json.loads(payload), "reply_to": reply_to}).encode()
+                target = reply_to
+            else:
+                target = f"{Topics(cluster_name).root}/responses/default/#"
+            answer = await _send_raw(broker.url, cluster_name, payload, target)
+            assert answer["type"] == "error", name
+            assert answer["error"]["code"] == code, (name, answer)
+            assert answer["error"]["message"], name
+            good = await cluster.final(GOOD)
+            assert good["type"] == "final", (name, good)
+        ids = prompt_ids(tiny_model, GOOD["prompt"])
+        assert good["token_ids"] == reference_greedy(tiny_model, ids, 8)
+
+
+async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    coordinator = Coordinator(broker.url, cluster_name, tiny_model)
+    task = asyncio.create_task(coordinator.run())
+    try:
+        reply_to = f"answers/{cluster_name}"
+        answer = await _send_raw(
+            broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to, "id": "r1"}).encode(), reply_to
+        )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert answer == {"type": "error", "id": "r1", "error": answer["error"]}
+    assert answer["error"]["code"] == "no_plan"
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients is not installed")
+async def test_plain_mosquitto_clients_can_ask(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    """MQTT 3.1.1 with reply_to: mosquitto_pub asks, mosquitto_sub reads the stream and the answer."""
+    reply_to = f"plant/hall3/answers/{cluster_name}"
+    request = {"prompt": "Close valve V-17", "max_tokens": 12, "reply_to": reply_to, "id": "q-1"}
+    host, port = "127.0.0.1", str(broker.port)
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        expected = await cluster.final({k: v for k, v in request.items() if k != "reply_to"})
+        sub = await asyncio.create_subprocess_exec(
+            "mosquitto_sub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1", "-t", reply_to, "-W", "60",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            # Publish only once the subscription exists: a retained-free topic has no history.
+            await _wait_for_subscription(sub, broker.url, reply_to)
+            pub = subprocess.run(
+                ["mosquitto_pub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1",
+                 "-t", Topics(cluster_name).requests, "-m", json.dumps(request)],
+                check=True, capture_output=True, timeout=30,
+            )
+            assert pub.returncode == 0
+            lines = []
+            async with asyncio.timeout(60):
+                while True:
+                    assert sub.stdout is not None
+                    line = await sub.stdout.readline()
+                    assert line, "mosquitto_sub ended before the final message"
+                    message = json.loads(line)
+                    if message.get("type") != "probe":
+                        lines.append(message)
+                    if lines[-1]["type"] in ("final", "error"):
+                        break
+        finally:
+            sub.terminate()
+            await sub.wait()
+    final = lines[-1]
+    assert final["type"] == "final", final
+    assert final["id"] == "q-1"
+    assert final["text"] == expected["text"]
+    assert "".join(m["text"] for m in lines if m["type"] == "chunk") == final["text"]
+
+
+async def _wait_for_subscription(sub: asyncio.subprocess.Process, broker: str, topic: str) -> None:
+    """mosquitto_sub says nothing when it has subscribed: publish probes until one comes out."""
+    assert sub.stdout is not None
+    async with MqttTransport(broker) as conn, asyncio.timeout(30):
+        while True:
+            await conn.publish(topic, json.dumps({"type": "probe"}).encode(), qos=1)
+            try:
+                async with asyncio.timeout(0.5):
+                    line = await sub.stdout.readline()
+            except TimeoutError:
+                continue
+            if json.loads(line).get("type") == "probe":
+                return

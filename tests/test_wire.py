@@ -1,0 +1,61 @@
+"""Unit: the CBOR wire format round-trips exactly and rejects bad input with WireError."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+import torch
+
+from lime_mqtt.errors import WireError
+from lime_mqtt.wire import WIRE_VERSION, Envelope, Sampling, tensor_from_wire, tensor_to_wire
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensors_round_trip_bit_exactly(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(1, 7, 33) * 1e3).to(dtype)
+    x[0, 0, :4] = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0]).to(dtype)
+    y = tensor_from_wire(cbor2.loads(cbor2.dumps(tensor_to_wire(x))))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y.view(torch.uint8 if dtype == torch.float32 else torch.int16),
+                       x.view(torch.uint8 if dtype == torch.float32 else torch.int16))
+
+
+def test_wire_bytes_are_little_endian_raw() -> None:
+    wire = tensor_to_wire(torch.tensor([1.0], dtype=torch.float32))
+    assert wire == {"dtype": "f32", "shape": [1], "data": b"\x00\x00\x80\x3f"}
+
+
+def test_envelope_round_trip() -> None:
+    hidden = torch.randn(1, 3, 8)
+    env = Envelope(kind="step", request_id="r1", step=4, epoch=2, pos=17, hidden=hidden,
+                   sampling=Sampling(0.7, 40, 0.9, 123), reply="lime/v1/c/coordinator/results/x")
+    back = Envelope.decode(env.encode())
+    assert (back.kind, back.request_id, back.step, back.epoch, back.pos) == ("step", "r1", 4, 2, 17)
+    assert torch.equal(back.hidden, hidden)
+    assert back.sampling == Sampling(0.7, 40, 0.9, 123)
+    assert back.reply == env.reply
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\xff\xfe garbage", "not CBOR"),
+        (cbor2.dumps([1, 2]), "CBOR map"),
+        (cbor2.dumps({"v": 99, "kind": "step", "rid": "a", "step": 0, "epoch": 1}), "version"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "explode", "rid": "a", "step": 0, "epoch": 1}), "kind"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "", "step": 0, "epoch": 1}), "request id"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "a", "step": -1, "epoch": 1}), "step"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "a", "step": 0, "epoch": 1, "tokens": ["x"]}),
+         "tokens"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "a", "step": 0, "epoch": 1,
+                      "hidden": {"dtype": "f32", "shape": [2, 2], "data": b"\x00" * 15}}), "bytes"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "a", "step": 0, "epoch": 1,
+                      "hidden": {"dtype": "pickle", "shape": [1], "data": b"\x00"}}), "dtype"),
+        (cbor2.dumps({"v": WIRE_VERSION, "kind": "step", "rid": "a", "step": 0, "epoch": 1, "reply": "a/#"}),
+         "reply"),
+    ],
+)
+def test_malformed_envelopes_raise_wire_error(payload: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        Envelope.decode(payload)
