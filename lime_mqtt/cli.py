@@ -12,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lime_mqtt.errors import LimeError
+from lime_mqtt.errors import ConfigError, LimeError
 from lime_mqtt.settings import Settings, load_settings
 
 log = logging.getLogger("lime_mqtt")
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("device", help="run a device agent")
     _common(p)
-    p.add_argument("--device-id", required=True)
-    p.add_argument("--memory-mb", type=int, required=True, help="memory budget for weights and KV cache")
+    p.add_argument("--device-id", help="unique name of this device (or device_id in the settings file)")
+    p.add_argument("--memory-mb", type=int, help="memory budget for weights and KV cache, above the "
+                   "process baseline (or memory_mb in the settings file)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
@@ -159,12 +160,16 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.device import DeviceAgent
     from lime_mqtt.model.builtin import resolve_model
 
+    device_id = args.device_id or settings.device_id
+    memory_mb = args.memory_mb or settings.memory_mb
+    if not device_id or not memory_mb:
+        raise ConfigError("a device needs --device-id and --memory-mb (or device_id and memory_mb in --config)")
     folder = resolve_model(settings.model)
 
     async def main() -> None:
         agent = DeviceAgent(
-            settings.broker, settings.cluster, args.device_id, args.memory_mb, folder,
-            kv_ttl_s=args.kv_ttl, threads=args.threads, torch_device=args.torch_device,
+            settings.broker, settings.cluster, device_id, memory_mb, folder,
+            kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
             username=settings.username, password=settings.password,
         )
         await agent.run()

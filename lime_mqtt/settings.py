@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     username: str | None = None
     password: str | None = None
     log_level: str = "INFO"
+    # A device profile (devices/*.toml) may carry these; the command line wins.
+    device_id: str | None = None
+    memory_mb: int | None = None
+    threads: int | None = None
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

@@ -98,7 +98,7 @@ def reference_logits(folder: Path, ids: list[int], steps: int) -> list[Any]:
     model = _reference_model(folder)
     out = []
     with torch.inference_mode():
-        result = model(torch.tensor([ids]), use_cache=True)
+        result = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         cache_ = result.cache if hasattr(result, "cache") else result.past_key_values
         logits = result.logits[0, -1]
         for _ in range(steps):

@@ -160,5 +160,7 @@ class Shard:
                 )
         if self.norm is None or self.head is None:
             return x
-        last = self.norm(x[:, -1:, :])  # [1, 1, H]
+        # Norm over all positions, then keep the last: the same order of operations as
+        # transformers (a norm of the sliced row alone rounds differently).
+        last = self.norm(x)[:, -1:, :]  # [1, 1, H]
         return self.head(last)[0, -1]  # [vocab]
