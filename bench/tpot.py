@@ -1,22 +1,27 @@
-"""Time per output token: single process vs the cluster with 2 and 4 stages, in one run.
+"""Time per output token: one process vs the cluster with 2 and 4 stages, in one run.
 
-Every configuration generates the same greedy answer to the same prompt; the script
-checks that the token ids agree, repeats each measurement, and prints medians and the
-ratios to the single-process engine. Results go to bench/results/tpot.json.
+Every configuration generates the same greedy answer to the same prompt (the script
+checks that the token ids agree). The clusters (device agents as separate processes on
+a local Mosquitto) are all started first; then the configurations take turns, round
+after round, so that machine noise hits them alike. Medians and ratios to plain
+transformers are printed and written to bench/results/tpot.json.
 
-    .venv/bin/python bench/tpot.py [--model smollm2] [--tokens 64] [--repeats 3]
+    .venv/bin/python bench/tpot.py [--model smollm2] [--tokens 64] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.client import ask_final
@@ -37,73 +42,88 @@ class Clock:
         return scores
 
 
-def single_process(folder: Path, tokens: int, repeats: int) -> tuple[list[float], list[int]]:
-    """Plain transformers greedy generation: per-token decode time, from timestamps per step."""
+def transformers_runner(model: Any, ids: Any, tokens: int, threads: int) -> Callable[[], tuple[float, list[int]]]:
+    """Plain transformers greedy generation; ms per token between the first and last token."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    results, out_ids = [], []
-    for _ in range(repeats + 1):  # the first run warms up
+    def run() -> tuple[float, list[int]]:
         clock = Clock()
+        torch.set_num_threads(threads)
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                  logits_processor=[clock])
-        stamps = clock.stamps
-        out_ids = out[0, ids.shape[1]:].tolist()
-        results.append((stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1))
-    return results[1:], out_ids
+        ms = (clock.stamps[-1] - clock.stamps[0]) * 1000 / (len(clock.stamps) - 1)
+        return ms, out[0, ids.shape[1]:].tolist()
+
+    return run
 
 
-def cluster(broker: str, folder: Path, stages: int, tokens: int, repeats: int, log_dir: Path,
-            ) -> tuple[list[float], list[int]]:
-    devices = [DeviceSpec(f"bench-{stages}-{i}", 400) for i in range(stages)]
-    name = f"bench{stages}"
-    with ProcessCluster(broker, name, str(folder), devices, log_dir / name) as procs:
-        plan = procs.wait_ready()
-        assert len(plan.stages) == stages, plan
-        results, out_ids = [], []
-        for _ in range(repeats + 1):
-            request = {"prompt": PROMPT, "max_tokens": tokens, "stream": False, "stop": []}
-            final = asyncio.run(ask_final(broker, name, request))
-            assert final["type"] == "final", final
-            out_ids = final["token_ids"]
-            results.append(final["timings"]["tpot_ms"])
-    return results[1:], out_ids
+def cluster_runner(broker: str, name: str, tokens: int) -> Callable[[], tuple[float, list[int]]]:
+    def run() -> tuple[float, list[int]]:
+        request = {"prompt": PROMPT, "max_tokens": tokens, "stream": False}
+        final = asyncio.run(ask_final(broker, name, request))
+        if final.get("type") != "final":
+            raise RuntimeError(f"{name}: {final}")
+        return final["timings"]["tpot_ms"], final["token_ids"]
+
+    return run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--device-threads", type=int, default=1, help="torch threads of each device agent")
     parser.add_argument("--out", default="bench/results/tpot.json")
     args = parser.parse_args()
     folder = resolve_model(args.model)
-    report: dict[str, object] = {"model": args.model, "tokens": args.tokens, "repeats": args.repeats}
-    single, reference = single_process(folder, args.tokens, args.repeats)
-    report["single_ms"] = single
-    rows = [("single process (transformers)", statistics.median(single), 1.0)]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
+    # The single process at 1 thread and at torch's default: the faster one is the baseline.
+    single = sorted({1, torch.get_num_threads()})
+    runners = {f"single process, {t} thread(s)": transformers_runner(model, ids, args.tokens, t) for t in single}
     log_dir = Path(tempfile.mkdtemp(prefix="lime-bench-"))
-    with LocalBroker() as broker:
+    with LocalBroker() as broker, contextlib.ExitStack() as stack:
         for stages in args.stages:
-            times, ids = cluster(broker.url, folder, stages, args.tokens, args.repeats, log_dir)
-            n = min(len(ids), len(reference))
-            if ids[:n] != reference[:n]:
-                print(f"{stages} stages: tokens differ from the single process!", file=sys.stderr)
-                return 1
-            report[f"cluster_{stages}_ms"] = times
-            rows.append((f"cluster, {stages} stages", statistics.median(times),
-                         statistics.median(times) / statistics.median(single)))
-    print(f"{'configuration':34s} {'ms/token (median)':>18s} {'ratio':>7s}")
-    for name, ms, ratio in rows:
-        print(f"{name:34s} {ms:18.2f} {ratio:7.3f}")
-    report["summary"] = [{"configuration": n, "ms_per_token": m, "ratio": r} for n, m, r in rows]
+            name = f"bench{stages}"
+            devices = [DeviceSpec(f"{name}-dev{i}", 400, args.device_threads) for i in range(stages)]
+            procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name))
+            plan = procs.wait_ready()
+            assert len(plan.stages) == stages, plan
+            runners[f"cluster, {stages} stages"] = cluster_runner(broker.url, name, args.tokens)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        reference: list[int] | None = None
+        for round_ in range(args.rounds + 1):  # round 0 warms up
+            for name, run in runners.items():
+                ms, ids = run()
+                reference = reference or ids
+                if ids != reference:
+                    print(f"{name}: tokens differ from the single process!", file=sys.stderr)
+                    return 1
+                if round_:
+                    times[name].append(ms)
+            print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.1f}" for n, t in times.items() if t), flush=True)
+    baseline = min((n for n in times if n.startswith("single")), key=lambda n: statistics.median(times[n]))
+    base = statistics.median(times[baseline])
+    # Ratio of medians, and the median of each round's own ratio (robust to slow drift).
+    summary = [{"configuration": name, "ms_per_token_median": statistics.median(t),
+                "ratio": statistics.median(t) / base,
+                "ratio_per_round_median": statistics.median(a / b for a, b in zip(t, times[baseline], strict=True)),
+                "runs_ms": t} for name, t in times.items()]
+    print(f"\nbaseline: {baseline}")
+    print(f"{'configuration':32s} {'ms/token (median)':>18s} {'ratio':>7s} {'per-round ratio':>16s}")
+    for row in summary:
+        print(f"{row['configuration']:32s} {row['ms_per_token_median']:18.2f} {row['ratio']:7.3f} "
+              f"{row['ratio_per_round_median']:16.3f}")
+    report = {"model": args.model, "tokens": args.tokens, "rounds": args.rounds, "prompt": PROMPT,
+              "device_threads": args.device_threads, "baseline": baseline, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

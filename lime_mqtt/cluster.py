@@ -6,7 +6,6 @@ Used by ``lime-mqtt demo``, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from lime_mqtt.errors import LimeError
 from lime_mqtt.plan import Plan
-from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ async def wait_for_ready_plan(broker: str, cluster: str, timeout_s: float, quoru
                     if message.topic == topics.plan and message.payload:
                         plan = Plan.from_json(message.payload)
                     elif (device_id := device_id_from_status_topic(message.topic)) is not None:
-                        status[device_id] = json.loads(message.payload) if message.payload else {}
+                        status[device_id] = parse_status(message.payload) or status.get(device_id, {})
                     if plan is not None and len(plan.stages) >= quorum and all(
                         status.get(s.device_id, {}).get("state") == "ready"
                         and status.get(s.device_id, {}).get("plan_epoch") == plan.epoch

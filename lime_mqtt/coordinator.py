@@ -22,7 +22,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.plan import Plan
 from lime_mqtt.protocol import Request
 from lime_mqtt.textstream import TextStream
-from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic
+from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import Message, MqttTransport
 from lime_mqtt.wire import Envelope, Sampling
 
@@ -132,13 +132,12 @@ class Coordinator:
                 self.plan = plan
                 self._changed.notify_all()
         elif (device_id := device_id_from_status_topic(message.topic)) is not None:
-            try:
-                status = json.loads(message.payload) if message.payload else {"state": "offline"}
-            except ValueError:
+            status = parse_status(message.payload)
+            if status is None:
                 log.warning("ignoring a malformed status of %s", device_id)
                 return
             async with self._changed:
-                self.device_status[device_id] = status if isinstance(status, dict) else {"state": "offline"}
+                self.device_status[device_id] = status
                 self._changed.notify_all()
 
     def _deliver(self, message: Message) -> None:

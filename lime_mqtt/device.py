@@ -85,6 +85,7 @@ class DeviceAgent:
         self.shard: Shard | None = None
         self.sequences: dict[str, _Sequence] = {}
         self.steps_done = 0
+        self.compute_s = 0.0  # time spent in this device's layers, all steps together
         self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{device_id}")
         will = LastWill(self.topics.device_status(device_id), self._status_payload("offline"))
@@ -146,6 +147,7 @@ class DeviceAgent:
             "kv_tokens": kv_tokens,
             "queue_depth": self._queue.qsize(),
             "steps_done": self.steps_done,
+            "compute_s": round(self.compute_s, 4),
         }
 
     # ----- lifetime -----------------------------------------------------------------------------
@@ -296,6 +298,7 @@ class DeviceAgent:
         width = len(envelope.tokens) if envelope.tokens is not None else (
             envelope.hidden.shape[1] if envelope.hidden is not None and envelope.hidden.dim() == 3 else 1
         )
+        started = time.perf_counter()
         if width <= INLINE_MAX_TOKENS:
             # A decode step is a few milliseconds: handing it to a thread costs more than it saves.
             output = shard.forward(sequence.cache, envelope.pos, envelope.tokens, envelope.hidden)
@@ -305,6 +308,7 @@ class DeviceAgent:
                 self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
             )
         self.steps_done += 1
+        self.compute_s += time.perf_counter() - started
         if not stage.head:
             onward = Envelope(
                 kind="step", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,

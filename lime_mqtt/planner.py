@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 from lime_mqtt.errors import PlanError
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
 from lime_mqtt.plan import MIB, DeviceOffer, Plan, proportional_plan
-from lime_mqtt.topics import Topics, device_id_from_status_topic
+from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -102,12 +101,9 @@ class PlannerService:
                 if self.plan is None or plan.epoch > self.plan.epoch:
                     self.plan = plan  # continue the epoch count of an earlier planner
             elif (device_id := device_id_from_status_topic(message.topic)) is not None:
-                try:
-                    status = json.loads(message.payload) if message.payload else {}
-                except ValueError:
+                status = parse_status(message.payload)
+                if status is None:
                     log.warning("ignoring a malformed status of %s", device_id)
-                    continue
-                if not isinstance(status, dict):
                     continue
                 before = self.devices.get(device_id, {}).get("state") in ONLINE_STATES
                 self.devices[device_id] = status

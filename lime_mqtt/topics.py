@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 PREFIX = "lime/v1"
 
@@ -67,6 +69,20 @@ def device_id_from_status_topic(topic: str) -> str | None:
     if len(parts) == 6 and parts[3] == "devices" and parts[5] == "status":
         return parts[4]
     return None
+
+
+def parse_status(payload: bytes) -> dict[str, Any] | None:
+    """A device status message, or ``None`` if malformed. An empty payload (a cleared
+    retained message) means the device is gone: ``{"state": "offline"}``."""
+    if not payload:
+        return {"state": "offline"}
+    try:
+        status = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(status, dict) or not isinstance(status.get("state"), str):
+        return None
+    return status
 
 
 def valid_device_id(device_id: str) -> bool:

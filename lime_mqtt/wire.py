@@ -61,9 +61,12 @@ def tensor_from_wire(obj: Any) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(data) != count * itemsize:
         raise WireError(f"tensor data has {len(data)} bytes, shape {shape} needs {count * itemsize}")
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    # A fresh, allocator-aligned tensor (not a view of the message buffer): CPU kernels
+    # run slower paths on misaligned inputs.
+    out = torch.empty(shape, dtype=dtype)
+    if count:
+        memoryview(out.view(-1).view(torch.uint8).numpy())[:] = data
+    return out
 
 
 @dataclass(frozen=True)

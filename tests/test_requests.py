@@ -134,3 +134,21 @@ async def _wait_for_subscription(sub: asyncio.subprocess.Process, broker: str, t
                 continue
             if json.loads(line).get("type") == "probe":
                 return
+
+
+async def test_malformed_messages_crash_no_component(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    """Garbage on the stage, control, results, plan and status topics is dropped; serving goes on."""
+    topics = Topics(cluster_name)
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        before = await cluster.final(GOOD)
+        garbage = [b"", b"\x00\xff\x13", b'{"v": 1}', json.dumps({"stages": "many"}).encode()]
+        async with MqttTransport(broker.url) as conn:
+            for payload in garbage:
+                for topic in (topics.stage_in(0), topics.stage_in(1), topics.control, topics.plan,
+                              f"{topics.results}/{cluster.coordinator.name}", topics.device_status("ghost")):
+                    await conn.publish(topic, payload, qos=1)
+            # A status without a state, on a real device's topic, is ignored too.
+            await conn.publish(topics.device_status("dev0"), b'{"v": 1}', qos=1)
+        after = await cluster.final(GOOD)
+    assert after["type"] == "final", after
+    assert after["token_ids"] == before["token_ids"]
