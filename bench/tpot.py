@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,31 @@ def transformers_runner(model: Any, ids: Any, tokens: int, threads: int) -> Call
     return run
 
 
+def engine_runner(folder: Path, ids: Any, tokens: int) -> Callable[[], tuple[float, list[int]]]:
+    """lime-mqtt's own engine in this process: all layers in one Shard, no MQTT."""
+    import torch
+
+    from lime_mqtt.model.checkpoint import Checkpoint
+    from lime_mqtt.model.shard import Shard, ShardSpec
+
+    checkpoint = Checkpoint(folder)
+    shard = Shard(checkpoint, ShardSpec(0, checkpoint.num_layers, True, True))
+    prompt = ids[0].tolist()
+
+    def run() -> tuple[float, list[int]]:
+        torch.set_num_threads(1)
+        cache, out, stamps = shard.new_cache(), [], []
+        inputs, pos = prompt, 0
+        for _ in range(tokens):
+            token = int(torch.argmax(shard.forward(cache, pos, tokens=inputs)))
+            stamps.append(time.perf_counter())
+            out.append(token)
+            pos, inputs = pos + len(inputs), [token]
+        return (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1), out
+
+    return run
+
+
 def cluster_runner(broker: str, name: str, tokens: int) -> Callable[[], tuple[float, list[int]]]:
     def run() -> tuple[float, list[int]]:
         request = {"prompt": PROMPT, "max_tokens": tokens, "stream": False}
@@ -70,6 +96,10 @@ def cluster_runner(broker: str, name: str, tokens: int) -> Callable[[], tuple[fl
 
 
 def main() -> int:
+    # The same process settings as every lime-mqtt process (see lime_mqtt/cli.py), so that
+    # the single-process engine is measured at its best too.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=64)
@@ -87,6 +117,7 @@ def main() -> int:
     # The single process at 1 thread and at torch's default: the faster one is the baseline.
     single = sorted({1, torch.get_num_threads()})
     runners = {f"single process, {t} thread(s)": transformers_runner(model, ids, args.tokens, t) for t in single}
+    runners["single process, lime engine"] = engine_runner(folder, ids, args.tokens)
     log_dir = Path(tempfile.mkdtemp(prefix="lime-bench-"))
     with LocalBroker() as broker, contextlib.ExitStack() as stack:
         for stages in args.stages:
