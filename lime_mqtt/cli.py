@@ -267,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
+        # The demo talks to a person on stdout: only warnings from its own process.
+        level = "WARNING" if args.command == "demo" and not args.log_level else settings.log_level.upper()
         logging.basicConfig(
-            level=settings.log_level.upper(),
+            level=level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cbor2
+import numpy
 import torch
 
 from lime_mqtt.errors import WireError
@@ -65,7 +66,7 @@ def tensor_from_wire(obj: Any) -> torch.Tensor:
     # run slower paths on misaligned inputs.
     out = torch.empty(shape, dtype=dtype)
     if count:
-        memoryview(out.view(-1).view(torch.uint8).numpy())[:] = data
+        out.view(-1).view(torch.uint8).numpy()[:] = numpy.frombuffer(data, dtype=numpy.uint8)
     return out
 
 

@@ -35,12 +35,14 @@ class RunningCluster:
 
 @contextlib.asynccontextmanager
 async def in_process_cluster(
-    broker: str, name: str, model: Path, memory_mb: list[int], **coordinator_options: Any
+    broker: str, name: str, model: Path, memory_mb: list[int],
+    device_options: dict[str, Any] | None = None, **coordinator_options: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Planner, coordinator and devices as tasks of this event loop, on a real broker."""
     planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, min_kv_tokens=64)
     coordinator = Coordinator(broker, name, model, **coordinator_options)
-    devices = [DeviceAgent(broker, name, f"dev{i}", mb, model) for i, mb in enumerate(memory_mb)]
+    devices = [DeviceAgent(broker, name, f"dev{i}", mb, model, **(device_options or {}))
+               for i, mb in enumerate(memory_mb)]
     tasks = [asyncio.create_task(planner.run(), name="planner"),
              asyncio.create_task(coordinator.run(), name="coordinator")]
     tasks += [asyncio.create_task(d.run(), name=d.device_id) for d in devices]
@@ -51,6 +53,13 @@ async def in_process_cluster(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wait_until(condition: Any, timeout_s: float = 10.0) -> None:
+    """Poll a cheap condition on the event loop until it holds (a condition, not a fixed sleep)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (in-process agents' state has no event to wait on)
+            await asyncio.sleep(0.02)
 
 
 @cache

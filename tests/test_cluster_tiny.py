@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from lime_mqtt.broker import LocalBroker
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits
+from lime_mqtt.topics import Topics
+from lime_mqtt.transport import MqttTransport
+from lime_mqtt.wire import Envelope, Sampling
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 
 PROMPT = "Close valve V-17 before starting the maintenance"
 
@@ -87,3 +90,26 @@ async def test_stop_string_ends_the_answer(broker: LocalBroker, cluster_name: st
     assert final["finish_reason"] == "stop"
     assert final["text"] == full["text"][: full["text"].find(stop)]
     assert "".join(m["text"] for m in cut if m["type"] == "chunk") == final["text"]
+
+
+async def test_kv_cache_is_freed_when_a_request_ends(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10, 10]) as cluster:
+        final = await cluster.final({"prompt": PROMPT, "max_tokens": 6})
+        assert final["type"] == "final"
+        assert sum(d.steps_done for d in cluster.devices) > 0
+        await wait_until(lambda: all(not d.sequences for d in cluster.devices))
+
+
+async def test_kv_cache_of_an_abandoned_request_expires(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    """A step whose request never ends (its coordinator died) is freed after the TTL."""
+    short_ttl = {"kv_ttl_s": 0.5}
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10], device_options=short_ttl) as cluster:
+        device = cluster.devices[0]
+        step = Envelope(kind="step", request_id="orphan", step=0, epoch=cluster.plan.epoch, pos=0,
+                        tokens=[5, 6, 7], sampling=Sampling(), reply=f"{Topics(cluster_name).root}/nowhere")
+        async with MqttTransport(broker.url) as conn:
+            await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
+        await wait_until(lambda: "orphan" in device.sequences)
+        await wait_until(lambda: "orphan" not in device.sequences, timeout_s=5)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
-
-import pytest
 
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.coordinator import Coordinator
@@ -80,7 +77,6 @@ async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, t
     assert answer["error"]["code"] == "no_plan"
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients is not installed")
 async def test_plain_mosquitto_clients_can_ask(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
     """MQTT 3.1.1 with reply_to: mosquitto_pub asks, mosquitto_sub reads the stream and the answer."""
     reply_to = f"plant/hall3/answers/{cluster_name}"

@@ -41,3 +41,18 @@ async def test_smollm2_cluster_is_token_identical(
     assert chat["token_ids"] == reference_greedy(smollm2_model, prompt_ids(smollm2_model, messages=QUESTION), 24)
     assert plain["token_ids"] == reference_greedy(smollm2_model, prompt_ids(smollm2_model, PROMPT), 16)
     assert chat["text"].strip()
+
+
+async def test_smollm2_last_stage_logits_match_single_process(
+    broker: LocalBroker, cluster_name: str, smollm2_model: Path
+) -> None:
+    import torch
+
+    from tests.helpers import reference_logits
+
+    async with in_process_cluster(broker.url, cluster_name, smollm2_model, BUDGETS["4 uneven"]) as cluster:
+        final = await cluster.final({"prompt": PROMPT, "max_tokens": 3, "return_logits": True, "stream": False})
+    expected = reference_logits(smollm2_model, prompt_ids(smollm2_model, PROMPT), len(final["logits"]))
+    assert len(final["logits"]) == 3
+    for got, want in zip(final["logits"], expected, strict=True):
+        assert torch.allclose(torch.tensor(got), want, atol=1e-5, rtol=0)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from io import BufferedReader
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from lime_mqtt.errors import ModelError
 
@@ -161,7 +162,7 @@ class Checkpoint:
         import torch
 
         out: dict[str, Any] = {}
-        handles: dict[Path, BinaryIO] = {}
+        handles: dict[Path, BufferedReader] = {}
         try:
             for key in keys:
                 info = self.tensors.get(key)
