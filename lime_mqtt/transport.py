@@ -12,15 +12,18 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lime_mqtt.errors import ConfigError, TransportError
 
 CONNECT_TIMEOUT_S = 10.0
+_DISCONNECTED = object()
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,12 @@ class MqttTransport:
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             raise TransportError(f"cannot connect to broker {self.address}: {exc}") from exc
         self._connected = True
+        # Fast path (see messages()): aiomqtt's own iterator starts a task per message.
+        # A disconnect puts a sentinel into the incoming queue instead.
+        self._inbox: asyncio.Queue[Any] = self._client._queue  # private, aiomqtt is pinned < 3
+        self._client._disconnected.add_done_callback(
+            lambda _: self._inbox.put_nowait(_DISCONNECTED)
+        )
         return self
 
     async def __aexit__(
@@ -139,6 +148,13 @@ class MqttTransport:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
     ) -> None:
+        if qos == 0 and correlation_data is None and response_topic is None:
+            # QoS 0 has no acknowledgement to wait for: hand it to paho and go on (aiomqtt
+            # would wait for the socket write, a few event-loop turns per message).
+            info = self._client._client.publish(topic, payload, 0, retain)
+            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"publish to {topic} failed: {paho_mqtt.error_string(info.rc)}")
+            return
         properties = None
         if correlation_data is not None or response_topic is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -164,16 +180,17 @@ class MqttTransport:
             raise TransportError(f"unsubscribe from {topics} failed: {exc}") from exc
 
     async def messages(self) -> AsyncIterator[Message]:
-        try:
-            async for msg in self._client.messages:
-                props = msg.properties
-                payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
-                yield Message(
-                    topic=msg.topic.value,
-                    payload=payload,
-                    retain=bool(msg.retain),
-                    response_topic=getattr(props, "ResponseTopic", None) if props else None,
-                    correlation_data=getattr(props, "CorrelationData", None) if props else None,
-                )
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"connection to {self.address} lost: {exc}") from exc
+        """Received messages, in order, until the connection ends (then TransportError)."""
+        while True:
+            msg = await self._inbox.get()
+            if msg is _DISCONNECTED:
+                raise TransportError(f"connection to {self.address} lost")
+            props = msg.properties
+            payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
+            yield Message(
+                topic=msg.topic.value,
+                payload=payload,
+                retain=bool(msg.retain),
+                response_topic=getattr(props, "ResponseTopic", None) if props else None,
+                correlation_data=getattr(props, "CorrelationData", None) if props else None,
+            )

@@ -140,14 +140,17 @@ class Shard:
             raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
         if self.layers:
             position_ids = torch.arange(pos, pos + x.shape[1], device=self.device).unsqueeze(0)  # [1, S]
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=x,
-                attention_mask=None,
-                cache=cache,
-                position_ids=position_ids,
-                layer_idx=self.spec.start,
-            )
+            if x.shape[1] == 1 and self.config._attn_implementation == "sdpa":
+                mask = None  # what create_causal_mask returns for one new token under sdpa, minus its cost
+            else:
+                mask = create_causal_mask(
+                    config=self.config,
+                    inputs_embeds=x,
+                    attention_mask=None,
+                    cache=cache,
+                    position_ids=position_ids,
+                    layer_idx=self.spec.start,
+                )
             position_embeddings = self.rotary(x, position_ids=position_ids)
             for layer in self.layers:
                 x = layer(
