@@ -25,7 +25,8 @@ def run_demo(settings: Settings, devices: int, question: str, max_tokens: int) -
     print(f"preparing model {settings.model!r} (the first run converts it, about a minute) ...", flush=True)
     folder = resolve_model(settings.model)
     log_dir = Path(tempfile.mkdtemp(prefix="lime-demo-"))
-    specs = [DeviceSpec(f"device-{i + 1}", DEMO_MEMORY_MB[i]) for i in range(devices)]
+    # All agents share this machine's cores: one torch thread each (see docs/benchmarks.md).
+    specs = [DeviceSpec(f"device-{i + 1}", DEMO_MEMORY_MB[i], threads=1) for i in range(devices)]
     with LocalBroker(folder=log_dir / "broker") as broker:
         print(f"broker: mosquitto on {broker.url}", flush=True)
         cluster = ProcessCluster(broker.url, "demo", str(folder), specs, log_dir)
