@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -106,7 +105,3 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    async def wait(self) -> int:
-        assert self.process is not None
-        return await asyncio.to_thread(self.process.wait)

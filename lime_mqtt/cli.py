@@ -119,8 +119,9 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     print(f"mosquitto listening on {broker.url} (config in {broker.folder})", flush=True)
 
     async def main() -> int:
+        assert broker.process is not None
         try:
-            return await broker.wait()
+            return await asyncio.to_thread(broker.process.wait)
         finally:
             broker.stop()
 
@@ -242,7 +243,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.demo import run_demo
+    from lime_mqtt.cli_demo import run_demo
 
     return run_demo(settings, devices=args.devices, question=args.question, max_tokens=args.max_tokens)
 

@@ -88,3 +88,15 @@ def test_settings_precedence(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LIME_BROKER", "mqtt://env:2")
     settings = load_settings(str(config), cluster=None, model="smollm2")
     assert (settings.cluster, settings.broker, settings.model) == ("from-file", "mqtt://env:2", "smollm2")
+
+
+def test_text_stream_with_a_real_tokenizer_rebuilds_the_text(tiny_model) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Ventil V-17 schließen; température 4,2 °C — 泵 🚒 ok.\n" * 20
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stop=[])
+    pieces = [stream.add(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert sum(1 for p in pieces if p) > len(ids) / 2  # it streams, not all at the end

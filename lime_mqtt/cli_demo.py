@@ -1,4 +1,5 @@
-"""``lime-mqtt demo``: a whole cluster on this machine, one question, a clean shutdown."""
+"""``lime-mqtt demo`` (part of the command line, so it prints): a whole cluster on this machine,
+one question, a clean shutdown."""
 
 from __future__ import annotations
 
