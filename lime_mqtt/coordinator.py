@@ -197,6 +197,7 @@ class Coordinator:
 
     async def _serve(self, message: Message) -> None:
         """Answer one request message: a whole answer or one error, never silence."""
+        received_at = time.perf_counter()
         try:
             raw = json.loads(message.payload)
         except ValueError:
@@ -207,16 +208,16 @@ class Coordinator:
         try:
             request = protocol.parse_request(message.payload)
             async with self._slots:
-                await self._generate(request, request_id, target)
+                await self._generate(request, request_id, target, received_at)
         except RequestError as exc:
             log.info("request %s: %s: %s", request_id, exc.code, exc.message)
-            await self._send(target, protocol.error_message(client_id, exc.code, exc.message))
+            await self._send(target, protocol.error_message(request_id, exc.code, exc.message))
         except LimeError as exc:
             log.error("request %s failed: %s", request_id, exc)
-            await self._send(target, protocol.error_message(client_id, exc.code, str(exc)))
+            await self._send(target, protocol.error_message(request_id, exc.code, str(exc)))
         except Exception as exc:  # the supervisor of one request: the client still gets an answer
             log.exception("request %s failed", request_id)
-            await self._send(target, protocol.error_message(client_id, "internal_error", str(exc)))
+            await self._send(target, protocol.error_message(request_id, "internal_error", str(exc)))
         finally:
             self.served += 1
 
@@ -232,7 +233,8 @@ class Coordinator:
             ids = self.tokenizer(request.prompt)["input_ids"]
         return [int(i) for i in ids]
 
-    async def _generate(self, request: Request, client_id: str, target: ReplyTarget) -> None:
+    async def _generate(self, request: Request, client_id: str, target: ReplyTarget, started: float) -> None:
+        """Prefill and decode one request; ``client_id`` is echoed in every message."""
         prompt_ids = self._prompt_ids(request)
         if len(prompt_ids) >= self.context_length:
             raise RequestError(
@@ -251,15 +253,15 @@ class Coordinator:
         stream = TextStream(self.tokenizer, request.stop)
         max_new = min(request.max_tokens, self.context_length - len(prompt_ids))
         logits: list[list[float]] = []
-        started = time.perf_counter()
         first_at = last_at = started
+        steps = 0
         finish_reason = "length"
         inputs, pos = prompt_ids, 0
         chunks = sent_tokens = 0  # chunks sent, and how many token ids they carried
         try:
             for step in range(max_new):
                 result = await self._step(active, rid, plan, step, pos, inputs, sampling)
-                last_at = time.perf_counter()
+                last_at, steps = time.perf_counter(), steps + 1
                 if step == 0:
                     first_at = last_at
                 if request.return_logits and result.logits is not None:
@@ -286,10 +288,9 @@ class Coordinator:
             del self.active[rid]
             end = Envelope(kind="end", request_id=rid, step=0, epoch=plan.epoch)
             await self.transport.publish(self.topics.control, end.encode(), qos=1)
-        count = len(stream.token_ids)
-        timings = {
+        timings = {  # from the request's arrival; tpot: mean time of the steps after the first
             "ttft_ms": round((first_at - started) * 1000, 3),
-            "tpot_ms": round((last_at - first_at) * 1000 / max(1, count - 1), 3),
+            "tpot_ms": round((last_at - first_at) * 1000 / max(1, steps - 1), 3),
             "total_ms": round((time.perf_counter() - started) * 1000, 3),
         }
         await self._send(
