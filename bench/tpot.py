@@ -122,7 +122,8 @@ def main() -> int:
     with LocalBroker() as broker, contextlib.ExitStack() as stack:
         for stages in args.stages:
             name = f"bench{stages}"
-            devices = [DeviceSpec(f"{name}-dev{i}", 400, args.device_threads) for i in range(stages)]
+            memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
+            devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads) for i in range(stages)]
             procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name))
             plan = procs.wait_ready()
             assert len(plan.stages) == stages, plan
