@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
+    p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
 
     p = sub.add_parser("ask", help="send one request and stream the answer")
     _common(p)
@@ -171,6 +172,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
             kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
+            measure=not args.no_measure,
             username=settings.username, password=settings.password,
         )
         await agent.run()

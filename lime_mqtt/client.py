@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lime_mqtt.errors import TransportError
+from lime_mqtt.errors import LimeError, TransportError
 from lime_mqtt.topics import Topics
 from lime_mqtt.transport import MqttTransport
 
@@ -24,14 +24,21 @@ async def ask(
     *,
     timeout_s: float = 300.0,
     transport: MqttTransport | None = None,
+    wait_for_coordinator_s: float = 5.0,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Send one request; yield each chunk, then the final (or error) message, then stop."""
+    """Send one request; yield each chunk, then the final (or error) message, then stop.
+
+    First it checks that a coordinator serves the cluster (its retained status), so that
+    a request to an empty cluster fails at once instead of waiting ``timeout_s``.
+    """
     topics = Topics(cluster)
     correlation = uuid.uuid4().bytes
     reply_topic = f"{topics.root}/responses/ask-{uuid.uuid4().hex[:12]}"
 
     async def exchange(conn: MqttTransport) -> AsyncIterator[dict[str, Any]]:
         await conn.subscribe(reply_topic, qos=1)
+        if wait_for_coordinator_s > 0:
+            await _coordinator_serving(conn, topics, wait_for_coordinator_s)
         await conn.publish(
             topics.requests, json.dumps(request).encode(), qos=1,
             response_topic=reply_topic, correlation_data=correlation,
@@ -60,6 +67,22 @@ async def ask(
     async with MqttTransport(broker) as conn:
         async for answer in exchange(conn):
             yield answer
+
+
+async def _coordinator_serving(conn: MqttTransport, topics: Topics, wait_s: float) -> None:
+    await conn.subscribe(topics.all_coordinator_status, qos=1)
+    messages = conn.messages()
+    try:
+        async with asyncio.timeout(wait_s):
+            while True:
+                message = await anext(messages)
+                if message.topic.startswith(f"{topics.root}/coordinators/") and message.payload:
+                    return
+    except TimeoutError:
+        raise LimeError(f"no coordinator is serving cluster {topics.cluster!r} on this broker") from None
+    finally:
+        await messages.aclose()
+        await conn.unsubscribe(topics.all_coordinator_status)
 
 
 async def ask_final(broker: str, cluster: str, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

@@ -30,13 +30,17 @@ class DeviceSpec:
     threads: int | None = None
 
 
-async def wait_for_ready_plan(broker: str, cluster: str, timeout_s: float, quorum: int = 1) -> Plan:
-    """Wait until a plan exists with at least ``quorum`` stages, all of whose devices report ready for it."""
+async def wait_for_ready_plan(
+    broker: str, cluster: str, timeout_s: float, quorum: int = 1, coordinator: bool = True
+) -> Plan:
+    """Wait until a plan exists with at least ``quorum`` stages, all of whose devices report
+    ready for it, and (with ``coordinator``) a coordinator is serving requests."""
     topics = Topics(cluster)
     plan: Plan | None = None
     status: dict[str, dict[str, object]] = {}
+    coordinators: set[str] = set()
     async with MqttTransport(broker) as conn:
-        await conn.subscribe(topics.plan, topics.all_device_status)
+        await conn.subscribe(topics.plan, topics.all_device_status, topics.all_coordinator_status)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in conn.messages():
@@ -44,6 +48,10 @@ async def wait_for_ready_plan(broker: str, cluster: str, timeout_s: float, quoru
                         plan = Plan.from_json(message.payload)
                     elif (device_id := device_id_from_status_topic(message.topic)) is not None:
                         status[device_id] = parse_status(message.payload) or status.get(device_id, {})
+                    elif message.topic.startswith(f"{topics.root}/coordinators/"):
+                        (coordinators.add if message.payload else coordinators.discard)(message.topic)
+                    if coordinator and not coordinators:
+                        continue
                     if plan is not None and len(plan.stages) >= quorum and all(
                         status.get(s.device_id, {}).get("state") == "ready"
                         and status.get(s.device_id, {}).get("plan_epoch") == plan.epoch
@@ -106,7 +114,9 @@ class ProcessCluster:
         """Block until the cluster can serve; fail at once if one of its processes dies."""
 
         async def watch() -> Plan:
-            waiter = asyncio.create_task(wait_for_ready_plan(self.broker, self.cluster, timeout_s))
+            waiter = asyncio.create_task(
+                wait_for_ready_plan(self.broker, self.cluster, timeout_s, coordinator=self.with_coordinator)
+            )
             try:
                 while not waiter.done():
                     dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}

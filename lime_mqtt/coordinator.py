@@ -23,7 +23,7 @@ from lime_mqtt.plan import Plan
 from lime_mqtt.protocol import Request
 from lime_mqtt.textstream import TextStream
 from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport import Message, MqttTransport
+from lime_mqtt.transport import LastWill, Message, MqttTransport
 from lime_mqtt.wire import Envelope, Sampling
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,12 @@ class Coordinator:
         self.served = 0
         self._changed = asyncio.Condition()
         self._slots = asyncio.Semaphore(max_concurrent)
-        self.transport = MqttTransport(broker, client_id=f"lime-{self.name}", username=username, password=password)
+        self.serving = asyncio.Event()  # set once requests are subscribed to
+        # Retained while serving; a clean exit or the last will (empty, retained) clears it.
+        will = LastWill(self.topics.coordinator_status(self.name), b"")
+        self.transport = MqttTransport(
+            broker, client_id=f"lime-{self.name}", will=will, username=username, password=password
+        )
 
     def __repr__(self) -> str:
         epoch = self.plan.epoch if self.plan else None
@@ -107,13 +112,36 @@ class Coordinator:
             await self.transport.subscribe(
                 self.topics.plan, self.topics.all_device_status, self.results_topic, self.topics.requests
             )
+            await self.transport.publish(
+                self.topics.coordinator_status(self.name), self._status_payload("online"), qos=1, retain=True
+            )
+            self.serving.set()
             log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.requests)
-            async with asyncio.TaskGroup() as tasks:
-                async for message in self.transport.messages():
-                    if message.topic == self.topics.requests:
-                        tasks.create_task(self._serve(message), name=f"{self.name}-request")
-                    else:
-                        await self._route(message)
+            try:
+                await self._serve_all()
+            finally:
+                self.serving.clear()
+                await asyncio.shield(self._say_offline())
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"v": 1, "name": self.name, "state": state, "model": self.model_id}).encode()
+
+    async def _say_offline(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self.transport.publish(
+                    self.topics.coordinator_status(self.name), b"", qos=1, retain=True  # clear, not keep
+                )
+        except (LimeError, TimeoutError):
+            log.warning("could not clear the coordinator status")
+
+    async def _serve_all(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            async for message in self.transport.messages():
+                if message.topic == self.topics.requests:
+                    tasks.create_task(self._serve(message), name=f"{self.name}-request")
+                else:
+                    await self._route(message)
 
     async def _route(self, message: Message) -> None:
         if message.topic == self.results_topic:

@@ -60,6 +60,7 @@ class DeviceAgent:
         telemetry_s: float = 5.0,
         threads: int | None = None,
         torch_device: str = "cpu",
+        measure: bool = True,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -84,6 +85,8 @@ class DeviceAgent:
         self.stage: StagePlan | None = None
         self.shard: Shard | None = None
         self.sequences: dict[str, _Sequence] = {}
+        self.measure = measure
+        self.capabilities: dict[str, Any] = {}
         self.steps_done = 0
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
         self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
@@ -124,6 +127,8 @@ class DeviceAgent:
             status["layers"] = [self.stage.start, self.stage.stop]
         if self.shard is not None:
             status["param_count"] = self.shard.param_count
+        if self.capabilities:
+            status["capabilities"] = self.capabilities
         if self.error:
             status["error"] = self.error
         return json.dumps(status).encode()
@@ -159,6 +164,9 @@ class DeviceAgent:
 
             torch.set_num_threads(self.threads)
         async with self.transport:
+            if self.measure:
+                await self._publish_status("measuring")
+                await self._measure()
             await self._publish_status("idle")
             await self.transport.subscribe(self.topics.plan, self.topics.control)
             try:
@@ -169,6 +177,20 @@ class DeviceAgent:
             finally:
                 await asyncio.shield(self._say_offline())
                 self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _measure(self) -> None:
+        """Measure compute and disk (cached per device and model) and the link to the broker."""
+        from lime_mqtt.measure import measure_capabilities, measure_link
+        from lime_mqtt.model.builtin import cache_dir
+
+        loop = asyncio.get_running_loop()
+        measured = await loop.run_in_executor(
+            self._executor, measure_capabilities, self.checkpoint, self.device_id, cache_dir().parent,
+            self.torch_device,
+        )
+        echo = f"{self.topics.root}/devices/{self.device_id}/echo"
+        rtt_ms, mb_s = await measure_link(self.transport, echo)
+        self.capabilities = {**measured.to_json(), "link_rtt_ms": round(rtt_ms, 3), "link_mb_s": round(mb_s, 1)}
 
     async def _say_offline(self) -> None:
         try:

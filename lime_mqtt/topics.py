@@ -38,6 +38,13 @@ class Topics:
     def device_telemetry(self, device_id: str) -> str:
         return f"{self.root}/devices/{device_id}/telemetry"
 
+    def coordinator_status(self, name: str) -> str:
+        return f"{self.root}/coordinators/{name}/status"
+
+    @property
+    def all_coordinator_status(self) -> str:
+        return f"{self.root}/coordinators/+/status"
+
     @property
     def plan(self) -> str:
         return f"{self.root}/plan"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -179,7 +179,7 @@ class MqttTransport:
         except aiomqtt.MqttError as exc:
             raise TransportError(f"unsubscribe from {topics} failed: {exc}") from exc
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def messages(self) -> AsyncGenerator[Message, None]:
         """Received messages, in order, until the connection ends (then TransportError)."""
         while True:
             msg = await self._inbox.get()

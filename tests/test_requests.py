@@ -6,6 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.coordinator import Coordinator
 from lime_mqtt.topics import Topics
@@ -66,6 +68,7 @@ async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, t
     coordinator = Coordinator(broker.url, cluster_name, tiny_model)
     task = asyncio.create_task(coordinator.run())
     try:
+        await asyncio.wait_for(coordinator.serving.wait(), 30)
         reply_to = f"answers/{cluster_name}"
         answer = await _send_raw(
             broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to, "id": "r1"}).encode(), reply_to
@@ -148,3 +151,14 @@ async def test_malformed_messages_crash_no_component(broker: LocalBroker, cluste
         after = await cluster.final(GOOD)
     assert after["type"] == "final", after
     assert after["token_ids"] == before["token_ids"]
+
+
+async def test_asking_a_cluster_without_coordinator_fails_fast(broker: LocalBroker, cluster_name: str) -> None:
+    from lime_mqtt.client import ask_final
+    from lime_mqtt.errors import LimeError
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(LimeError, match="no coordinator"):
+        await ask_final(broker.url, cluster_name, GOOD, wait_for_coordinator_s=1.0)
+    assert loop.time() - started < 10

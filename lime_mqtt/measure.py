@@ -1,0 +1,163 @@
+"""Measured capabilities of a device for one model: layer compute time, disk read rate,
+and the link through the broker. Pure measurement; the device agent reports the result
+in its status, and caches it per device and model so a restart is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.model.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+MEASURE_VERSION = 1
+DISK_SAMPLE_BYTES = 64 * 1024 * 1024
+PREFILL_TOKENS = 32
+DECODE_CONTEXT = 64
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device measured, in the units the cost model uses."""
+
+    layer_decode_ms: float  # one decoder layer, one new token, DECODE_CONTEXT tokens of context
+    layer_prefill_ms_per_token: float  # one decoder layer, per token of a PREFILL_TOKENS prefill
+    disk_mb_s: float  # reading the model's safetensors files, page cache dropped first
+    threads: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def _median_ms(run: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def measure_layer(checkpoint: Checkpoint, device: str = "cpu", repeats: int = 7) -> tuple[float, float]:
+    """Time one real decoder layer (layer 0's weights) for decode and for prefill."""
+    import torch
+
+    from lime_mqtt.model.shard import Shard, ShardSpec
+
+    shard = Shard(checkpoint, ShardSpec(0, 1, embed=False, head=False), device)
+    hidden = int(checkpoint.config.hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randn(1, DECODE_CONTEXT, hidden, generator=generator)
+    prefill = torch.randn(1, PREFILL_TOKENS, hidden, generator=generator)
+    one = torch.randn(1, 1, hidden, generator=generator)
+    cache = shard.new_cache()
+    shard.forward(cache, 0, hidden=context)  # fill a context, and warm up
+
+    def decode() -> None:
+        shard.forward(cache, DECODE_CONTEXT, hidden=one)  # a retried step: the cache is cut back each time
+
+    def prefill_run() -> None:
+        shard.forward(shard.new_cache(), 0, hidden=prefill)
+
+    decode()
+    decode_ms = _median_ms(decode, repeats)
+    prefill_ms = _median_ms(prefill_run, max(3, repeats // 2)) / PREFILL_TOKENS
+    return decode_ms, prefill_ms
+
+
+def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) -> float:
+    """MB/s reading the model's first safetensors file, after asking the kernel to drop
+    its cached pages (no root needed for clean pages), so the disk itself is measured."""
+    path = min({t.file for t in checkpoint.tensors.values()})
+    size = min(sample_bytes, path.stat().st_size)
+    buffer = bytearray(1024 * 1024)
+    with path.open("rb", buffering=0) as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, size, os.POSIX_FADV_DONTNEED)
+        started = time.perf_counter()
+        done = 0
+        while done < size:
+            read = fh.readinto(buffer)
+            if not read:
+                break
+            done += read
+        elapsed = max(time.perf_counter() - started, 1e-6)
+    return done / elapsed / 1e6
+
+
+def cache_file(cache_root: Path, device_id: str, checkpoint: Checkpoint) -> Path:
+    """One measurement file per device and model (and torch thread count)."""
+    import torch
+
+    stamp = f"{checkpoint.folder.name}-{checkpoint.total_bytes}-t{torch.get_num_threads()}"
+    return cache_root / "measurements" / f"{device_id}-{stamp}.json"
+
+
+def measure_capabilities(
+    checkpoint: Checkpoint, device_id: str, cache_root: Path, device: str = "cpu", refresh: bool = False
+) -> Capabilities:
+    """Measured capabilities, from the cache when this device has measured this model before."""
+    import torch
+
+    path = cache_file(cache_root, device_id, checkpoint)
+    if not refresh and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") == MEASURE_VERSION:
+                return Capabilities(**data["capabilities"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring a damaged measurement cache %s", path)
+    started = time.perf_counter()
+    decode_ms, prefill_ms = measure_layer(checkpoint, device)
+    capabilities = Capabilities(
+        layer_decode_ms=decode_ms,
+        layer_prefill_ms_per_token=prefill_ms,
+        disk_mb_s=measure_disk(checkpoint),
+        threads=torch.get_num_threads(),
+    )
+    log.info("%s: measured %s in %.1f s", device_id, capabilities.to_json(), time.perf_counter() - started)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(json.dumps({"version": MEASURE_VERSION, "capabilities": asdict(capabilities)}))
+    tmp.replace(path)
+    return capabilities
+
+
+async def measure_link(transport: Any, topic: str, small: int = 1024, large: int = 1024 * 1024) -> tuple[float, float]:
+    """Round trip of a small message through the broker (ms, median of 9) and the
+    throughput of a large one (MB/s, best of 3), using ``transport`` before it serves.
+
+    ``topic`` must be this device's own: the transport subscribes to it, and every
+    message read here must come from it (nothing else is subscribed yet).
+    """
+    import asyncio
+
+    await transport.subscribe(topic, qos=0)
+    messages = transport.messages()
+
+    async def round_trip(size: int) -> float:
+        payload = os.urandom(size)
+        started = time.perf_counter()
+        await transport.publish(topic, payload, qos=0)
+        async with asyncio.timeout(10):
+            while (await anext(messages)).payload != payload:
+                pass
+        return time.perf_counter() - started
+
+    try:
+        rtt = statistics.median([await round_trip(small) for _ in range(9)])
+        big = min([await round_trip(large) for _ in range(3)])
+    finally:
+        await messages.aclose()
+        await transport.unsubscribe(topic)
+    # A round trip carries the large message twice (to the broker and back).
+    return rtt * 1000, 2 * large / max(big - rtt, 1e-6) / 1e6

@@ -1,0 +1,48 @@
+"""Measured capabilities: real numbers, cached per device and model, reported in the status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from lime_mqtt.broker import LocalBroker
+from lime_mqtt.device import DeviceAgent
+from lime_mqtt.measure import cache_file, measure_capabilities
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.topics import Topics, parse_status
+from lime_mqtt.transport import MqttTransport
+
+
+def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) -> None:
+    checkpoint = Checkpoint(tiny_model)
+    first = measure_capabilities(checkpoint, "m1", tmp_path)
+    assert first.layer_decode_ms > 0 and first.layer_prefill_ms_per_token > 0 and first.disk_mb_s > 0
+    assert cache_file(tmp_path, "m1", checkpoint).is_file()
+    started = time.perf_counter()
+    again = measure_capabilities(checkpoint, "m1", tmp_path)
+    assert again == first  # read back, not measured again
+    assert time.perf_counter() - started < 0.5
+    cache_file(tmp_path, "m1", checkpoint).write_text("{broken")
+    assert measure_capabilities(checkpoint, "m1", tmp_path).layer_decode_ms > 0  # a damaged cache is redone
+
+
+async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    agent = DeviceAgent(broker.url, cluster_name, "meter", 10, tiny_model)
+    task = asyncio.create_task(agent.run())
+    try:
+        async with MqttTransport(broker.url) as conn:
+            await conn.subscribe(Topics(cluster_name).device_status("meter"))
+            async with asyncio.timeout(30):
+                async for message in conn.messages():
+                    status = parse_status(message.payload)
+                    if status and status["state"] == "idle":
+                        break
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    caps = status["capabilities"]
+    for key in ("layer_decode_ms", "layer_prefill_ms_per_token", "disk_mb_s", "link_rtt_ms", "link_mb_s"):
+        assert caps[key] > 0, (key, json.dumps(caps))
+    assert caps["link_rtt_ms"] < 1000
