@@ -162,3 +162,21 @@ async def test_asking_a_cluster_without_coordinator_fails_fast(broker: LocalBrok
     with pytest.raises(LimeError, match="no coordinator"):
         await ask_final(broker.url, cluster_name, GOOD, wait_for_coordinator_s=1.0)
     assert loop.time() - started < 10
+
+
+async def test_cli_ask_streams_the_same_answer(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    import sys
+
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        expected = await cluster.final(GOOD)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lime_mqtt.cli", "ask", GOOD["prompt"], "--max-tokens", str(GOOD["max_tokens"]),
+            "--json", "--broker", broker.url, "--cluster", cluster_name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert lines[-1]["type"] == "final"
+    assert lines[-1]["token_ids"] == expected["token_ids"]
+    assert "".join(m["text"] for m in lines if m["type"] == "chunk") == expected["text"]
