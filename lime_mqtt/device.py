@@ -300,7 +300,7 @@ class DeviceAgent:
             return
         try:
             await self._run_step(envelope)
-        except (LimeError, RuntimeError, ValueError) as exc:
+        except (LimeError, RuntimeError, ValueError, IndexError) as exc:  # e.g. a token id past the vocabulary
             log.error("%s: request %s step %d failed: %s", self.device_id, envelope.request_id, envelope.step, exc)
             self.sequences.pop(envelope.request_id, None)
             if envelope.reply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,23 @@ async def test_kv_cache_of_an_abandoned_request_expires(
             await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
         await wait_until(lambda: "orphan" in device.sequences)
         await wait_until(lambda: "orphan" not in device.sequences, timeout_s=5)
+
+
+async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    """A token id past the vocabulary: the device answers with a stage error and keeps serving."""
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        topics = Topics(cluster_name)
+        reply = f"{topics.root}/test-replies"
+        bad = Envelope(kind="step", request_id="bad", step=0, epoch=cluster.plan.epoch, pos=0,
+                       tokens=[10**6], sampling=Sampling(), reply=reply)
+        async with MqttTransport(broker.url) as conn:
+            await conn.subscribe(reply)
+            await conn.publish(topics.stage_in(0), bad.encode(), qos=1)
+            async with asyncio.timeout(10):
+                answer = Envelope.decode((await anext(conn.messages())).payload)
+        assert answer.kind == "token" and answer.token is None
+        assert answer.meta["error"]["code"] == "stage_error" and answer.meta["error"]["device_id"] == "dev0"
+        final = await cluster.final({"prompt": PROMPT, "max_tokens": 4})
+    assert final["type"] == "final"
