@@ -77,6 +77,7 @@ class Coordinator:
         self.results_topic = f"{self.topics.results}/{self.name}"
         self.plan: Plan | None = None
         self.device_status: dict[str, dict[str, Any]] = {}
+        self.planner_message: str | None = None  # the planner's word on why there is no plan
         self.active: dict[str, _Active] = {}
         self.served = 0
         self._changed = asyncio.Condition()
@@ -110,7 +111,8 @@ class Coordinator:
     async def run(self) -> None:
         async with self.transport:
             await self.transport.subscribe(
-                self.topics.plan, self.topics.all_device_status, self.results_topic, self.topics.requests
+                self.topics.plan, self.topics.all_device_status, self.topics.planner_status,
+                self.results_topic, self.topics.requests
             )
             await self.transport.publish(
                 self.topics.coordinator_status(self.name), self._status_payload("online"), qos=1, retain=True
@@ -159,6 +161,11 @@ class Coordinator:
             async with self._changed:
                 self.plan = plan
                 self._changed.notify_all()
+        elif message.topic == self.topics.planner_status:
+            try:
+                self.planner_message = str(json.loads(message.payload).get("message")) if message.payload else None
+            except (ValueError, AttributeError):
+                log.warning("ignoring a malformed planner status")
         elif (device_id := device_id_from_status_topic(message.topic)) is not None:
             status = parse_status(message.payload)
             if status is None:
@@ -193,7 +200,8 @@ class Coordinator:
     async def _wait_ready(self) -> Plan:
         async with self._changed:
             if self.plan is None:
-                raise RequestError("no_plan", "no plan yet: no devices have been planned for this model")
+                why = self.planner_message or "no planner has reported yet"
+                raise RequestError("no_plan", f"no plan yet: {why}")
             try:
                 async with asyncio.timeout(self.ready_timeout_s):
                     await self._changed.wait_for(self.plan_ready)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,12 @@ class PlannerService:
                 tasks.create_task(self._receive(), name="planner-receive")
                 tasks.create_task(self._plan_when_settled(), name="planner-plan")
 
+    async def _publish_status(self, state: str, message: str) -> None:
+        """Retained, so an operator or a coordinator can tell why there is no plan."""
+        status = {"v": 1, "state": state, "message": message, "model": self.model_id,
+                  "devices": sorted(self.online()), "ts": time.time()}
+        await self.transport.publish(self.topics.planner_status, json.dumps(status).encode(), qos=1, retain=True)
+
     async def _receive(self) -> None:
         async for message in self.transport.messages():
             if message.topic == self.topics.plan:
@@ -124,15 +132,20 @@ class PlannerService:
                 except TimeoutError:
                     break
             if not self.needs_plan():
+                if self.plan is None:
+                    await self._publish_status("waiting", f"{len(self.online())} of {self.quorum} devices "
+                                               f"of model {self.model_id} have registered")
                 continue
             try:
                 plan = self.make_plan()
             except PlanError as exc:
                 if str(exc) != self.last_error:
                     log.error("cannot plan: %s", exc)
+                    await self._publish_status("error", str(exc))
                 self.last_error = str(exc)
                 continue
             self.last_error = None
+            await self._publish_status("planned", f"plan {plan.epoch} with {len(plan.stages)} stages")
             self.plan = plan
             log.info("publishing plan %d: %s", plan.epoch,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))

@@ -46,6 +46,10 @@ class Topics:
         return f"{self.root}/coordinators/+/status"
 
     @property
+    def planner_status(self) -> str:
+        return f"{self.root}/planner/status"
+
+    @property
     def plan(self) -> str:
         return f"{self.root}/plan"
 

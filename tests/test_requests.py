@@ -180,3 +180,36 @@ async def test_cli_ask_streams_the_same_answer(broker: LocalBroker, cluster_name
     assert lines[-1]["type"] == "final"
     assert lines[-1]["token_ids"] == expected["token_ids"]
     assert "".join(m["text"] for m in lines if m["type"] == "chunk") == expected["text"]
+
+
+async def test_a_cluster_too_small_says_why_there_is_no_plan(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    """The planner publishes its reason (retained), and a request's no_plan error carries it."""
+    from lime_mqtt.device import DeviceAgent
+    from lime_mqtt.planner import PlannerService
+
+    topics = Topics(cluster_name)
+    planner = PlannerService(broker.url, cluster_name, tiny_model, quorum=1, settle_s=0.1, min_kv_tokens=64)
+    coordinator = Coordinator(broker.url, cluster_name, tiny_model)
+    device = DeviceAgent(broker.url, cluster_name, "too-small", 1, tiny_model, measure=False)
+    tasks = [asyncio.create_task(x.run()) for x in (planner, coordinator, device)]
+    try:
+        async with MqttTransport(broker.url) as conn:
+            await conn.subscribe(topics.planner_status)
+            async with asyncio.timeout(30):
+                async for message in conn.messages():
+                    status = json.loads(message.payload)
+                    if status["state"] == "error":
+                        break
+        assert "MiB missing" in status["message"] and status["devices"] == ["too-small"]
+        await asyncio.wait_for(coordinator.serving.wait(), 30)
+        reply_to = f"answers/{cluster_name}"
+        answer = await _send_raw(broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to}).encode(),
+                                 reply_to)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert answer["error"]["code"] == "no_plan"
+    assert "MiB missing" in answer["error"]["message"]
