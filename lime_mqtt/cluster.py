@@ -52,11 +52,7 @@ async def wait_for_ready_plan(
                         (coordinators.add if message.payload else coordinators.discard)(message.topic)
                     if coordinator and not coordinators:
                         continue
-                    if plan is not None and len(plan.stages) >= quorum and all(
-                        status.get(s.device_id, {}).get("state") == "ready"
-                        and status.get(s.device_id, {}).get("plan_epoch") == plan.epoch
-                        for s in plan.stages
-                    ):
+                    if plan is not None and len(plan.stages) >= quorum and plan.ready(status):
                         return plan
         except TimeoutError:
             pass

@@ -40,11 +40,9 @@ class ReplyTarget:
 
 @dataclass
 class _Active:
-    """A request being answered: its pending step and what the client sees."""
+    """A request being answered, and the futures of its steps waiting for their token."""
 
     request: Request
-    client_id: str
-    target: ReplyTarget
     pending: dict[int, asyncio.Future[Envelope]] = field(default_factory=dict)
 
 
@@ -188,14 +186,7 @@ class Coordinator:
 
     def plan_ready(self) -> bool:
         """Whether every stage device of the current plan has loaded it."""
-        plan = self.plan
-        if plan is None:
-            return False
-        for stage in plan.stages:
-            status = self.device_status.get(stage.device_id, {})
-            if status.get("state") != "ready" or status.get("plan_epoch") != plan.epoch:
-                return False
-        return True
+        return self.plan is not None and self.plan.ready(self.device_status)
 
     async def _wait_ready(self) -> Plan:
         async with self._changed:
@@ -279,7 +270,7 @@ class Coordinator:
             )
         plan = await self._wait_ready()
         rid = uuid.uuid4().hex
-        active = self.active[rid] = _Active(request, client_id, target)
+        active = self.active[rid] = _Active(request)
         sampling = Sampling(
             temperature=request.temperature,
             top_k=request.top_k,

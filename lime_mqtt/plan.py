@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -58,6 +60,15 @@ class Plan(BaseModel):
 
     def stage_of(self, device_id: str) -> StagePlan | None:
         return next((s for s in self.stages if s.device_id == device_id), None)
+
+    def ready(self, statuses: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether every stage's device reports, in ``statuses`` (device id -> status), that it
+        has loaded this plan."""
+        return all(
+            statuses.get(s.device_id, {}).get("state") == "ready"
+            and statuses.get(s.device_id, {}).get("plan_epoch") == self.epoch
+            for s in self.stages
+        )
 
     @property
     def kv_token_capacity(self) -> int:
