@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--quorum", type=int, default=1, help="devices to wait for before the first plan")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet membership before planning")
-    p.add_argument("--min-kv-tokens", type=int, default=256, help="KV tokens every stage must have room for")
+    p.add_argument("--context-tokens", type=int, default=512,
+                   help="KV cache to reserve per sequence, in tokens (default 512)")
+    p.add_argument("--sequences", type=int, default=1, help="sequences served at once (default 1)")
+    p.add_argument("--objective", choices=["latency", "throughput"], default="latency",
+                   help="minimise time per token of one sequence, or the busiest stage's time (bursty load)")
+    p.add_argument("--strategy", choices=["optimal", "memory", "equal"], default="optimal",
+                   help="optimal: searched under the cost model; memory/equal: contiguous splits in "
+                   "device-id order proportional to memory or even (baselines)")
 
     p = sub.add_parser("coordinator", help="serve requests from the request topic")
     _common(p)
@@ -76,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print the current plan as a table")
     _common(p)
+    p.add_argument("--explain", action="store_true",
+                   help="add each stage's memory and predicted milliseconds per token, and the total")
     p.add_argument("--timeout", type=float, default=5.0)
 
     p = sub.add_parser("demo", help="broker, planner, coordinator and devices in one go; asks one question")
@@ -135,7 +144,8 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
 
     service = PlannerService(
         settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
-        settle_s=args.settle, min_kv_tokens=args.min_kv_tokens,
+        settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
+        objective=args.objective, strategy=args.strategy,
         username=settings.username, password=settings.password,
     )
     return _run_service(service.run)
@@ -234,7 +244,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
                 async with asyncio.timeout(args.timeout):
                     async for message in conn.messages():
                         if message.payload:
-                            print(format_plan(Plan.from_json(message.payload)))
+                            print(format_plan(Plan.from_json(message.payload), explain=args.explain))
                             return 0
             except TimeoutError:
                 pass

@@ -1,23 +1,44 @@
-"""Plans: which device runs which layers and owns which KV cache (docs/planner.md).
+"""Plans: which device runs which layers, which of them it streams from disk, and how much
+KV cache it owns (docs/planner.md).
 
-Pure functions and models, no I/O. A plan is published as retained JSON with an epoch
-that grows by one with every new plan.
+Pure functions and models, no I/O. The search for the fastest placement under the cost
+model of :mod:`lime_mqtt.cost` is :func:`make_plan`. A plan is published as retained
+JSON with an epoch that grows by one with every new plan.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from lime_mqtt.cost import (
+    MIB,
+    DeviceProfile,
+    ModelSize,
+    PlanCost,
+    StageLayout,
+    Workload,
+    busy_ms,
+    evaluate,
+    head_ms,
+    layout_stage,
+    stall_lower_bound,
+)
 from lime_mqtt.errors import PlanError
 
-MIB = 1024 * 1024
-PLAN_VERSION = 1
+__all__ = ["MIB", "DeviceProfile", "ModelSize", "Plan", "StagePlan", "Workload", "format_plan", "make_plan"]
+
+PLAN_VERSION = 2
+STRATEGIES = ("optimal", "memory", "equal")
+Strategy = Literal["optimal", "memory", "equal"]
+# The search stops after this many partial placements and keeps the best it found
+# (the plan then says ``optimal: false``); small clusters finish far below it.
+SEARCH_NODE_LIMIT = 400_000
 
 
 class StagePlan(BaseModel):
@@ -29,12 +50,24 @@ class StagePlan(BaseModel):
     stop: int = Field(ge=0)
     embed: bool
     head: bool
-    weight_bytes: int = Field(ge=0)
+    weight_bytes: int = Field(ge=0, description="resident weights: resident layers, embedding, head")
     kv_tokens: int = Field(ge=0, description="tokens of KV cache (all sequences) this device may hold")
+    streamed: list[int] = Field(default_factory=list, description="layers read from disk for every token")
+    slots: int = Field(default=0, ge=0, description="streamed layers in memory at once")
+    streamed_bytes: int = Field(default=0, ge=0)
+    compute_ms: float | None = None  # predicted, per token
+    link_ms: float | None = None
+    stall_ms: float | None = None
 
     @property
     def layers(self) -> range:
         return range(self.start, self.stop)
+
+    @property
+    def predicted_ms(self) -> float | None:
+        if self.compute_ms is None or self.link_ms is None:
+            return None
+        return self.compute_ms + self.link_ms + (self.stall_ms or 0.0)
 
 
 class Plan(BaseModel):
@@ -44,6 +77,14 @@ class Plan(BaseModel):
     num_layers: int = Field(ge=1)
     created: float = Field(default_factory=time.time)
     stages: list[StagePlan]
+    strategy: str = "optimal"
+    objective: str = "latency"
+    optimal: bool | None = None  # the search finished (None: not a searched plan)
+    context_tokens: int = 0
+    sequences: int = 1
+    predicted_ms_per_token: float | None = None
+    overhead_ms: float | None = None
+    left_out: dict[str, str] = Field(default_factory=dict)  # device id -> why it has no stage
 
     @model_validator(mode="after")
     def _covers_all_layers(self) -> Plan:
@@ -51,11 +92,15 @@ class Plan(BaseModel):
         for index, stage in enumerate(self.stages):
             if stage.stage != index or stage.start != expected or stage.stop <= stage.start:
                 raise ValueError(f"stage {index} does not continue the layer ranges at {expected}")
+            if any(layer not in stage.layers for layer in stage.streamed):
+                raise ValueError(f"stage {index} streams layers outside its range")
             expected = stage.stop
         if expected != self.num_layers or not self.stages:
             raise ValueError(f"stages cover {expected} of {self.num_layers} layers")
         if not self.stages[0].embed or not self.stages[-1].head:
             raise ValueError("the first stage must hold the embedding and the last the head")
+        if len({s.device_id for s in self.stages}) != len(self.stages):
+            raise ValueError("a device may have only one stage")
         return self
 
     def stage_of(self, device_id: str) -> StagePlan | None:
@@ -83,38 +128,93 @@ class Plan(BaseModel):
         return cls.model_validate(json.loads(payload))
 
 
-@dataclass(frozen=True)
-class DeviceOffer:
-    """What the planner knows of a device: its id and memory budget (bytes for weights + KV)."""
-
-    device_id: str
-    memory_bytes: int
+# ----- the search ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    """The byte sizes the planner needs, read from safetensors headers."""
+class _Search:
+    """Branch and bound over ordered device subsets and their contiguous layer counts.
 
-    name: str
-    layer_bytes: tuple[int, ...]
-    embed_bytes: int
-    head_bytes: int
-    kv_bytes_per_token_per_layer: int
+    A node is a prefix of the pipeline: stages for layers ``[0, start)`` on distinct
+    devices. Its lower bound adds, for the layers still to place, the fastest unused
+    device's per-layer time, one more link, the cheapest head, and each placed stage's
+    stall as if the rest of the pipeline hid all of its read-ahead. The bound never
+    exceeds the true cost of any completion, so pruning on it keeps the optimum.
+    """
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_bytes)
+    def __init__(self, model: ModelSize, devices: Sequence[DeviceProfile], workload: Workload, node_limit: int):
+        self.model = model
+        # Fast devices first: good placements are found early and prune the rest.
+        self.devices = sorted(devices, key=lambda d: (d.layer_decode_ms, -d.memory_bytes, d.device_id))
+        self.workload = workload
+        self.node_limit = node_limit
+        self.nodes = 0
+        self.best_cost = math.inf
+        self.best: PlanCost | None = None
+        self._layouts: dict[tuple[int, int, int, bool], StageLayout | None] = {}
+        self._link = [layout_link_ms(model, d) for d in self.devices]
+        self._head = [head_ms(model, d) for d in self.devices]
+
+    def layout(self, index: int, start: int, stop: int) -> StageLayout | None:
+        key = (index, start, stop, stop == self.model.num_layers)
+        if key not in self._layouts:
+            self._layouts[key] = layout_stage(
+                self.model, self.devices[index], start, stop, start == 0, key[3], self.workload
+            )
+        return self._layouts[key]
+
+    def offer(self, stages: list[StageLayout]) -> None:
+        cost = evaluate(stages, self.workload)
+        value = cost.objective(self.workload.objective)
+        if value < self.best_cost - 1e-9:
+            self.best_cost, self.best = value, cost
+
+    def lower_bound(self, stages: list[StageLayout], unused: list[int], remaining: int) -> float:
+        if self.workload.objective == "throughput":
+            return max(busy_ms(s) for s in stages)
+        bound = self.workload.overhead_ms + sum(s.compute_ms + s.link_ms + stall_lower_bound(s) for s in stages)
+        if remaining:
+            bound += remaining * min(self.devices[i].layer_decode_ms for i in unused)
+            bound += min(self._link[i] for i in unused) + min(self._head[i] for i in unused)
+        return bound
+
+    def run(self) -> bool:
+        """Search; returns whether it finished (else the best found so far is kept)."""
+        try:
+            self._extend([], list(range(len(self.devices))), 0)
+        except _NodeLimit:
+            return False
+        return True
+
+    def _extend(self, stages: list[StageLayout], unused: list[int], start: int) -> None:
+        layers = self.model.num_layers
+        for index in unused:
+            rest = [i for i in unused if i != index]
+            last = self.layout(index, start, layers)
+            if last is not None:
+                self.offer([*stages, last])
+            if not rest:
+                continue
+            for stop in range(start + 1, layers):
+                stage = self.layout(index, start, stop)
+                if stage is None:
+                    break  # more layers need more KV cache: no longer span fits either
+                self.nodes += 1
+                if self.nodes > self.node_limit:
+                    raise _NodeLimit
+                trial = [*stages, stage]
+                if self.lower_bound(trial, rest, layers - stop) < self.best_cost - 1e-9:
+                    self._extend(trial, rest, stop)
 
 
-def _stage_bytes(model: ModelSize, start: int, stop: int, first: bool, last: bool) -> int:
-    return (
-        sum(model.layer_bytes[start:stop])
-        + (model.embed_bytes if first else 0)
-        + (model.head_bytes if last else 0)
-    )
+class _NodeLimit(Exception):
+    pass
 
 
-def _proportional_counts(weights: list[float], total: int) -> list[int]:
+def layout_link_ms(model: ModelSize, device: DeviceProfile) -> float:
+    return device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3)
+
+
+def _split_counts(weights: list[float], total: int) -> list[int]:
     """Split ``total`` items proportionally to ``weights`` (largest remainder), at least 1 each."""
     share = sum(weights)
     raw = [total * w / share for w in weights]
@@ -128,108 +228,209 @@ def _proportional_counts(weights: list[float], total: int) -> list[int]:
     return counts
 
 
-def proportional_plan(
-    model: ModelSize,
-    devices: list[DeviceOffer],
-    epoch: int,
-    min_kv_tokens: int = 256,
-) -> Plan:
-    """A contiguous split of the layers proportional to each device's memory budget.
+def split_layouts(
+    model: ModelSize, devices: Sequence[DeviceProfile], workload: Workload, weights: list[float]
+) -> list[StageLayout]:
+    """Contiguous stages in the given device order with layer counts proportional to
+    ``weights``; a :class:`PlanError` names the first stage that cannot fit even with
+    streaming."""
+    devices = list(devices)[: model.num_layers]
+    counts = _split_counts(weights[: len(devices)], model.num_layers)
+    stages, start = [], 0
+    for index, (device, count) in enumerate(zip(devices, counts, strict=True)):
+        first, last = index == 0, index == len(devices) - 1
+        stage = layout_stage(model, device, start, start + count, first, last, workload)
+        if stage is None:
+            kv = model.kv_bytes_per_token_per_layer * workload.kv_tokens * count
+            fixed = kv + workload.reserve_bytes + (model.embed_bytes if first else 0) + (model.head_bytes if last else 0)
+            raise PlanError(
+                f"this split gives {device.device_id} ({device.memory_bytes / MIB:.0f} MiB) layers "
+                f"[{start}, {start + count}){' and the embedding' if first else ''}{' and the head' if last else ''}: "
+                f"{fixed / MIB:.1f} MiB before any streamed layer, more than it has; the optimal strategy "
+                "places layers by what each device can hold"
+            )
+        stages.append(stage)
+        start += count
+    return stages
 
-    Devices are taken in id order. A device whose share would be zero layers is left
-    out. Every stage must fit its weights plus ``min_kv_tokens`` of KV cache in its
-    budget; if the proportional split does not, layers move from over-full stages to
-    neighbours with room. A cluster that cannot hold the model gets a :class:`PlanError`
-    that says how much is missing.
+
+def unfit_reason(model: ModelSize, device: DeviceProfile, workload: Workload) -> str | None:
+    """Why ``device`` cannot run even one layer (streamed), or ``None`` if it can."""
+    smallest = min(range(model.num_layers), key=lambda i: model.layer_bytes[i])
+    if layout_stage(model, device, smallest, smallest + 1, False, False, workload) is not None:
+        return None
+    need = (
+        model.layer_bytes[smallest]
+        + model.kv_bytes_per_token_per_layer * workload.kv_tokens
+        + workload.reserve_bytes
+    )
+    return (
+        f"device {device.device_id} has a budget of {device.memory_bytes / MIB:.0f} MiB; one layer needs "
+        f"{need / MIB:.1f} MiB ({model.layer_bytes[smallest] / MIB:.1f} MiB of weights, "
+        f"{model.kv_bytes_per_token_per_layer * workload.kv_tokens / MIB:.1f} MiB of KV cache for "
+        f"{workload.kv_tokens} tokens, {workload.reserve_bytes / MIB:.0f} MiB of working memory): "
+        f"{(need - device.memory_bytes) / MIB:.1f} MiB missing"
+    )
+
+
+def _diagnose(model: ModelSize, devices: Sequence[DeviceProfile], workload: Workload) -> str:
+    """Why no placement exists, naming what is missing."""
+    one_layer = min(model.layer_bytes)
+    kv_layer = model.kv_bytes_per_token_per_layer * workload.kv_tokens
+    for part, size in (("token embedding", model.embed_bytes), ("output head", model.head_bytes)):
+        need = size + one_layer + kv_layer + workload.reserve_bytes
+        largest = max(devices, key=lambda d: d.memory_bytes)
+        if largest.memory_bytes < need:
+            return (
+                f"no device can hold the {part} ({size / MIB:.1f} MiB) with one streamed layer, its KV cache "
+                f"and working memory ({need / MIB:.1f} MiB): the largest budget is {largest.device_id}'s "
+                f"{largest.memory_bytes / MIB:.0f} MiB, {(need - largest.memory_bytes) / MIB:.1f} MiB missing"
+            )
+    kv_all = model.kv_bytes_per_token_per_layer * workload.kv_tokens * model.num_layers
+    need = model.embed_bytes + model.head_bytes + kv_all + workload.reserve_bytes * len(devices) + one_layer
+    have = sum(d.memory_bytes for d in devices)
+    return (
+        f"the {len(devices)} devices cannot hold the model even with layers streamed from disk: the KV cache "
+        f"for {workload.kv_tokens} tokens on all {model.num_layers} layers is {kv_all / MIB:.1f} MiB, and with "
+        f"the embedding, the head and each device's working memory at least {need / MIB:.0f} MiB are needed "
+        f"where the devices offer {have / MIB:.0f} MiB; add a device or lower --context-tokens/--sequences"
+    )
+
+
+def make_plan(
+    model: ModelSize,
+    devices: Sequence[DeviceProfile],
+    epoch: int,
+    workload: Workload | None = None,
+    strategy: Strategy = "optimal",
+    node_limit: int = SEARCH_NODE_LIMIT,
+) -> Plan:
+    """The plan for ``devices``.
+
+    ``optimal`` searches for the placement with the least predicted time per token
+    (or, with ``objective="throughput"``, the least busy bottleneck stage): which
+    devices take part, in which order, how many layers each, which of them streamed.
+    ``memory`` and ``equal`` split the layers in device-id order proportionally to the
+    memory budgets or evenly (baselines for benchmarks; streaming where needed).
+    Raises :class:`PlanError` saying what is missing when no placement fits.
     """
+    workload = workload or Workload()
     if not devices:
         raise PlanError("no devices have registered")
-    devices = sorted(devices, key=lambda d: d.device_id)[: model.num_layers]
-    kv_per_layer = model.kv_bytes_per_token_per_layer * min_kv_tokens
-    need = sum(model.layer_bytes) + model.embed_bytes + model.head_bytes + kv_per_layer * model.num_layers
-    have = sum(d.memory_bytes for d in devices)
-    if need > have:
-        raise PlanError(
-            f"the model needs {need / MIB:.0f} MiB (weights and {min_kv_tokens} tokens of KV cache) "
-            f"but the {len(devices)} devices offer {have / MIB:.0f} MiB together: "
-            f"{(need - have) / MIB:.0f} MiB missing"
-        )
-    counts = _proportional_counts([float(d.memory_bytes) for d in devices], model.num_layers)
-
-    def fits(i: int, start: int, stop: int) -> bool:
-        used = _stage_bytes(model, start, stop, i == 0, i == len(devices) - 1)
-        return used + kv_per_layer * (stop - start) <= devices[i].memory_bytes
-
-    for _ in range(model.num_layers * len(devices)):
-        bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
-        over = [i for i in range(len(devices)) if not fits(i, bounds[i], bounds[i + 1])]
-        if not over:
-            break
-        i = over[0]
-        # Give one layer to the neighbour with the most spare room (it must still fit).
-        moved = False
-        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(devices)]
-        for j in sorted(neighbours, key=lambda j: -devices[j].memory_bytes):
-            if counts[i] > 1:
-                trial = counts.copy()
-                trial[i] -= 1
-                trial[j] += 1
-                b = [sum(trial[:k]) for k in range(len(trial) + 1)]
-                if fits(j, b[j], b[j + 1]):
-                    counts, moved = trial, True
-                    break
-        if not moved:
-            raise PlanError(
-                f"device {devices[i].device_id} ({devices[i].memory_bytes / MIB:.0f} MiB) cannot hold "
-                f"its {counts[i]} layer(s) and no neighbour has room to take one"
-            )
+    unfit = {d.device_id: reason for d in devices if (reason := unfit_reason(model, d, workload))}
+    usable = [d for d in devices if d.device_id not in unfit]
+    if not usable:
+        raise PlanError("no device can hold even one layer: " + "; ".join(unfit.values()))
+    complete: bool | None = None
+    if strategy == "optimal":
+        search = _Search(model, usable, workload, node_limit)
+        complete = search.run()
+        cost = search.best
     else:
-        raise PlanError("could not balance the layers within the memory budgets")
-
-    stages: list[StagePlan] = []
-    start = 0
-    active = [(d, c) for d, c in zip(devices, counts, strict=True) if c > 0]
-    for index, (device, count) in enumerate(active):
-        stop = start + count
-        first, last = index == 0, index == len(active) - 1
-        weights = _stage_bytes(model, start, stop, first, last)
-        kv_budget = device.memory_bytes - weights
-        kv_tokens = kv_budget // max(1, model.kv_bytes_per_token_per_layer * count)
-        stages.append(
-            StagePlan(
-                stage=index,
-                device_id=device.device_id,
-                start=start,
-                stop=stop,
-                embed=first,
-                head=last,
-                weight_bytes=weights,
-                kv_tokens=int(kv_tokens),
+        ordered = sorted(usable, key=lambda d: d.device_id)
+        weights = [float(d.memory_bytes) if strategy == "memory" else 1.0 for d in ordered]
+        cost = evaluate(split_layouts(model, ordered, workload, weights), workload)
+    if cost is None:
+        raise PlanError(_diagnose(model, usable, workload))
+    used = {s.device_id for s in cost.stages}
+    left_out = dict(unfit)
+    for device in usable:
+        if device.device_id not in used:
+            left_out[device.device_id] = (
+                "not needed: the plan is predicted faster without it" if strategy == "optimal"
+                else f"more devices than layers ({model.num_layers})"
             )
+    return plan_from_cost(model, cost, epoch, workload, strategy, complete, left_out)
+
+
+def plan_from_cost(
+    model: ModelSize,
+    cost: PlanCost,
+    epoch: int,
+    workload: Workload,
+    strategy: str,
+    optimal: bool | None = None,
+    left_out: dict[str, str] | None = None,
+) -> Plan:
+    stages = [
+        StagePlan(
+            stage=index,
+            device_id=s.device_id,
+            start=s.start,
+            stop=s.stop,
+            embed=s.embed,
+            head=s.head,
+            weight_bytes=s.resident_bytes,
+            kv_tokens=int(s.kv_tokens),
+            streamed=list(s.streamed),
+            slots=s.slots,
+            streamed_bytes=s.streamed_bytes,
+            compute_ms=round(s.compute_ms, 4),
+            link_ms=round(s.link_ms, 4),
+            stall_ms=round(cost.stall_ms[index], 4),
         )
-        start = stop
-    return Plan(epoch=epoch, model=model.name, num_layers=model.num_layers, stages=stages)
+        for index, s in enumerate(cost.stages)
+    ]
+    return Plan(
+        epoch=epoch,
+        model=model.name,
+        num_layers=model.num_layers,
+        stages=stages,
+        strategy=strategy,
+        objective=workload.objective,
+        optimal=optimal,
+        context_tokens=workload.context_tokens,
+        sequences=workload.sequences,
+        predicted_ms_per_token=round(cost.ms_per_token, 4),
+        overhead_ms=workload.overhead_ms,
+        left_out=left_out or {},
+    )
 
 
-def format_plan(plan: Plan) -> str:
-    """The plan as a fixed-width table for a terminal."""
-    rows = [("stage", "device", "layers", "embed", "head", "weights MiB", "KV tokens")]
+def format_plan(plan: Plan, explain: bool = False) -> str:
+    """The plan as a fixed-width table for a terminal; ``explain`` adds memory and the
+    predicted milliseconds per token of each stage."""
+    header = ["stage", "device", "layers", "embed", "head", "resident MB", "streamed MB", "KV tokens"]
+    if explain:
+        header += ["compute ms", "link ms", "stall ms", "stage ms"]
+    rows = [tuple(header)]
     for s in plan.stages:
-        rows.append(
-            (
-                str(s.stage),
-                s.device_id,
-                f"[{s.start}, {s.stop})",
-                "yes" if s.embed else "",
-                "yes" if s.head else "",
-                f"{s.weight_bytes / MIB:.1f}",
-                str(s.kv_tokens),
-            )
-        )
+        row = [
+            str(s.stage),
+            s.device_id,
+            f"[{s.start}, {s.stop})" + (f" ({len(s.streamed)} streamed)" if s.streamed else ""),
+            "yes" if s.embed else "",
+            "yes" if s.head else "",
+            f"{s.weight_bytes / 1e6:.1f}",
+            f"{s.streamed_bytes / 1e6:.1f}",
+            str(s.kv_tokens),
+        ]
+        if explain:
+            row += [_ms(s.compute_ms), _ms(s.link_ms), _ms(s.stall_ms), _ms(s.predicted_ms)]
+        rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"plan epoch {plan.epoch}, model {plan.model}, {plan.num_layers} layers"]
+    lines = [f"plan epoch {plan.epoch}, model {plan.model}, {plan.num_layers} layers, strategy {plan.strategy}"]
     for n, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if explain:
+        if plan.predicted_ms_per_token is not None:
+            search = {True: ", search complete", False: ", search stopped at its node limit"}.get(
+                plan.optimal, ""  # type: ignore[arg-type]
+            )
+            lines.append(
+                f"predicted {plan.predicted_ms_per_token:.1f} ms per token (stages plus {plan.overhead_ms or 0:.1f} ms "
+                f"coordinator overhead; objective {plan.objective}{search})"
+            )
+        lines.append(
+            f"KV cache: planned for {plan.sequences} sequence(s) of {plan.context_tokens} tokens; "
+            f"the pipeline holds {plan.kv_token_capacity} tokens at once"
+        )
+        for device_id, reason in sorted(plan.left_out.items()):
+            lines.append(f"left out {device_id}: {reason}")
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

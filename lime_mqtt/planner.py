@@ -12,7 +12,8 @@ from typing import Any
 
 from lime_mqtt.errors import PlanError
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
-from lime_mqtt.plan import MIB, DeviceOffer, Plan, proportional_plan
+from lime_mqtt.cost import DeviceProfile, Objective, Workload
+from lime_mqtt.plan import Plan, Strategy, make_plan
 from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import MqttTransport
 
@@ -36,7 +37,10 @@ class PlannerService:
         *,
         quorum: int = 1,
         settle_s: float = 1.0,
-        min_kv_tokens: int = 256,
+        context_tokens: int = 512,
+        sequences: int = 1,
+        objective: Objective = "latency",
+        strategy: Strategy = "optimal",
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -48,7 +52,8 @@ class PlannerService:
         self.size = model_size(self.checkpoint, self.model_id)
         self.quorum = quorum
         self.settle_s = settle_s
-        self.min_kv_tokens = min_kv_tokens
+        self.workload = Workload(context_tokens=context_tokens, sequences=sequences, objective=objective)
+        self.strategy: Strategy = strategy
         self.devices: dict[str, dict[str, Any]] = {}
         self.plan: Plan | None = None
         self.last_error: str | None = None
@@ -76,12 +81,9 @@ class PlannerService:
         return any(stage.device_id not in online for stage in self.plan.stages)
 
     def make_plan(self) -> Plan:
-        offers = [
-            DeviceOffer(device_id, int(status.get("memory_mb", 0)) * MIB)
-            for device_id, status in self.online().items()
-        ]
+        profiles = [DeviceProfile.from_status(device_id, status) for device_id, status in self.online().items()]
         epoch = (self.plan.epoch if self.plan else 0) + 1
-        return proportional_plan(self.size, offers, epoch, self.min_kv_tokens)
+        return make_plan(self.size, profiles, epoch, self.workload, self.strategy)
 
     async def run(self) -> None:
         async with self.transport:
@@ -145,7 +147,11 @@ class PlannerService:
                 self.last_error = str(exc)
                 continue
             self.last_error = None
-            await self._publish_status("planned", f"plan {plan.epoch} with {len(plan.stages)} stages")
+            left_out = "".join(f"; left out {d}: {why}" for d, why in sorted(plan.left_out.items()))
+            await self._publish_status(
+                "planned", f"plan {plan.epoch} with {len(plan.stages)} stages, predicted "
+                f"{plan.predicted_ms_per_token:.1f} ms per token{left_out}"
+            )
             self.plan = plan
             log.info("publishing plan %d: %s", plan.epoch,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))

@@ -39,7 +39,7 @@ async def in_process_cluster(
     device_options: dict[str, Any] | None = None, **coordinator_options: Any,
 ) -> AsyncIterator[RunningCluster]:
     """Planner, coordinator and devices as tasks of this event loop, on a real broker."""
-    planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, min_kv_tokens=64)
+    planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, context_tokens=64)
     coordinator = Coordinator(broker, name, model, **coordinator_options)
     devices = [DeviceAgent(broker, name, f"dev{i}", mb, model, **(device_options or {}))
                for i, mb in enumerate(memory_mb)]

@@ -190,7 +190,7 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
     from lime_mqtt.planner import PlannerService
 
     topics = Topics(cluster_name)
-    planner = PlannerService(broker.url, cluster_name, tiny_model, quorum=1, settle_s=0.1, min_kv_tokens=64)
+    planner = PlannerService(broker.url, cluster_name, tiny_model, quorum=1, settle_s=0.1, context_tokens=64)
     coordinator = Coordinator(broker.url, cluster_name, tiny_model)
     device = DeviceAgent(broker.url, cluster_name, "too-small", 1, tiny_model, measure=False)
     tasks = [asyncio.create_task(x.run()) for x in (planner, coordinator, device)]

@@ -185,14 +185,16 @@ class Checkpoint:
                 fh.close()
         return out
 
-def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.plan.ModelSize
+def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.cost.ModelSize
     """The byte sizes the planner needs, from the safetensors headers alone."""
-    from lime_mqtt.plan import ModelSize
+    from lime_mqtt.cost import ModelSize
 
+    itemsize = _DTYPE_BYTES.get(next(iter(checkpoint.tensors.values())).dtype, 4)
     return ModelSize(
         name=name,
         layer_bytes=tuple(checkpoint.layer_bytes(i) for i in range(checkpoint.num_layers)),
         embed_bytes=checkpoint.embed_bytes,
         head_bytes=checkpoint.head_bytes,
         kv_bytes_per_token_per_layer=checkpoint.kv_bytes_per_token_per_layer(),
+        hidden_bytes_per_token=int(checkpoint.config_dict["hidden_size"]) * itemsize,
     )

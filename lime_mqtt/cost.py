@@ -1,0 +1,251 @@
+"""The cost model of docs/planner.md: predicted time per token and memory of a placement.
+
+Pure arithmetic, no I/O. A *placement* is an ordered list of (device, first layer, stop
+layer) stages; :func:`layout_stage` decides which of a stage's layers stay resident and
+which are streamed from local disk, and :func:`evaluate` predicts the milliseconds per
+output token of the whole pipeline. The planner's search (lime_mqtt/plan.py) and the
+brute-force check of its optimality (tests/test_planner_search.py) both call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MIB = 1024 * 1024
+OBJECTIVES = ("latency", "throughput")
+Objective = Literal["latency", "throughput"]
+
+# What a device that has not measured itself (``--no-measure``) is assumed to do: the
+# same for every device, so the planner then splits by memory alone.
+DEFAULT_CAPABILITIES: dict[str, float] = {
+    "layer_decode_ms": 2.0,
+    "layer_prefill_ms_per_token": 0.2,
+    "matvec_gb_s": 10.0,
+    "disk_mb_s": 200.0,
+    "link_rtt_ms": 0.5,
+    "link_mb_s": 100.0,
+}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The byte sizes the planner needs, read from safetensors headers."""
+
+    name: str
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int
+    kv_bytes_per_token_per_layer: int
+    hidden_bytes_per_token: int = 0  # one token's activations between stages
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device as the cost model sees it: its memory budget and measured rates.
+
+    ``memory_bytes`` is what the device may use above its process baseline, for
+    resident weights, streaming buffers and KV cache together.
+    """
+
+    device_id: str
+    memory_bytes: int
+    layer_decode_ms: float = DEFAULT_CAPABILITIES["layer_decode_ms"]
+    layer_prefill_ms_per_token: float = DEFAULT_CAPABILITIES["layer_prefill_ms_per_token"]
+    matvec_gb_s: float = DEFAULT_CAPABILITIES["matvec_gb_s"]
+    disk_mb_s: float = DEFAULT_CAPABILITIES["disk_mb_s"]
+    link_rtt_ms: float = DEFAULT_CAPABILITIES["link_rtt_ms"]
+    link_mb_s: float = DEFAULT_CAPABILITIES["link_mb_s"]
+
+    @classmethod
+    def from_status(cls, device_id: str, status: Mapping[str, Any]) -> DeviceProfile:
+        """From a device's status message: ``memory_mb`` and its measured ``capabilities``."""
+        measured = status.get("capabilities") if isinstance(status.get("capabilities"), dict) else {}
+        rates = {}
+        for name, default in DEFAULT_CAPABILITIES.items():
+            value = measured.get(name, default) if measured else default
+            rates[name] = float(value) if isinstance(value, int | float) and value > 0 else default
+        return cls(device_id, int(status.get("memory_mb", 0)) * MIB, **rates)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the plan is made for."""
+
+    context_tokens: int = 512  # KV cache reserved per sequence
+    sequences: int = 1  # sequences served at once
+    objective: Objective = "latency"
+    reserve_bytes: int = 24 * MIB  # per device: activations, message buffers, allocator slack
+    overhead_ms: float = 1.0  # per token, in the coordinator (its own hop and bookkeeping)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.context_tokens * self.sequences
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One stage's memory layout and the parts of its predicted time that are its own."""
+
+    device_id: str
+    start: int
+    stop: int
+    embed: bool
+    head: bool
+    streamed: tuple[int, ...]  # layers read from disk for every token
+    slots: int  # streamed layers held in memory at once (in use + prefetched)
+    resident_bytes: int  # resident layers + embedding/head
+    streamed_bytes: int
+    slot_bytes: int
+    kv_tokens: int  # tokens of KV cache (all sequences) this device may hold
+    compute_ms: float  # its layers (and head) for one decode token
+    link_ms: float  # receiving and sending one token's message through the broker
+    load_ms: float  # reading its streamed layers from disk, per token
+    prefetch_ms: float  # the part of load_ms that can be read ahead before it is needed
+    overlap_ms: float  # the part of load_ms that overlaps its own compute
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Predicted peak above the process baseline, without the reserve."""
+        return self.resident_bytes + self.slot_bytes
+
+
+def head_ms(model: ModelSize, device: DeviceProfile) -> float:
+    """The final norm and output matrix: one matrix-vector product, bound by memory bandwidth."""
+    return model.head_bytes / (device.matvec_gb_s * 1e6)
+
+
+def layout_stage(
+    model: ModelSize, device: DeviceProfile, start: int, stop: int, embed: bool, head: bool, workload: Workload
+) -> StageLayout | None:
+    """Fit layers ``[start, stop)`` into ``device``'s budget; ``None`` if they cannot fit
+    even with all but the KV cache streamed.
+
+    Layers stay resident from the front of the span; the smallest number of layers at
+    its end are streamed. A streaming device keeps up to two streamed layers in memory
+    (one in use, one being read ahead); with only one streamed layer, one slot.
+    """
+    count = stop - start
+    kv_per_token = model.kv_bytes_per_token_per_layer * count
+    fixed = (model.embed_bytes if embed else 0) + (model.head_bytes if head else 0) + workload.reserve_bytes
+    fixed += kv_per_token * workload.kv_tokens
+    available = device.memory_bytes - fixed
+    layer_bytes = model.layer_bytes[start:stop]
+    streamed_count = -1
+    for n in range(count + 1):
+        slots = min(n, 2)
+        slot_bytes = slots * max(layer_bytes[count - n:], default=0)
+        if sum(layer_bytes[: count - n]) + slot_bytes <= available:
+            streamed_count = n
+            break
+    if streamed_count < 0:
+        return None
+    n = streamed_count
+    slots = min(n, 2)
+    resident = layer_bytes[: count - n]
+    streamed = layer_bytes[count - n:]
+    slot_bytes = slots * max(streamed, default=0)
+    weights = sum(resident) + (model.embed_bytes if embed else 0) + (model.head_bytes if head else 0)
+    spare = device.memory_bytes - weights - slot_bytes - workload.reserve_bytes
+    layers_ms = count * device.layer_decode_ms
+    compute = layers_ms + (head_ms(model, device) if head else 0.0)
+    per_layer_load = [b / (device.disk_mb_s * 1e3) for b in streamed]
+    return StageLayout(
+        device_id=device.device_id,
+        start=start,
+        stop=stop,
+        embed=embed,
+        head=head,
+        streamed=tuple(range(stop - n, stop)),
+        slots=slots,
+        resident_bytes=weights,
+        streamed_bytes=sum(streamed),
+        slot_bytes=slot_bytes,
+        kv_tokens=spare // max(1, kv_per_token),
+        compute_ms=compute,
+        link_ms=device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3),
+        load_ms=sum(per_layer_load),
+        prefetch_ms=sum(per_layer_load[:slots]),
+        overlap_ms=layers_ms if slots >= 2 else 0.0,
+    )
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """The prediction for one placement."""
+
+    stages: tuple[StageLayout, ...]
+    stall_ms: tuple[float, ...]  # per stage: disk reading not hidden behind other work
+    ms_per_token: float  # latency of one token with one sequence in flight
+    bottleneck_ms: float  # the busiest stage's time per token when many sequences are in flight
+    overhead_ms: float
+
+    def objective(self, objective: Objective) -> float:
+        return self.ms_per_token if objective == "latency" else self.bottleneck_ms
+
+    def stage_ms(self, index: int) -> float:
+        stage = self.stages[index]
+        return stage.compute_ms + stage.link_ms + self.stall_ms[index]
+
+
+def stall_lower_bound(stage: StageLayout) -> float:
+    """The stall if the rest of the pipeline took forever (all of the read-ahead hidden)."""
+    return max(0.0, stage.load_ms - stage.prefetch_ms - stage.overlap_ms)
+
+
+def busy_ms(stage: StageLayout) -> float:
+    """A stage's own time per token when it never waits for others (throughput bound)."""
+    return stage.compute_ms + stage.link_ms + max(0.0, stage.load_ms - stage.overlap_ms)
+
+
+def evaluate(stages: Sequence[StageLayout], workload: Workload) -> PlanCost:
+    """Predicted milliseconds per output token (docs/planner.md, "The cost model").
+
+    With one token in flight the stages run one after another, so the pipeline time is
+    ``P`` = the sum of every stage's compute and link time plus the coordinator's
+    overhead. A streaming stage reads its streamed layers once per token; it can read
+    ahead up to its slots while the rest of the pipeline (``P`` minus its own part)
+    works, and, with two slots, the rest while it computes its own layers. What is left
+    is a stall that adds to ``P``.
+    """
+    pipeline = sum(s.compute_ms + s.link_ms for s in stages) + workload.overhead_ms
+    stalls = []
+    for stage in stages:
+        idle = pipeline - stage.compute_ms - stage.link_ms
+        hidden = min(idle, stage.prefetch_ms) + stage.overlap_ms
+        stalls.append(max(0.0, stage.load_ms - hidden))
+    return PlanCost(
+        stages=tuple(stages),
+        stall_ms=tuple(stalls),
+        ms_per_token=pipeline + sum(stalls),
+        bottleneck_ms=max(busy_ms(s) for s in stages),
+        overhead_ms=workload.overhead_ms,
+    )
+
+
+def predict_prefill_ms(
+    cost: PlanCost, model: ModelSize, devices: Mapping[str, DeviceProfile], prompt_tokens: int
+) -> float:
+    """Predicted time to the first token for a prompt of ``prompt_tokens``: every stage
+    runs its layers over the whole prompt once, streamed layers are read once."""
+    total = cost.overhead_ms
+    for stage in cost.stages:
+        device = devices[stage.device_id]
+        total += (stage.stop - stage.start) * device.layer_prefill_ms_per_token * prompt_tokens
+        total += stage.compute_ms - (stage.stop - stage.start) * device.layer_decode_ms  # the head, once
+        total += device.link_rtt_ms + 2 * prompt_tokens * model.hidden_bytes_per_token / (device.link_mb_s * 1e3)
+        total += max(0.0, stage.load_ms - stage.prefetch_ms)
+    return total
