@@ -242,7 +242,7 @@ def split_layouts(
         stage = layout_stage(model, device, start, start + count, first, last, workload)
         if stage is None:
             kv = model.kv_bytes_per_token_per_layer * workload.kv_tokens * count
-            fixed = kv + workload.reserve_bytes + (model.embed_bytes if first else 0) + (model.head_bytes if last else 0)
+            fixed = kv + workload.reserve_bytes + model.embed_bytes * first + model.head_bytes * last
             raise PlanError(
                 f"this split gives {device.device_id} ({device.memory_bytes / MIB:.0f} MiB) layers "
                 f"[{start}, {start + count}){' and the embedding' if first else ''}{' and the head' if last else ''}: "

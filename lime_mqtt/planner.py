@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lime_mqtt.cost import DeviceProfile, Objective, Workload
 from lime_mqtt.errors import PlanError
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
-from lime_mqtt.cost import DeviceProfile, Objective, Workload
 from lime_mqtt.plan import Plan, Strategy, make_plan
 from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import MqttTransport

@@ -52,7 +52,7 @@ def test_no_devices_is_an_error() -> None:
 
 
 def test_a_baseline_split_that_cannot_fit_names_the_device() -> None:
-    with pytest.raises(PlanError, match="d0 .* layers \\[0, 6\\) and the embedding"):
+    with pytest.raises(PlanError, match=r"d0 .* layers \[0, 6\) and the embedding"):
         make_plan(MODEL, devices(30, 300), epoch=1, workload=WORKLOAD, strategy="equal")
 
 
