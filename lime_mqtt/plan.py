@@ -410,8 +410,8 @@ def format_plan(plan: Plan, explain: bool = False) -> str:
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"plan epoch {plan.epoch}, model {plan.model}, {plan.num_layers} layers, strategy {plan.strategy}"]
-    for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for n, line in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     if explain:

@@ -73,6 +73,15 @@ class Topics:
     def responses(self, client: str, request_id: str) -> str:
         return f"{self.root}/responses/{client}/{request_id}"
 
+    @property
+    def weights_requests(self) -> str:
+        """Requests for a model's manifest or a tensor's bytes, to every weight source."""
+        return f"{self.root}/weights/request"
+
+    def weights_reply(self, client: str) -> str:
+        """Where weight sources answer one fetching client (docs/wire-format.md)."""
+        return f"{self.root}/weights/to/{client}"
+
 
 def device_id_from_status_topic(topic: str) -> str | None:
     """``lime/v1/c/devices/d1/status`` -> ``d1``; ``None`` for anything else."""
