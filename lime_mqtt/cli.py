@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=1, help="sequences served at once (default 1)")
     p.add_argument("--objective", choices=["latency", "throughput"], default="latency",
                    help="minimise time per token of one sequence, or the busiest stage's time (bursty load)")
+    p.add_argument("--reserve-mb", type=float, default=32.0,
+                   help="working memory kept free on every device besides weights and KV cache (default 32)")
     p.add_argument("--strategy", choices=["optimal", "memory", "equal"], default="optimal",
                    help="optimal: searched under the cost model; memory/equal: contiguous splits in "
                    "device-id order proportional to memory or even (baselines)")
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
     p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
+    p.add_argument("--emulate-layer-delay-ms", type=float, default=0.0,
+                   help="benchmarks: make every layer this much slower, as a slower device would be "
+                   "(the measurement at start sees it; the planner is not told)")
 
     p = sub.add_parser("ask", help="send one request and stream the answer")
     _common(p)
@@ -145,7 +150,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
     service = PlannerService(
         settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
-        objective=args.objective, strategy=args.strategy,
+        objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         username=settings.username, password=settings.password,
     )
     return _run_service(service.run)
@@ -182,7 +187,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
             kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
-            measure=not args.no_measure,
+            measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms,
             username=settings.username, password=settings.password,
         )
         await agent.run()

@@ -28,19 +28,26 @@ class DeviceSpec:
     device_id: str
     memory_mb: int
     threads: int | None = None
+    extra_args: tuple[str, ...] = ()  # more `lime-mqtt device` options
 
 
 async def wait_for_ready_plan(
-    broker: str, cluster: str, timeout_s: float, quorum: int = 1, coordinator: bool = True
+    broker: str, cluster: str, timeout_s: float, quorum: int = 1, coordinator: bool = True,
+    planner_errors: bool = True,
 ) -> Plan:
     """Wait until a plan exists with at least ``quorum`` stages, all of whose devices report
-    ready for it, and (with ``coordinator``) a coordinator is serving requests."""
+    ready for it, and (with ``coordinator``) a coordinator is serving requests.
+
+    With ``planner_errors``, a planner that says it cannot plan ends the wait at once
+    with its reason (a retained error from before this call counts only if no plan is
+    out either)."""
     topics = Topics(cluster)
     plan: Plan | None = None
     status: dict[str, dict[str, object]] = {}
     coordinators: set[str] = set()
     async with MqttTransport(broker) as conn:
-        await conn.subscribe(topics.plan, topics.all_device_status, topics.all_coordinator_status)
+        await conn.subscribe(topics.plan, topics.all_device_status, topics.all_coordinator_status,
+                             topics.planner_status)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in conn.messages():
@@ -48,6 +55,10 @@ async def wait_for_ready_plan(
                         plan = Plan.from_json(message.payload)
                     elif (device_id := device_id_from_status_topic(message.topic)) is not None:
                         status[device_id] = parse_status(message.payload) or status.get(device_id, {})
+                    elif message.topic == topics.planner_status and message.payload and planner_errors:
+                        said = parse_status(message.payload) or {}
+                        if said.get("state") == "error" and not message.retain:
+                            raise LimeError(f"the planner cannot plan: {said.get('message')}")
                     elif message.topic.startswith(f"{topics.root}/coordinators/"):
                         (coordinators.add if message.payload else coordinators.discard)(message.topic)
                     if coordinator and not coordinators:
@@ -72,11 +83,13 @@ class ProcessCluster:
         *,
         coordinator: bool = True,
         extra_env: dict[str, str] | None = None,
+        planner_args: tuple[str, ...] = (),
     ) -> None:
         self.broker, self.cluster, self.model = broker, cluster, model
         self.devices = devices
         self.log_dir = log_dir
         self.with_coordinator = coordinator
+        self.planner_args = planner_args
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -96,13 +109,14 @@ class ProcessCluster:
         return process
 
     def start(self) -> ProcessCluster:
-        self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5")
+        self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args)
         if self.with_coordinator:
             self._spawn("coordinator", "coordinator")
         for device in self.devices:
             args = ["device", "--device-id", device.device_id, "--memory-mb", str(device.memory_mb)]
             if device.threads:
                 args += ["--threads", str(device.threads)]
+            args += device.extra_args
             self._spawn(device.device_id, *args)
         return self
 

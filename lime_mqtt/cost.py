@@ -84,7 +84,7 @@ class Workload:
     context_tokens: int = 512  # KV cache reserved per sequence
     sequences: int = 1  # sequences served at once
     objective: Objective = "latency"
-    reserve_bytes: int = 24 * MIB  # per device: activations, message buffers, allocator slack
+    reserve_bytes: int = 32 * MIB  # per device: activations, message buffers, allocator slack
     overhead_ms: float = 1.0  # per token, in the coordinator (its own hop and bookkeeping)
 
     @property

@@ -61,6 +61,7 @@ class DeviceAgent:
         threads: int | None = None,
         torch_device: str = "cpu",
         measure: bool = True,
+        layer_delay_ms: float = 0.0,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -86,6 +87,7 @@ class DeviceAgent:
         self.shard: Shard | None = None
         self.sequences: dict[str, _Sequence] = {}
         self.measure = measure
+        self.layer_delay_ms = layer_delay_ms
         self.capabilities: dict[str, Any] = {}
         self.steps_done = 0
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
@@ -125,6 +127,7 @@ class DeviceAgent:
             status["plan_epoch"] = self.plan.epoch
             status["stage"] = self.stage.stage
             status["layers"] = [self.stage.start, self.stage.stop]
+            status["streamed"] = list(self.stage.streamed)
         if self.shard is not None:
             status["param_count"] = self.shard.param_count
         if self.capabilities:
@@ -140,6 +143,7 @@ class DeviceAgent:
         )
 
     def telemetry(self) -> dict[str, Any]:
+        stream = self.shard.stream if self.shard else None
         kv_tokens = sum(seq.cache.get_seq_length(self.stage.start) for seq in self.sequences.values()) if (
             self.stage and self.stage.stop > self.stage.start
         ) else 0
@@ -153,6 +157,8 @@ class DeviceAgent:
             "queue_depth": self._queue.qsize(),
             "steps_done": self.steps_done,
             "compute_s": round(self.compute_s, 4),
+            "streamed_mb": round(stream.bytes_read / 1e6, 1) if stream else 0.0,
+            "stream_wait_s": round(stream.wait_s, 4) if stream else 0.0,
         }
 
     # ----- lifetime -----------------------------------------------------------------------------
@@ -177,6 +183,7 @@ class DeviceAgent:
             finally:
                 await asyncio.shield(self._say_offline())
                 self._executor.shutdown(wait=False, cancel_futures=True)
+                self._drop_shard()
 
     async def _measure(self) -> None:
         """Measure compute and disk (cached per device and model) and the link to the broker."""
@@ -185,8 +192,10 @@ class DeviceAgent:
 
         loop = asyncio.get_running_loop()
         measured = await loop.run_in_executor(
-            self._executor, measure_capabilities, self.checkpoint, self.device_id, cache_dir().parent,
-            self.torch_device,
+            self._executor, lambda: measure_capabilities(
+                self.checkpoint, self.device_id, cache_dir().parent, self.torch_device,
+                layer_delay_ms=self.layer_delay_ms,
+            ),
         )
         echo = f"{self.topics.root}/devices/{self.device_id}/echo"
         rtt_ms, mb_s = await measure_link(self.transport, echo)
@@ -253,17 +262,18 @@ class DeviceAgent:
         if old_stage is not None and (self.stage is None or self.stage.stage != old_stage.stage):
             await self.transport.unsubscribe(self.topics.stage_in(old_stage.stage))
         if self.stage is None:
-            self.shard = None
+            self._drop_shard()
             await self._publish_status("idle")
             return
-        spec = ShardSpec(self.stage.start, self.stage.stop, self.stage.embed, self.stage.head)
+        spec = ShardSpec(self.stage.start, self.stage.stop, self.stage.embed, self.stage.head,
+                         tuple(self.stage.streamed), max(1, self.stage.slots))
         if self.shard is None or self.shard.spec != spec:
-            self.shard = None
+            self._drop_shard()
             await self._publish_status("loading")
             loop = asyncio.get_running_loop()
             try:
                 self.shard = await loop.run_in_executor(
-                    self._executor, Shard, self.checkpoint, spec, self.torch_device
+                    self._executor, Shard, self.checkpoint, spec, self.torch_device, self.layer_delay_ms
                 )
             except (LimeError, OSError, RuntimeError) as exc:
                 self.error = f"cannot load layers [{spec.start}, {spec.stop}): {exc}"
@@ -274,6 +284,11 @@ class DeviceAgent:
             await self.transport.subscribe(self.topics.stage_in(self.stage.stage))
         log.info("%s: ready for plan %d as stage %d, %r", self.device_id, plan.epoch, self.stage.stage, self.shard)
         await self._publish_status("ready")
+
+    def _drop_shard(self) -> None:
+        if self.shard is not None:
+            self.shard.close()
+        self.shard = None
 
     # ----- requests -----------------------------------------------------------------------------
 

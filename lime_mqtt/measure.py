@@ -19,10 +19,11 @@ from lime_mqtt.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2
 DISK_SAMPLE_BYTES = 64 * 1024 * 1024
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 64
+MATVEC_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Capabilities:
     layer_prefill_ms_per_token: float  # one decoder layer, per token of a PREFILL_TOKENS prefill
     disk_mb_s: float  # reading the model's safetensors files, page cache dropped first
     threads: int
+    matvec_gb_s: float = 10.0  # a large matrix-vector product (the output head), bytes of matrix per second
+    emulated_layer_delay_ms: float = 0.0  # an artificial slowdown that the layer timings above include
 
     def to_json(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -47,13 +50,16 @@ def _median_ms(run: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_layer(checkpoint: Checkpoint, device: str = "cpu", repeats: int = 7) -> tuple[float, float]:
-    """Time one real decoder layer (layer 0's weights) for decode and for prefill."""
+def measure_layer(
+    checkpoint: Checkpoint, device: str = "cpu", repeats: int = 7, layer_delay_ms: float = 0.0
+) -> tuple[float, float]:
+    """Time one real decoder layer (layer 0's weights) for decode and for prefill, as this
+    device runs it (including an emulated slowdown, if it has one)."""
     import torch
 
     from lime_mqtt.model.shard import Shard, ShardSpec
 
-    shard = Shard(checkpoint, ShardSpec(0, 1, embed=False, head=False), device)
+    shard = Shard(checkpoint, ShardSpec(0, 1, embed=False, head=False), device, layer_delay_ms=layer_delay_ms)
     hidden = int(checkpoint.config.hidden_size)
     generator = torch.Generator().manual_seed(0)
     context = torch.randn(1, DECODE_CONTEXT, hidden, generator=generator)
@@ -72,6 +78,24 @@ def measure_layer(checkpoint: Checkpoint, device: str = "cpu", repeats: int = 7)
     decode_ms = _median_ms(decode, repeats)
     prefill_ms = _median_ms(prefill_run, max(3, repeats // 2)) / PREFILL_TOKENS
     return decode_ms, prefill_ms
+
+
+def measure_matvec(hidden: int, device: str = "cpu", repeats: int = 9) -> float:
+    """GB/s of matrix read by a matrix-vector product the size of a small output head."""
+    import torch
+
+    rows = max(1, MATVEC_BYTES // (4 * hidden))
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(rows, hidden, generator=generator).to(device)
+    vector = torch.randn(1, hidden, generator=generator).to(device)
+
+    def run() -> None:
+        torch.nn.functional.linear(vector, matrix)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    run()
+    return rows * hidden * 4 / (_median_ms(run, repeats) * 1e6)
 
 
 def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) -> float:
@@ -94,21 +118,24 @@ def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) 
     return done / elapsed / 1e6
 
 
-def cache_file(cache_root: Path, device_id: str, checkpoint: Checkpoint) -> Path:
-    """One measurement file per device and model (and torch thread count)."""
+def cache_file(cache_root: Path, device_id: str, checkpoint: Checkpoint, layer_delay_ms: float = 0.0) -> Path:
+    """One measurement file per device and model (and torch thread count, and emulated delay)."""
     import torch
 
     stamp = f"{checkpoint.folder.name}-{checkpoint.total_bytes}-t{torch.get_num_threads()}"
+    if layer_delay_ms:
+        stamp += f"-d{layer_delay_ms:g}"
     return cache_root / "measurements" / f"{device_id}-{stamp}.json"
 
 
 def measure_capabilities(
-    checkpoint: Checkpoint, device_id: str, cache_root: Path, device: str = "cpu", refresh: bool = False
+    checkpoint: Checkpoint, device_id: str, cache_root: Path, device: str = "cpu", refresh: bool = False,
+    layer_delay_ms: float = 0.0,
 ) -> Capabilities:
     """Measured capabilities, from the cache when this device has measured this model before."""
     import torch
 
-    path = cache_file(cache_root, device_id, checkpoint)
+    path = cache_file(cache_root, device_id, checkpoint, layer_delay_ms)
     if not refresh and path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -117,12 +144,14 @@ def measure_capabilities(
         except (ValueError, TypeError, KeyError):
             log.warning("ignoring a damaged measurement cache %s", path)
     started = time.perf_counter()
-    decode_ms, prefill_ms = measure_layer(checkpoint, device)
+    decode_ms, prefill_ms = measure_layer(checkpoint, device, layer_delay_ms=layer_delay_ms)
     capabilities = Capabilities(
         layer_decode_ms=decode_ms,
         layer_prefill_ms_per_token=prefill_ms,
         disk_mb_s=measure_disk(checkpoint),
         threads=torch.get_num_threads(),
+        matvec_gb_s=measure_matvec(int(checkpoint.config_dict["hidden_size"]), device),
+        emulated_layer_delay_ms=layer_delay_ms,
     )
     log.info("%s: measured %s in %.1f s", device_id, capabilities.to_json(), time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ class PlannerService:
         sequences: int = 1,
         objective: Objective = "latency",
         strategy: Strategy = "optimal",
+        reserve_mb: float = 32.0,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -52,7 +53,8 @@ class PlannerService:
         self.size = model_size(self.checkpoint, self.model_id)
         self.quorum = quorum
         self.settle_s = settle_s
-        self.workload = Workload(context_tokens=context_tokens, sequences=sequences, objective=objective)
+        self.workload = Workload(context_tokens=context_tokens, sequences=sequences, objective=objective,
+                                 reserve_bytes=int(reserve_mb * 1024 * 1024))
         self.strategy: Strategy = strategy
         self.devices: dict[str, dict[str, Any]] = {}
         self.plan: Plan | None = None

@@ -16,6 +16,8 @@ from lime_mqtt.coordinator import Coordinator
 from lime_mqtt.device import DeviceAgent
 from lime_mqtt.plan import Plan
 from lime_mqtt.planner import PlannerService
+from lime_mqtt.topics import Topics
+from lime_mqtt.transport import MqttTransport
 
 
 @dataclass
@@ -36,15 +38,25 @@ class RunningCluster:
 @contextlib.asynccontextmanager
 async def in_process_cluster(
     broker: str, name: str, model: Path, memory_mb: list[int],
-    device_options: dict[str, Any] | None = None, **coordinator_options: Any,
+    device_options: dict[str, Any] | None = None, planner_options: dict[str, Any] | None = None,
+    plan: Plan | None = None, **coordinator_options: Any,
 ) -> AsyncIterator[RunningCluster]:
-    """Planner, coordinator and devices as tasks of this event loop, on a real broker."""
-    planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, context_tokens=64)
+    """Planner, coordinator and devices as tasks of this event loop, on a real broker.
+
+    The planner splits by memory unless ``planner_options`` say otherwise; with ``plan``
+    there is no planner and that plan is published as the retained plan instead.
+    """
     coordinator = Coordinator(broker, name, model, **coordinator_options)
     devices = [DeviceAgent(broker, name, f"dev{i}", mb, model, **(device_options or {}))
                for i, mb in enumerate(memory_mb)]
-    tasks = [asyncio.create_task(planner.run(), name="planner"),
-             asyncio.create_task(coordinator.run(), name="coordinator")]
+    tasks = [asyncio.create_task(coordinator.run(), name="coordinator")]
+    if plan is None:
+        options = {"strategy": "memory", "reserve_mb": 0, "context_tokens": 64, **(planner_options or {})}
+        planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, **options)
+        tasks.append(asyncio.create_task(planner.run(), name="planner"))
+    else:
+        async with MqttTransport(broker) as conn:
+            await conn.publish(Topics(name).plan, plan.to_json(), qos=1, retain=True)
     tasks += [asyncio.create_task(d.run(), name=d.device_id) for d in devices]
     try:
         plan = await wait_for_ready_plan(broker, name, timeout_s=60)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from lime_mqtt.broker import LocalBroker
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.plan import Plan, StagePlan
 from lime_mqtt.topics import Topics
 from lime_mqtt.transport import MqttTransport
 from lime_mqtt.wire import Envelope, Sampling
@@ -134,3 +136,39 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
         assert answer.meta["error"]["code"] == "stage_error" and answer.meta["error"]["device_id"] == "dev0"
         final = await cluster.final({"prompt": PROMPT, "max_tokens": 4})
     assert final["type"] == "final"
+
+
+# stage layer ranges and the layers each stage streams from disk (with its slots)
+STREAMED_SPLITS = {
+    "1 stage, middle layers streamed, 2 slots": [((0, 6), [2, 3, 4], 2)],
+    "1 stage, every layer streamed, 1 slot": [((0, 6), [0, 1, 2, 3, 4, 5], 1)],
+    "2 stages, both stream their tails": [((0, 3), [1, 2], 2), ((3, 6), [5], 1)],
+    "3 stages, only the middle streams": [((0, 2), [], 0), ((2, 5), [2, 3, 4], 2), ((5, 6), [], 0)],
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMED_SPLITS))
+async def test_streamed_layers_keep_greedy_output_identical(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, name: str
+) -> None:
+    """Layers read from disk for every token (through the device's read-ahead thread)
+    give the same tokens as transformers, for each way the planner can stream."""
+    layout = STREAMED_SPLITS[name]
+    stages = [
+        StagePlan(stage=i, device_id=f"dev{i}", start=start, stop=stop, embed=i == 0, head=i == len(layout) - 1,
+                  weight_bytes=0, kv_tokens=4096, streamed=streamed, slots=slots)
+        for i, ((start, stop), streamed, slots) in enumerate(layout)
+    ]
+    plan = Plan(epoch=1, model=tiny_model.name, num_layers=6, stages=stages, strategy="test")
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10] * len(layout), plan=plan) as cluster:
+        final = await cluster.final({"prompt": PROMPT, "max_tokens": 16})
+        read = [(d.shard.stream.bytes_read if d.shard and d.shard.stream else 0, d.steps_done)
+                for d in cluster.devices]
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 16)
+    # Every streaming device read its streamed layers from disk once per step (plus what it
+    # read ahead), and resident layers never.
+    checkpoint = Checkpoint(tiny_model)
+    for (_, streamed, _), (device_read, steps) in zip(layout, read, strict=True):
+        per_step = sum(checkpoint.layer_bytes(i) for i in streamed)
+        assert steps >= final["usage"]["completion_tokens"]
+        assert steps * per_step <= device_read <= (steps + 2) * per_step

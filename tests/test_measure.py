@@ -46,3 +46,18 @@ async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name
     for key in ("layer_decode_ms", "layer_prefill_ms_per_token", "disk_mb_s", "link_rtt_ms", "link_mb_s"):
         assert caps[key] > 0, (key, json.dumps(caps))
     assert caps["link_rtt_ms"] < 1000
+
+
+def test_an_emulated_slow_device_is_seen_by_its_measurement(tiny_model: Path, tmp_path: Path) -> None:
+    """The benchmark's slow device: its delay shows up in the measured layer time, which
+    is all the planner sees (DeviceProfile.from_status reads the measured numbers)."""
+    from lime_mqtt.cost import DeviceProfile
+
+    checkpoint = Checkpoint(tiny_model)
+    normal = measure_capabilities(checkpoint, "m2", tmp_path)
+    slow = measure_capabilities(checkpoint, "m2", tmp_path, layer_delay_ms=5.0)
+    assert slow.layer_decode_ms >= normal.layer_decode_ms + 4.5
+    assert slow.layer_prefill_ms_per_token > normal.layer_prefill_ms_per_token
+    assert normal.matvec_gb_s > 0
+    profile = DeviceProfile.from_status("m2", {"memory_mb": 10, "capabilities": slow.to_json()})
+    assert profile.layer_decode_ms == round(slow.layer_decode_ms, 4)

@@ -2,14 +2,20 @@
 
 The skeleton is built on the meta device; only this span's tensors (plus the
 embedding on the first stage and the final norm and head on the last) are read from
-safetensors and assigned, so the process never holds any other layer.
+safetensors and assigned, so the process never holds any other layer. Layers the plan
+marks as streamed stay on the meta device: a background thread reads their tensors
+from disk just before they are needed, at most ``slots`` layers at a time, and they are
+dropped again once used.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +35,80 @@ class ShardSpec:
     stop: int
     embed: bool
     head: bool
+    streamed: tuple[int, ...] = ()  # layers read from disk for every step
+    slots: int = 2  # streamed layers in memory at once (one in use, the rest read ahead)
 
     def __post_init__(self) -> None:
         if not 0 <= self.start <= self.stop:
             raise ValueError(f"bad layer range [{self.start}, {self.stop})")
+        if any(not self.start <= i < self.stop for i in self.streamed):
+            raise ValueError(f"streamed layers {self.streamed} outside [{self.start}, {self.stop})")
+        if self.streamed and self.slots < 1:
+            raise ValueError("streaming needs at least one slot")
+
+
+class LayerStream:
+    """Reads streamed layers in the order a step uses them, ahead of time, in a thread.
+
+    The reader cycles through the layers for ever; it takes a slot before reading a
+    layer and the consumer gives it back after computing with it, so at most ``slots``
+    layers are in memory. While the rest of the pipeline works on a token, the reader
+    fills the free slots with the first layers of the next step (the cost model's
+    read-ahead). If a step is abandoned half-way (an error), :meth:`take` skips layers
+    until the one it asks for comes round again.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, layer_keys: list[tuple[int, list[str]]], slots: int) -> None:
+        self._checkpoint = checkpoint
+        self._layers = layer_keys
+        self._slots = threading.Semaphore(slots)
+        self._ready: queue.Queue[tuple[int, dict[str, Any]] | BaseException] = queue.Queue()
+        self._closed = threading.Event()
+        self.bytes_read = 0
+        self.wait_s = 0.0  # time the consumer waited for the disk
+        self._thread = threading.Thread(target=self._read_ahead, name="lime-layer-stream", daemon=True)
+        self._thread.start()
+
+    def _read_ahead(self) -> None:
+        while not self._closed.is_set():
+            for index, keys in self._layers:
+                while not self._slots.acquire(timeout=0.2):
+                    if self._closed.is_set():
+                        return
+                if self._closed.is_set():
+                    return
+                try:
+                    state = self._checkpoint.read(keys, drop_page_cache=True)
+                except Exception as exc:  # handed to the consumer, which raises it in its step
+                    self._ready.put(exc)
+                    return
+                self.bytes_read += sum(t.nbytes for t in state.values())
+                self._ready.put((index, state))
+                del state  # the slot's memory now belongs to the consumer
+
+    def take(self, index: int) -> dict[str, Any]:
+        """The tensors of layer ``index`` (blocks until read); call :meth:`release` after use."""
+        started = time.perf_counter()
+        try:
+            for _ in range(2 * len(self._layers)):
+                item = self._ready.get(timeout=120)
+                if isinstance(item, BaseException):
+                    raise ModelError(f"reading streamed layer {index} failed: {item}") from item
+                if item[0] == index:
+                    return item[1]
+                self._slots.release()  # a layer of an abandoned step
+        except queue.Empty:
+            raise ModelError(f"streamed layer {index} was not read within 120 s") from None
+        finally:
+            self.wait_s += time.perf_counter() - started
+        raise ModelError(f"layer {index} is not streamed by this shard")
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
 
 
 def import_runtime(checkpoint: Checkpoint) -> None:
@@ -62,12 +138,17 @@ def _load_module(module: nn.Module, checkpoint: Checkpoint, prefix: str) -> int:
 class Shard:
     """Runs layers ``[start, stop)`` of one model for many requests, each with its own cache."""
 
-    def __init__(self, checkpoint: Checkpoint, spec: ShardSpec, device: str = "cpu") -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, spec: ShardSpec, device: str = "cpu", layer_delay_ms: float = 0.0
+    ) -> None:
+        """``layer_delay_ms`` emulates a slower device (benchmarks): every layer of every
+        step takes that much longer, as its measurement at start sees too."""
         if spec.stop > checkpoint.num_layers:
             raise ModelError(f"layer range stops at {spec.stop}, the model has {checkpoint.num_layers}")
         started = time.perf_counter()
         self.checkpoint = checkpoint
         self.spec = spec
+        self.layer_delay_s = layer_delay_ms / 1000
         self.device = torch.device(device)
         self.config = checkpoint.config
         self.adapter: DecoderAdapter = adapter_for(self.config)
@@ -79,8 +160,13 @@ class Shard:
             self.embed = nn.Embedding(self.config.vocab_size, self.config.hidden_size) if spec.embed else None
             self.norm = self.adapter.build_norm(self.config) if spec.head else None
             self.head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False) if spec.head else None
+        streamed_keys = []
         for offset, layer in enumerate(self.layers):
-            self.param_count += _load_module(layer, checkpoint, self.adapter.layer_prefix(spec.start + offset))
+            prefix = self.adapter.layer_prefix(spec.start + offset)
+            if spec.start + offset in spec.streamed:
+                streamed_keys.append((spec.start + offset, checkpoint.keys_with_prefix(prefix)))
+            else:
+                self.param_count += _load_module(layer, checkpoint, prefix)
         if self.embed is not None:
             self.param_count += _load_module(self.embed, checkpoint, self.adapter.embed_key.removesuffix("weight"))
         if self.norm is not None and self.head is not None:
@@ -90,17 +176,28 @@ class Shard:
             self.head.load_state_dict({"weight": weight}, strict=True, assign=True)
             self.param_count += weight.numel()
         self.rotary = self.adapter.build_rotary(self.config)
-        for module in (self.layers, self.embed, self.norm, self.head, self.rotary):
+        for offset, layer in enumerate(self.layers):
+            if spec.start + offset not in spec.streamed:
+                layer.to(self.device)
+            layer.eval()
+        for module in (self.embed, self.norm, self.head, self.rotary):
             if module is not None:
                 module.to(self.device).eval()
+        self._prefixes = {i: self.adapter.layer_prefix(i) for i in spec.streamed}
+        self.stream = LayerStream(checkpoint, streamed_keys, spec.slots) if streamed_keys else None
         log.info("loaded %r in %.2f s", self, time.perf_counter() - started)
 
     def __repr__(self) -> str:
         s = self.spec
         return (
             f"Shard(layers=[{s.start}, {s.stop}), embed={s.embed}, head={s.head}, "
-            f"params={self.param_count}, device={self.device})"
+            f"streamed={len(s.streamed)}, params={self.param_count}, device={self.device})"
         )
+
+    def close(self) -> None:
+        """Stop reading streamed layers (the shard is being replaced)."""
+        if self.stream is not None:
+            self.stream.close()
 
     def new_cache(self):  # -> transformers.DynamicCache
         from transformers import DynamicCache
@@ -152,15 +249,22 @@ class Shard:
                     layer_idx=self.spec.start,
                 )
             position_embeddings = self.rotary(x, position_ids=position_ids)
-            for layer in self.layers:
-                x = layer(
-                    x,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    cache=cache,
-                    use_cache=True,
-                )
+            arguments = {"attention_mask": mask, "position_embeddings": position_embeddings,
+                         "position_ids": position_ids, "cache": cache, "use_cache": True}
+            for offset, layer in enumerate(self.layers):
+                index = self.spec.start + offset
+                if self.layer_delay_s:
+                    time.sleep(self.layer_delay_s)
+                if self.stream is None or index not in self.spec.streamed:
+                    x = layer(x, **arguments)
+                    continue
+                weights = self.stream.take(index)
+                try:
+                    x = torch.func.functional_call(layer, {k[len(self._prefixes[index]):]: v for k, v in
+                                                          weights.items()}, (x,), arguments, strict=True)
+                finally:
+                    del weights
+                    self.stream.release()
         if self.norm is None or self.head is None:
             return x
         # Norm over all positions, then keep the last: the same order of operations as
