@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from lime_mqtt.errors import ConfigError, LimeError
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-retry", type=float, default=5.0, help="resend a step with no answer after this")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
     p.add_argument("--max-concurrent", type=int, default=8, help="requests generated at once")
+    p.add_argument("--no-weight-source", action="store_true",
+                   help="do not serve the model's tensors to devices that fetch them over MQTT")
 
     p = sub.add_parser("device", help="run a device agent")
     _common(p)
@@ -69,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
     p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
+    p.add_argument("--weights-from-broker", action="store_true",
+                   help="this device has no model files: --model names the model (e.g. smollm2-135m-instruct), "
+                   "and its config and the tensors of its layers come over MQTT from a weight source, "
+                   "cached under $LIME_MQTT_CACHE/received")
+    p.add_argument("--serve-weights", action="store_true",
+                   help="also be a weight source for devices that fetch theirs over MQTT")
     p.add_argument("--emulate-layer-delay-ms", type=float, default=0.0,
                    help="benchmarks: make every layer this much slower, as a slower device would be "
                    "(the measurement at start sees it; the planner is not told)")
@@ -166,6 +175,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         coordinator = Coordinator(
             settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent,
+            serve_weights=not args.no_weight_source,
             username=settings.username, password=settings.password,
         )
         await coordinator.run()
@@ -181,13 +191,19 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     memory_mb = args.memory_mb or settings.memory_mb
     if not device_id or not memory_mb:
         raise ConfigError("a device needs --device-id and --memory-mb (or device_id and memory_mb in --config)")
-    folder = resolve_model(settings.model)
+    if args.weights_from_broker:
+        from lime_mqtt.model.builtin import received_folder
+
+        folder = received_folder(Path(settings.model).name)
+    else:
+        folder = resolve_model(settings.model)
 
     async def main() -> None:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
             kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms,
+            fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             username=settings.username, password=settings.password,
         )
         await agent.run()

@@ -24,6 +24,7 @@ from lime_mqtt.protocol import Request
 from lime_mqtt.textstream import TextStream
 from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
 from lime_mqtt.transport import LastWill, Message, MqttTransport
+from lime_mqtt.weights import WeightSource
 from lime_mqtt.wire import Envelope, Sampling
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Coordinator:
         step_retry_s: float = 5.0,
         ready_timeout_s: float = 30.0,
         max_concurrent: int = 8,
+        serve_weights: bool = False,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -66,6 +68,10 @@ class Coordinator:
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = self.checkpoint.folder.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.folder)
+        self.weight_source: WeightSource | None = None
+        if serve_weights:
+            self.weight_source = WeightSource(broker, cluster, self.checkpoint.folder, model_id=self.model_id,
+                                              username=username, password=password)
         self.context_length = int(self.checkpoint.config_dict.get("max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
         self.step_timeout_s = step_timeout_s
@@ -117,9 +123,13 @@ class Coordinator:
             )
             self.serving.set()
             log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.requests)
+            source = asyncio.create_task(self.weight_source.run(), name="weights") if self.weight_source else None
             try:
                 await self._serve_all()
             finally:
+                if source is not None:
+                    source.cancel()
+                    await asyncio.gather(source, return_exceptions=True)
                 self.serving.clear()
                 await asyncio.shield(self._say_offline())
 

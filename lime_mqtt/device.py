@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ class DeviceAgent:
         torch_device: str = "cpu",
         measure: bool = True,
         layer_delay_ms: float = 0.0,
+        fetch_weights: bool = False,
+        serve_weights: bool = False,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -70,16 +73,24 @@ class DeviceAgent:
         if memory_mb <= 0:
             raise LimeError("--memory-mb must be positive")
         self.topics = Topics(cluster)
+        self.broker = broker
         self.device_id = device_id
         self.memory_mb = memory_mb
-        self.checkpoint = Checkpoint(model_folder)
-        self.model_id = self.checkpoint.folder.name
+        self.model_folder = Path(model_folder)
+        self.model_id = self.model_folder.name
+        self.fetch_weights = fetch_weights  # model files come over MQTT from a weight source
+        self.serve_weights = serve_weights  # this device is a weight source for others
+        self.username, self.password = username, password
+        self.manifest: dict[str, Any] | None = None
         self.kv_ttl_s = kv_ttl_s
         self.telemetry_s = telemetry_s
         self.threads = threads
         self.torch_device = torch_device
-        import_runtime(self.checkpoint)
-        self.baseline_rss = rss_bytes()  # code loaded, no weights yet
+        self.baseline_rss = 0
+        if (self.model_folder / "config.json").is_file():
+            self._open_model()
+        elif not fetch_weights:
+            raise LimeError(f"{self.model_folder} has no config.json (use --weights-from-broker to fetch it)")
         self.state = "idle"
         self.error: str | None = None
         self.plan: Plan | None = None
@@ -103,6 +114,60 @@ class DeviceAgent:
             f"DeviceAgent({self.device_id!r}, state={self.state}, stage={self.stage and self.stage.stage}, "
             f"sequences={len(self.sequences)})"
         )
+
+    def _open_model(self) -> None:
+        """Open the model folder and import the code its layers run; then the baseline."""
+        self.checkpoint = Checkpoint(self.model_folder)
+        import_runtime(self.checkpoint)
+        self.baseline_rss = rss_bytes()  # code loaded, no weights yet
+
+    async def _fetch_manifest(self) -> None:
+        """The model's config and tensor list from a weight source (waits for one)."""
+        from lime_mqtt.weights import WeightsError, fetch_manifest, write_config
+
+        while True:
+            try:
+                self.manifest = await fetch_manifest(
+                    self.broker, self.topics.cluster, self.model_id, timeout_s=3,
+                    client=f"{self.device_id}-{uuid.uuid4().hex[:8]}", username=self.username, password=self.password,
+                )
+                break
+            except WeightsError as exc:
+                log.warning("%s: %s; asking again", self.device_id, exc)
+        write_config(self.model_folder, self.manifest)
+        if self.baseline_rss == 0:
+            self._open_model()
+
+    def _tensor_names(self, stage: StagePlan) -> list[str]:
+        """Exactly the tensors a stage needs, by the manifest's names."""
+        assert self.manifest is not None
+        from lime_mqtt.model.adapter import adapter_for
+
+        names = set(self.manifest["tensors"])
+        adapter = adapter_for(self.checkpoint.config)
+        prefixes = [adapter.layer_prefix(i) for i in stage.layers]
+        if stage.head:
+            prefixes.append(adapter.norm_prefix)
+        wanted = [n for n in sorted(names) if n.startswith(tuple(prefixes))]
+        if stage.embed:
+            wanted.append(adapter.embed_key)
+        if stage.head:
+            wanted.append(adapter.head_source_key(self.checkpoint.config, names))
+        return list(dict.fromkeys(wanted))
+
+    async def _fetch_stage(self, stage: StagePlan) -> None:
+        from lime_mqtt.weights import fetch_tensors
+
+        await self._publish_status("fetching")
+        started = time.perf_counter()
+        stats = await fetch_tensors(
+            self.broker, self.topics.cluster, self.manifest or {}, self._tensor_names(stage), self.model_folder,
+            client=f"{self.device_id}-{uuid.uuid4().hex[:8]}", username=self.username, password=self.password,
+        )
+        log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.device_id,
+                 stats.tensors_fetched, stats.bytes_received / 1e6, time.perf_counter() - started,
+                 stats.tensors_skipped, stats.resumed_from or "nothing")
+        self.checkpoint = Checkpoint(self.model_folder)  # read the new files' headers
 
     # ----- status -------------------------------------------------------------------------------
 
@@ -169,6 +234,8 @@ class DeviceAgent:
             import torch
 
             torch.set_num_threads(self.threads)
+        if self.fetch_weights:
+            await self._fetch_manifest()
         async with self.transport:
             if self.measure:
                 await self._publish_status("measuring")
@@ -180,6 +247,13 @@ class DeviceAgent:
                     tasks.create_task(self._receive(), name=f"{self.device_id}-receive")
                     tasks.create_task(self._work(), name=f"{self.device_id}-work")
                     tasks.create_task(self._housekeeping(), name=f"{self.device_id}-housekeeping")
+                    if self.serve_weights:
+                        from lime_mqtt.weights import WeightSource
+
+                        source = WeightSource(self.broker, self.topics.cluster, self.model_folder,
+                                              model_id=self.model_id, username=self.username,
+                                              password=self.password)
+                        tasks.create_task(source.run(), name=f"{self.device_id}-weights")
             finally:
                 await asyncio.shield(self._say_offline())
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -269,9 +343,11 @@ class DeviceAgent:
                          tuple(self.stage.streamed), max(1, self.stage.slots))
         if self.shard is None or self.shard.spec != spec:
             self._drop_shard()
-            await self._publish_status("loading")
             loop = asyncio.get_running_loop()
             try:
+                if self.fetch_weights:
+                    await self._fetch_stage(self.stage)
+                await self._publish_status("loading")
                 self.shard = await loop.run_in_executor(
                     self._executor, Shard, self.checkpoint, spec, self.torch_device, self.layer_delay_ms
                 )

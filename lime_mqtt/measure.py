@@ -5,6 +5,7 @@ in its status, and caches it per device and model so a restart is quick.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,7 +60,11 @@ def measure_layer(
 
     from lime_mqtt.model.shard import Shard, ShardSpec
 
-    shard = Shard(checkpoint, ShardSpec(0, 1, embed=False, head=False), device, layer_delay_ms=layer_delay_ms)
+    spec = ShardSpec(0, 1, embed=False, head=False)
+    if checkpoint.has_folder_tensors(checkpoint.keys_with_prefix("model.layers.0.")):
+        shard = Shard(checkpoint, spec, device, layer_delay_ms=layer_delay_ms)
+    else:  # a device that fetches its weights over MQTT: the same shapes, random values
+        shard = Shard(checkpoint, spec, device, layer_delay_ms=layer_delay_ms, random_weights=True)
     hidden = int(checkpoint.config.hidden_size)
     generator = torch.Generator().manual_seed(0)
     context = torch.randn(1, DECODE_CONTEXT, hidden, generator=generator)
@@ -101,9 +106,27 @@ def measure_matvec(hidden: int, device: str = "cpu", repeats: int = 9) -> float:
 def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) -> float:
     """MB/s reading the model's first safetensors file, after asking the kernel to drop
     its cached pages (no root needed for clean pages), so the disk itself is measured."""
-    path = min({t.file for t in checkpoint.tensors.values()})
+    files = sorted(checkpoint.folder.glob("*.safetensors"), key=lambda f: -f.stat().st_size)
+    scratch = None
+    if not files or files[0].stat().st_size < sample_bytes // 4:
+        # Too little of the model is here (it comes over MQTT): measure a scratch file.
+        scratch = checkpoint.folder / f".disk-probe-{uuid.uuid4().hex[:8]}"
+        with scratch.open("wb") as out:
+            for _ in range(sample_bytes // (1024 * 1024)):
+                out.write(os.urandom(1024 * 1024))
+            out.flush()
+            os.fsync(out.fileno())
+    path = scratch or files[0]
     size = min(sample_bytes, path.stat().st_size)
     buffer = bytearray(1024 * 1024)
+    try:
+        return _read_rate(path, size, buffer)
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+
+
+def _read_rate(path: Path, size: int, buffer: bytearray) -> float:
     with path.open("rb", buffering=0) as fh:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, size, os.POSIX_FADV_DONTNEED)
@@ -122,7 +145,8 @@ def cache_file(cache_root: Path, device_id: str, checkpoint: Checkpoint, layer_d
     """One measurement file per device and model (and torch thread count, and emulated delay)."""
     import torch
 
-    stamp = f"{checkpoint.folder.name}-{checkpoint.total_bytes}-t{torch.get_num_threads()}"
+    config = hashlib.sha256((checkpoint.folder / "config.json").read_bytes()).hexdigest()[:12]
+    stamp = f"{checkpoint.folder.name}-{config}-t{torch.get_num_threads()}"
     if layer_delay_ms:
         stamp += f"-d{layer_delay_ms:g}"
     return cache_root / "measurements" / f"{device_id}-{stamp}.json"

@@ -19,7 +19,7 @@ from lime_mqtt.transport import MqttTransport
 
 log = logging.getLogger(__name__)
 
-ONLINE_STATES = ("idle", "loading", "ready")
+ONLINE_STATES = ("idle", "fetching", "loading", "ready")
 
 
 class PlannerService:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.client import ask
@@ -128,4 +129,50 @@ def test_a_model_larger_than_every_device_streams_layers_and_stays_in_budget(
               f"resident {stage.weight_bytes / MIB:.0f} MiB, peak {above / MIB:.0f} MiB above baseline "
               f"(budget {budget_mb} MiB)")
         assert above <= budget_mb * MIB, (stage, above / MIB)
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def test_a_device_with_an_empty_cache_gets_its_shard_over_mqtt_and_serves(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device "fresh" starts with no model files at all (its own empty cache folder) and
+    only the model's name; the coordinator is the weight source. It gets the config and
+    exactly its own stage's tensors over MQTT (chunked, hash-checked; tests/test_weights.py
+    shows resume and the hash check), and the cluster answers like transformers."""
+    from lime_mqtt.model.adapter import adapter_for
+    from lime_mqtt.model.builtin import received_folder
+
+    cache = tmp_path / "fresh-cache"
+    devices = [DeviceSpec("full", 10), DeviceSpec("fresh", 10, extra_args=("--weights-from-broker",))]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
+                        extra_env={"LIME_MQTT_CACHE": str(cache)},
+                        planner_args=("--strategy", "equal", "--reserve-mb", "0", "--context-tokens", "64")) as procs:
+        plan = procs.wait_ready(timeout_s=120)
+
+        async def run() -> list[dict]:
+            return [m async for m in ask(broker.url, cluster_name, {"prompt": "Pump P-3 status:", "max_tokens": 12})]
+
+        messages = asyncio.run(run())
+        codes = procs.stop()
+    final = messages[-1]
+    assert final["type"] == "final", (final, procs.log_tail())
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, "Pump P-3 status:"), 12)
+
+    stage = plan.stage_of("fresh")
+    assert stage is not None
+    monkeypatch.setenv("LIME_MQTT_CACHE", str(cache))
+    folder = received_folder(tiny_model.name)
+    source = Checkpoint(tiny_model)
+    adapter = adapter_for(source.config)
+    wanted = {k for i in stage.layers for k in source.keys_with_prefix(adapter.layer_prefix(i))}
+    if stage.embed:
+        wanted.add(adapter.embed_key)
+    if stage.head:
+        wanted |= set(source.keys_with_prefix(adapter.norm_prefix))
+        wanted.add(adapter.head_source_key(source.config, set(source.tensors)))
+    received = Checkpoint(folder)
+    assert set(received.tensors) == wanted  # exactly its own tensors, nothing else
+    for key in wanted:
+        assert torch.equal(received.read([key])[key], source.read([key])[key])
+    assert "over MQTT" in (tmp_path / "logs" / "fresh.log").read_text()
     assert all(code == 0 for code in codes.values()), codes

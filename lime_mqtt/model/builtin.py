@@ -29,6 +29,13 @@ def cache_dir() -> Path:
     return Path(root) / "models"
 
 
+def received_folder(model_id: str) -> Path:
+    """Where a device that gets its weights over MQTT keeps them (one file per tensor)."""
+    if not model_id or any(c in model_id for c in "/\\\0") or model_id in (".", ".."):
+        raise ModelError(f"model id {model_id!r} cannot name a folder")
+    return cache_dir().parent / "received" / model_id
+
+
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     """Turn ``--model`` into a local model folder, converting a built-in model on first use."""
     text = str(name_or_path)

@@ -120,8 +120,18 @@ class Checkpoint:
                 out[key] = tensor
         return out
 
+    def has_folder_tensors(self, keys: list[str]) -> bool:
+        """Whether this folder has safetensors files holding all of ``keys`` (and any at all)."""
+        try:
+            return bool(keys) and all(k in self.tensors for k in keys)
+        except ModelError:
+            return False
+
     def keys_with_prefix(self, prefix: str) -> list[str]:
-        return sorted(k for k in self.tensors if k.startswith(prefix))
+        try:
+            return sorted(k for k in self.tensors if k.startswith(prefix))
+        except ModelError:  # no safetensors files here (yet)
+            return []
 
     def bytes_of(self, keys: list[str]) -> int:
         return sum(self.tensors[k].nbytes for k in keys)

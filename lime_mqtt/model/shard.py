@@ -139,10 +139,13 @@ class Shard:
     """Runs layers ``[start, stop)`` of one model for many requests, each with its own cache."""
 
     def __init__(
-        self, checkpoint: Checkpoint, spec: ShardSpec, device: str = "cpu", layer_delay_ms: float = 0.0
+        self, checkpoint: Checkpoint, spec: ShardSpec, device: str = "cpu", layer_delay_ms: float = 0.0,
+        random_weights: bool = False,
     ) -> None:
         """``layer_delay_ms`` emulates a slower device (benchmarks): every layer of every
-        step takes that much longer, as its measurement at start sees too."""
+        step takes that much longer, as its measurement at start sees too.
+        ``random_weights``: the layers get random values of the right shapes instead of
+        the checkpoint's (for timing a layer on a device that does not have it)."""
         if spec.stop > checkpoint.num_layers:
             raise ModelError(f"layer range stops at {spec.stop}, the model has {checkpoint.num_layers}")
         started = time.perf_counter()
@@ -163,7 +166,13 @@ class Shard:
         streamed_keys = []
         for offset, layer in enumerate(self.layers):
             prefix = self.adapter.layer_prefix(spec.start + offset)
-            if spec.start + offset in spec.streamed:
+            if random_weights:
+                layer.to_empty(device="cpu")
+                generator = torch.Generator().manual_seed(spec.start + offset)
+                for parameter in layer.parameters():
+                    parameter.data.normal_(0.0, 0.02, generator=generator)
+                self.param_count += sum(p.numel() for p in layer.parameters())
+            elif spec.start + offset in spec.streamed:
                 streamed_keys.append((spec.start + offset, checkpoint.keys_with_prefix(prefix)))
             else:
                 self.param_count += _load_module(layer, checkpoint, prefix)
