@@ -235,6 +235,9 @@ async def stream_answer(broker: str, cluster: str, request: dict[str, Any], time
             print(json.dumps(message), flush=True)
         elif message["type"] == "chunk":
             print(message["text"], end="", flush=True)
+        elif message["type"] == "queued":
+            print(f"[waiting for KV-cache room: place {message['position']} in the queue]", file=sys.stderr,
+                  flush=True)
         elif message["type"] == "final":
             t, u = message["timings"], message["usage"]
             print(f"\n[{message['finish_reason']}: {u['completion_tokens']} tokens, "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt import protocol
+from lime_mqtt.admission import KvAdmission
 from lime_mqtt.errors import LimeError, RequestError, WireError
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.plan import Plan
@@ -68,6 +69,7 @@ class Coordinator:
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = self.checkpoint.folder.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.folder)
+        self.admission = KvAdmission()
         self.weight_source: WeightSource | None = None
         if serve_weights:
             self.weight_source = WeightSource(broker, cluster, self.checkpoint.folder, model_id=self.model_id,
@@ -168,6 +170,7 @@ class Coordinator:
                 return
             async with self._changed:
                 self.plan = plan
+                self.admission.set_capacity(plan.kv_token_capacity)
                 self._changed.notify_all()
         elif message.topic == self.topics.planner_status:
             try:
@@ -279,6 +282,21 @@ class Coordinator:
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}",
             )
         plan = await self._wait_ready()
+        max_new = min(request.max_tokens, self.context_length - len(prompt_ids))
+        kv_tokens = len(prompt_ids) + max_new  # the most this request can hold in every KV owner
+
+        async def queued(position: int) -> None:
+            log.info("request %s waits for %d tokens of KV cache, place %d", client_id, kv_tokens, position)
+            await self._send(target, protocol.queued_message(client_id, position, kv_tokens, self.admission.capacity))
+
+        async with self.admission.reserve(kv_tokens, queued):
+            plan = await self._wait_ready()  # the plan may have changed while it waited
+            await self._decode(request, client_id, target, started, prompt_ids, max_new, plan)
+
+    async def _decode(
+        self, request: Request, client_id: str, target: ReplyTarget, started: float, prompt_ids: list[int],
+        max_new: int, plan: Plan,
+    ) -> None:
         rid = uuid.uuid4().hex
         active = self.active[rid] = _Active(request)
         sampling = Sampling(
@@ -288,7 +306,6 @@ class Coordinator:
             seed=request.seed if request.seed is not None else random.getrandbits(62),
         )
         stream = TextStream(self.tokenizer, request.stop)
-        max_new = min(request.max_tokens, self.context_length - len(prompt_ids))
         logits: list[list[float]] = []
         first_at = last_at = started
         steps = 0

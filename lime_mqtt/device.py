@@ -101,6 +101,7 @@ class DeviceAgent:
         self.layer_delay_ms = layer_delay_ms
         self.capabilities: dict[str, Any] = {}
         self.steps_done = 0
+        self.peak_kv_tokens = 0
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
         self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{device_id}")
@@ -207,11 +208,15 @@ class DeviceAgent:
             self.topics.device_status(self.device_id), self._status_payload(state), qos=1, retain=True
         )
 
+    def _kv_tokens(self) -> int:
+        """Tokens of KV cache this device holds now, all sequences together."""
+        if self.stage is None:
+            return 0
+        return sum(seq.cache.get_seq_length(self.stage.start) for seq in self.sequences.values())
+
     def telemetry(self) -> dict[str, Any]:
         stream = self.shard.stream if self.shard else None
-        kv_tokens = sum(seq.cache.get_seq_length(self.stage.start) for seq in self.sequences.values()) if (
-            self.stage and self.stage.stop > self.stage.start
-        ) else 0
+        kv_tokens = self._kv_tokens()
         return {
             "device_id": self.device_id,
             "ts": time.time(),
@@ -219,6 +224,7 @@ class DeviceAgent:
             "peak_rss_mb": round(peak_rss_bytes() / MIB, 1),
             "kv_sequences": len(self.sequences),
             "kv_tokens": kv_tokens,
+            "peak_kv_tokens": self.peak_kv_tokens,
             "queue_depth": self._queue.qsize(),
             "steps_done": self.steps_done,
             "compute_s": round(self.compute_s, 4),
@@ -422,6 +428,7 @@ class DeviceAgent:
             )
         self.steps_done += 1
         self.compute_s += time.perf_counter() - started
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self._kv_tokens())
         if not stage.head:
             onward = Envelope(
                 kind="step", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,

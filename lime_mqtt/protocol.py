@@ -75,6 +75,12 @@ def parse_request(payload: bytes) -> Request:
         raise RequestError("invalid_request", problems, request_id) from exc
 
 
+def queued_message(request_id: str, position: int, kv_tokens: int, kv_capacity: int) -> dict[str, Any]:
+    """The request waits for KV-cache room; ``position`` 1 is next in line."""
+    return {"type": "queued", "id": request_id, "position": position, "kv_tokens": kv_tokens,
+            "kv_capacity": kv_capacity}
+
+
 def chunk_message(request_id: str, index: int, text: str, token_ids: list[int]) -> dict[str, Any]:
     return {"type": "chunk", "id": request_id, "index": index, "text": text, "token_ids": token_ids}
 

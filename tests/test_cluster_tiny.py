@@ -172,3 +172,33 @@ async def test_streamed_layers_keep_greedy_output_identical(
         per_step = sum(checkpoint.layer_bytes(i) for i in streamed)
         assert steps >= final["usage"]["completion_tokens"]
         assert steps * per_step <= device_read <= (steps + 2) * per_step
+
+
+async def test_requests_beyond_the_kv_capacity_wait_in_a_queue(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    """The plan lets each device hold 80 tokens of KV cache. Three requests that may need
+    up to 48 tokens each arrive together: one runs, the others wait in line (told their
+    place), all finish with the right answer, and no device ever held more than 80."""
+    stages = [
+        StagePlan(stage=i, device_id=f"dev{i}", start=start, stop=stop, embed=i == 0, head=i == 1,
+                  weight_bytes=0, kv_tokens=80)
+        for i, (start, stop) in enumerate([(0, 3), (3, 6)])
+    ]
+    plan = Plan(epoch=1, model=tiny_model.name, num_layers=6, stages=stages, strategy="test")
+    prompts = ["Valve V-1 is", "Pump P-22 reads", "Line 3 pressure"]
+    lengths = [len(prompt_ids(tiny_model, p)) for p in prompts]
+    max_tokens = 48 - max(lengths)
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10], plan=plan) as cluster:
+        answers = await asyncio.gather(*[cluster.ask({"prompt": p, "max_tokens": max_tokens}) for p in prompts])
+        too_big = await cluster.final({"prompt": prompts[0], "max_tokens": 100})
+        peaks = [d.peak_kv_tokens for d in cluster.devices]
+        admission = cluster.coordinator.admission
+    places = [[m["position"] for m in messages if m["type"] == "queued"] for messages in answers]
+    assert sorted(p[:1] for p in places) == [[], [1], [2]]  # one ran at once, two waited in line
+    for prompt, messages in zip(prompts, answers, strict=True):
+        assert messages[-1]["type"] == "final"
+        assert messages[-1]["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, prompt), max_tokens)
+    assert admission.peak <= 80 and admission.used == 0
+    assert max(peaks) <= 80
+    assert too_big["type"] == "error" and too_big["error"]["code"] == "kv_capacity"
