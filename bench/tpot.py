@@ -95,6 +95,27 @@ def cluster_runner(broker: str, name: str, tokens: int) -> Callable[[], tuple[fl
     return run
 
 
+def interleaved_rounds(
+    runners: dict[str, Callable[[], tuple[float, list[int]]]], rounds: int
+) -> dict[str, list[float]] | None:
+    """Run every configuration once per round, ``rounds`` times after a warm-up round, so
+    that machine noise hits them alike; ms per token by configuration. ``None`` (after
+    saying which) if a configuration's tokens differ from the first one's."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    reference: list[int] | None = None
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, run in runners.items():
+            ms, ids = run()
+            reference = reference or ids
+            if ids != reference:
+                print(f"{name}: tokens differ from the first configuration's!", file=sys.stderr)
+                return None
+            if round_:
+                times[name].append(ms)
+        print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.1f}" for n, t in times.items() if t), flush=True)
+    return times
+
+
 def main() -> int:
     # The same process settings as every lime-mqtt process (see lime_mqtt/cli.py), so that
     # the single-process engine is measured at its best too.
@@ -124,22 +145,14 @@ def main() -> int:
             name = f"bench{stages}"
             memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
             devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads) for i in range(stages)]
-            procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name))
+            procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
+                                                       planner_args=("--strategy", "equal")))
             plan = procs.wait_ready()
             assert len(plan.stages) == stages, plan
             runners[f"cluster, {stages} stages"] = cluster_runner(broker.url, name, args.tokens)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        reference: list[int] | None = None
-        for round_ in range(args.rounds + 1):  # round 0 warms up
-            for name, run in runners.items():
-                ms, ids = run()
-                reference = reference or ids
-                if ids != reference:
-                    print(f"{name}: tokens differ from the single process!", file=sys.stderr)
-                    return 1
-                if round_:
-                    times[name].append(ms)
-            print(f"round {round_}: " + ", ".join(f"{n} {t[-1]:.1f}" for n, t in times.items() if t), flush=True)
+        times = interleaved_rounds(runners, args.rounds)
+        if times is None:
+            return 1
     baseline = min((n for n in times if n.startswith("single")), key=lambda n: statistics.median(times[n]))
     base = statistics.median(times[baseline])
     # Ratio of medians, and the median of each round's own ratio (robust to slow drift).

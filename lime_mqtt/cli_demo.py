@@ -38,7 +38,7 @@ def run_demo(settings: Settings, devices: int, question: str, max_tokens: int) -
             started = time.monotonic()
             plan = cluster.wait_ready()
             print(f"devices ready after {time.monotonic() - started:.1f} s\n", flush=True)
-            print(format_plan(plan), flush=True)
+            print(format_plan(plan, explain=True), flush=True)
             print(f"\nquestion: {question}\nanswer:   ", end="", flush=True)
             request = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
             code = asyncio.run(stream_answer(broker.url, "demo", request, timeout_s=300))

@@ -110,8 +110,9 @@ class StageLayout:
     compute_ms: float  # its layers (and head) for one decode token
     link_ms: float  # receiving and sending one token's message through the broker
     load_ms: float  # reading its streamed layers from disk, per token
-    prefetch_ms: float  # the part of load_ms that can be read ahead before it is needed
-    overlap_ms: float  # the part of load_ms that overlaps its own compute
+    prefetch_ms: float  # reading its first `slots` streamed layers (read ahead while it waits)
+    resident_compute_ms: float  # its resident layers, which run before the streamed ones
+    tail_stall_ms: float  # waiting for each later streamed layer while computing the one before
 
     @property
     def layers(self) -> range:
@@ -163,6 +164,10 @@ def layout_stage(
     layers_ms = count * device.layer_decode_ms
     compute = layers_ms + (head_ms(model, device) if head else 0.0)
     per_layer_load = [b / (device.disk_mb_s * 1e3) for b in streamed]
+    # Streamed layer j > slots is read once layer j - slots is done, and is needed once
+    # layer j - 1 is done: with two slots, its read overlaps one layer's compute.
+    overlap = (slots - 1) * device.layer_decode_ms
+    tail = sum(max(0.0, load - overlap) for load in per_layer_load[slots:])
     return StageLayout(
         device_id=device.device_id,
         start=start,
@@ -179,7 +184,8 @@ def layout_stage(
         link_ms=device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3),
         load_ms=sum(per_layer_load),
         prefetch_ms=sum(per_layer_load[:slots]),
-        overlap_ms=layers_ms if slots >= 2 else 0.0,
+        resident_compute_ms=(count - n) * device.layer_decode_ms,
+        tail_stall_ms=tail,
     )
 
 
@@ -201,14 +207,23 @@ class PlanCost:
         return stage.compute_ms + stage.link_ms + self.stall_ms[index]
 
 
+def stall_ms(stage: StageLayout, idle_ms: float) -> float:
+    """Weight reading of ``stage`` not hidden: its read-ahead beyond the time it waits for
+    the rest of the pipeline (``idle_ms``) and computes its resident layers, plus the
+    waits for its later streamed layers."""
+    if not stage.streamed:
+        return 0.0
+    return max(0.0, stage.prefetch_ms - idle_ms - stage.resident_compute_ms) + stage.tail_stall_ms
+
+
 def stall_lower_bound(stage: StageLayout) -> float:
     """The stall if the rest of the pipeline took forever (all of the read-ahead hidden)."""
-    return max(0.0, stage.load_ms - stage.prefetch_ms - stage.overlap_ms)
+    return stage.tail_stall_ms
 
 
 def busy_ms(stage: StageLayout) -> float:
     """A stage's own time per token when it never waits for others (throughput bound)."""
-    return stage.compute_ms + stage.link_ms + max(0.0, stage.load_ms - stage.overlap_ms)
+    return stage.compute_ms + stage.link_ms + stall_ms(stage, 0.0)
 
 
 def evaluate(stages: Sequence[StageLayout], workload: Workload) -> PlanCost:
@@ -216,17 +231,13 @@ def evaluate(stages: Sequence[StageLayout], workload: Workload) -> PlanCost:
 
     With one token in flight the stages run one after another, so the pipeline time is
     ``P`` = the sum of every stage's compute and link time plus the coordinator's
-    overhead. A streaming stage reads its streamed layers once per token; it can read
-    ahead up to its slots while the rest of the pipeline (``P`` minus its own part)
-    works, and, with two slots, the rest while it computes its own layers. What is left
-    is a stall that adds to ``P``.
+    overhead. A streaming stage reads its streamed layers once per token: its first
+    ``slots`` are read ahead while the rest of the pipeline (``P`` minus its own part)
+    works and while it computes its resident layers; each later one is read while it
+    computes the layer before. What is not hidden is a stall that adds to ``P``.
     """
     pipeline = sum(s.compute_ms + s.link_ms for s in stages) + workload.overhead_ms
-    stalls = []
-    for stage in stages:
-        idle = pipeline - stage.compute_ms - stage.link_ms
-        hidden = min(idle, stage.prefetch_ms) + stage.overlap_ms
-        stalls.append(max(0.0, stage.load_ms - hidden))
+    stalls = [stall_ms(stage, pipeline - stage.compute_ms - stage.link_ms) for stage in stages]
     return PlanCost(
         stages=tuple(stages),
         stall_ms=tuple(stalls),

@@ -20,7 +20,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 DISK_SAMPLE_BYTES = 64 * 1024 * 1024
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 64
@@ -33,7 +33,7 @@ class Capabilities:
 
     layer_decode_ms: float  # one decoder layer, one new token, DECODE_CONTEXT tokens of context
     layer_prefill_ms_per_token: float  # one decoder layer, per token of a PREFILL_TOKENS prefill
-    disk_mb_s: float  # reading the model's safetensors files, page cache dropped first
+    disk_mb_s: float  # reading whole layers as a streamed layer is read (page cache dropped)
     threads: int
     matvec_gb_s: float = 10.0  # a large matrix-vector product (the output head), bytes of matrix per second
     emulated_layer_delay_ms: float = 0.0  # an artificial slowdown that the layer timings above include
@@ -101,6 +101,31 @@ def measure_matvec(hidden: int, device: str = "cpu", repeats: int = 9) -> float:
 
     run()
     return rows * hidden * 4 / (_median_ms(run, repeats) * 1e6)
+
+
+def measure_stream(checkpoint: Checkpoint, layers: int = 5) -> float | None:
+    """MB/s of the streaming path itself: whole layers read the way a streamed layer is
+    (fresh aligned buffers, page cache dropped after each read); median over ``layers``
+    layers. ``None`` when this device has no layer files (it fetches them over MQTT)."""
+    rates = []
+    for index in range(min(layers, checkpoint.num_layers)):
+        keys = checkpoint.keys_with_prefix(f"model.layers.{index}.")
+        if not checkpoint.has_folder_tensors(keys):
+            return None
+        for path in {checkpoint.tensors[k].file for k in keys}:
+            _drop_cached(path)
+        started = time.perf_counter()
+        tensors = checkpoint.read(keys, drop_page_cache=True)
+        elapsed = max(time.perf_counter() - started, 1e-6)
+        rates.append(sum(t.nbytes for t in tensors.values()) / elapsed / 1e6)
+        del tensors
+    return statistics.median(rates)
+
+
+def _drop_cached(path: Path) -> None:
+    if hasattr(os, "posix_fadvise"):
+        with path.open("rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) -> float:
@@ -172,7 +197,7 @@ def measure_capabilities(
     capabilities = Capabilities(
         layer_decode_ms=decode_ms,
         layer_prefill_ms_per_token=prefill_ms,
-        disk_mb_s=measure_disk(checkpoint),
+        disk_mb_s=measure_stream(checkpoint) or measure_disk(checkpoint),
         threads=torch.get_num_threads(),
         matvec_gb_s=measure_matvec(int(checkpoint.config_dict["hidden_size"]), device),
         emulated_layer_delay_ms=layer_delay_ms,
