@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimise time per token of one sequence, or the busiest stage's time (bursty load)")
     p.add_argument("--reserve-mb", type=float, default=32.0,
                    help="working memory kept free on every device besides weights and KV cache (default 32)")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="one contiguous segment per device, even where an interleaved plan is predicted faster")
     p.add_argument("--strategy", choices=["optimal", "memory", "equal"], default="optimal",
                    help="optimal: searched under the cost model; memory/equal: contiguous splits in "
                    "device-id order proportional to memory or even (baselines)")
@@ -160,6 +162,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
         settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
+        interleaving=not args.no_interleave,
         username=settings.username, password=settings.password,
     )
     return _run_service(service.run)

@@ -133,60 +133,95 @@ def layout_stage(
     model: ModelSize, device: DeviceProfile, start: int, stop: int, embed: bool, head: bool, workload: Workload
 ) -> StageLayout | None:
     """Fit layers ``[start, stop)`` into ``device``'s budget; ``None`` if they cannot fit
-    even with all but the KV cache streamed.
+    even with all but the KV cache streamed. (One segment: see :func:`layout_device`.)"""
+    layouts = layout_device(model, device, [(start, stop)], workload, embed=embed, head=head)
+    return layouts[0] if layouts else None
 
-    Layers stay resident from the front of the span; the smallest number of layers at
-    its end are streamed. A streaming device keeps up to two streamed layers in memory
-    (one in use, one being read ahead); with only one streamed layer, one slot.
+
+def layout_device(
+    model: ModelSize,
+    device: DeviceProfile,
+    spans: list[tuple[int, int]],
+    workload: Workload,
+    *,
+    embed: bool | None = None,
+    head: bool | None = None,
+) -> list[StageLayout] | None:
+    """Fit a device's segments (layer spans, in ring order) into its budget.
+
+    Layers stay resident from the front of each span; the fewest layers that make the
+    device fit are streamed, taken from the ends of its spans in turn (last span first).
+    A streaming device keeps up to two streamed layers in memory (one in use, one being
+    read ahead), shared by all its segments. The embedding goes with a span that starts
+    at layer 0 and the head with one that ends at the last layer, unless ``embed`` and
+    ``head`` say otherwise. ``None`` if even all layers streamed do not fit.
     """
-    count = stop - start
+    count = sum(stop - start for start, stop in spans)
+    has_embed = any(start == 0 for start, _ in spans) if embed is None else embed
+    has_head = any(stop == model.num_layers for _, stop in spans) if head is None else head
     kv_per_token = model.kv_bytes_per_token_per_layer * count
-    fixed = (model.embed_bytes if embed else 0) + (model.head_bytes if head else 0) + workload.reserve_bytes
+    fixed = (model.embed_bytes if has_embed else 0) + (model.head_bytes if has_head else 0) + workload.reserve_bytes
     fixed += kv_per_token * workload.kv_tokens
     available = device.memory_bytes - fixed
-    layer_bytes = model.layer_bytes[start:stop]
-    streamed_count = -1
-    for n in range(count + 1):
-        slots = min(n, 2)
-        slot_bytes = slots * max(layer_bytes[count - n:], default=0)
-        if sum(layer_bytes[: count - n]) + slot_bytes <= available:
-            streamed_count = n
+    order = _streaming_order(spans)
+    resident_bytes = sum(model.layer_bytes[i] for start, stop in spans for i in range(start, stop))
+    chosen: list[int] = []
+    while True:
+        slots = min(len(chosen), 2)
+        slot_bytes = slots * max((model.layer_bytes[i] for i in chosen), default=0)
+        if resident_bytes + slot_bytes <= available:
             break
-    if streamed_count < 0:
-        return None
-    n = streamed_count
-    slots = min(n, 2)
-    resident = layer_bytes[: count - n]
-    streamed = layer_bytes[count - n:]
-    slot_bytes = slots * max(streamed, default=0)
-    weights = sum(resident) + (model.embed_bytes if embed else 0) + (model.head_bytes if head else 0)
+        if len(chosen) == len(order):
+            return None
+        layer = order[len(chosen)]
+        chosen.append(layer)
+        resident_bytes -= model.layer_bytes[layer]
+    streamed = set(chosen)
+    slots = min(len(chosen), 2)
+    slot_bytes = slots * max((model.layer_bytes[i] for i in chosen), default=0)
+    weights = resident_bytes + (model.embed_bytes if has_embed else 0) + (model.head_bytes if has_head else 0)
     spare = device.memory_bytes - weights - slot_bytes - workload.reserve_bytes
-    layers_ms = count * device.layer_decode_ms
-    compute = layers_ms + (head_ms(model, device) if head else 0.0)
-    per_layer_load = [b / (device.disk_mb_s * 1e3) for b in streamed]
-    # Streamed layer j > slots is read once layer j - slots is done, and is needed once
-    # layer j - 1 is done: with two slots, its read overlaps one layer's compute.
+    kv_tokens = spare // max(1, kv_per_token)
     overlap = (slots - 1) * device.layer_decode_ms
-    tail = sum(max(0.0, load - overlap) for load in per_layer_load[slots:])
-    return StageLayout(
-        device_id=device.device_id,
-        start=start,
-        stop=stop,
-        embed=embed,
-        head=head,
-        streamed=tuple(range(stop - n, stop)),
-        slots=slots,
-        resident_bytes=weights,
-        streamed_bytes=sum(streamed),
-        slot_bytes=slot_bytes,
-        kv_tokens=spare // max(1, kv_per_token),
-        compute_ms=compute,
-        link_ms=device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3),
-        load_ms=sum(per_layer_load),
-        prefetch_ms=sum(per_layer_load[:slots]),
-        resident_compute_ms=(count - n) * device.layer_decode_ms,
-        tail_stall_ms=tail,
-    )
+    layouts = []
+    for index, (start, stop) in enumerate(spans):
+        mine = [i for i in range(start, stop) if i in streamed]
+        first = has_embed and start == 0
+        last = has_head and (stop == model.num_layers if head is None else index == len(spans) - 1)
+        loads = [model.layer_bytes[i] / (device.disk_mb_s * 1e3) for i in mine]
+        span_weights = sum(model.layer_bytes[i] for i in range(start, stop) if i not in streamed)
+        layouts.append(StageLayout(
+            device_id=device.device_id,
+            start=start,
+            stop=stop,
+            embed=first,
+            head=last,
+            streamed=tuple(mine),
+            slots=slots,
+            resident_bytes=span_weights + (model.embed_bytes if first else 0) + (model.head_bytes if last else 0),
+            streamed_bytes=sum(model.layer_bytes[i] for i in mine),
+            slot_bytes=slot_bytes if index == 0 else 0,  # shared by the device's segments
+            kv_tokens=kv_tokens,
+            compute_ms=(stop - start) * device.layer_decode_ms + (head_ms(model, device) if last else 0.0),
+            link_ms=device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3),
+            load_ms=sum(loads),
+            prefetch_ms=sum(loads[:slots]),
+            resident_compute_ms=(stop - start - len(mine)) * device.layer_decode_ms,
+            # Streamed layer j > slots is read once layer j - slots is done, and is needed
+            # once layer j - 1 is done: with two slots, its read overlaps one layer's compute.
+            tail_stall_ms=sum(max(0.0, load - overlap) for load in loads[slots:]),
+        ))
+    return layouts
+
+
+def _streaming_order(spans: list[tuple[int, int]]) -> list[int]:
+    """Which layers to stream first: the ends of the spans in turn, last span first, so
+    that every segment keeps resident layers at its front to hide its read-ahead."""
+    tails = [list(range(stop - 1, start - 1, -1)) for start, stop in reversed(spans)]
+    order = []
+    for depth in range(max((len(t) for t in tails), default=0)):
+        order += [t[depth] for t in tails if depth < len(t)]
+    return order
 
 
 @dataclass(frozen=True)
@@ -208,9 +243,9 @@ class PlanCost:
 
 
 def stall_ms(stage: StageLayout, idle_ms: float) -> float:
-    """Weight reading of ``stage`` not hidden: its read-ahead beyond the time it waits for
-    the rest of the pipeline (``idle_ms``) and computes its resident layers, plus the
-    waits for its later streamed layers."""
+    """Weight reading of ``stage`` not hidden: its read-ahead beyond the time since the
+    device's previous segment (``idle_ms``) and its own resident layers, plus the waits
+    for its later streamed layers."""
     if not stage.streamed:
         return 0.0
     return max(0.0, stage.prefetch_ms - idle_ms - stage.resident_compute_ms) + stage.tail_stall_ms
@@ -236,13 +271,28 @@ def evaluate(stages: Sequence[StageLayout], workload: Workload) -> PlanCost:
     works and while it computes its resident layers; each later one is read while it
     computes the layer before. What is not hidden is a stall that adds to ``P``.
     """
-    pipeline = sum(s.compute_ms + s.link_ms for s in stages) + workload.overhead_ms
-    stalls = [stall_ms(stage, pipeline - stage.compute_ms - stage.link_ms) for stage in stages]
+    own = [s.compute_ms + s.link_ms for s in stages]
+    pipeline = sum(own) + workload.overhead_ms
+    stalls = []
+    for index, stage in enumerate(stages):
+        # The time since this device's previous segment (round the ring) ended.
+        idle, back = 0.0, index
+        while True:
+            back = (back - 1) % len(stages)
+            if back == len(stages) - 1:
+                idle += workload.overhead_ms
+            if stages[back].device_id == stage.device_id:
+                break
+            idle += own[back]
+        stalls.append(stall_ms(stage, idle))
+    busy: dict[str, float] = {}
+    for stage in stages:  # a device with several segments does all of them per token
+        busy[stage.device_id] = busy.get(stage.device_id, 0.0) + busy_ms(stage)
     return PlanCost(
         stages=tuple(stages),
         stall_ms=tuple(stalls),
         ms_per_token=pipeline + sum(stalls),
-        bottleneck_ms=max(busy_ms(s) for s in stages),
+        bottleneck_ms=max(busy.values()),
         overhead_ms=workload.overhead_ms,
     )
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.errors import LimeError, WireError
-from lime_mqtt.memory import peak_rss_bytes, rss_bytes
+from lime_mqtt.memory import peak_rss_bytes, return_freed_memory_promptly, rss_bytes, trim_heap
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
-from lime_mqtt.model.shard import Shard, ShardSpec, import_runtime
+from lime_mqtt.model.shard import LayerStream, Shard, ShardSpec, import_runtime
 from lime_mqtt.plan import MIB, Plan, StagePlan
 from lime_mqtt.topics import STEP_QOS, Topics, valid_device_id
 from lime_mqtt.transport import LastWill, Message, MqttTransport
@@ -44,6 +44,7 @@ class _Sequence:
 
     cache: Any
     last_used: float
+    start: int  # the first layer of the segment it belongs to
 
 
 class DeviceAgent:
@@ -94,9 +95,11 @@ class DeviceAgent:
         self.state = "idle"
         self.error: str | None = None
         self.plan: Plan | None = None
-        self.stage: StagePlan | None = None
-        self.shard: Shard | None = None
-        self.sequences: dict[str, _Sequence] = {}
+        self.stages: list[StagePlan] = []  # this device's segments of the plan (several if interleaved)
+        self.shards: dict[int, Shard] = {}  # by stage number
+        self.stream: LayerStream | None = None  # reads the streamed layers of all its segments
+        self._stage_by_topic: dict[str, StagePlan] = {}
+        self.sequences: dict[tuple[str, int], _Sequence] = {}  # by (request id, stage number)
         self.measure = measure
         self.layer_delay_ms = layer_delay_ms
         self.capabilities: dict[str, Any] = {}
@@ -112,7 +115,7 @@ class DeviceAgent:
 
     def __repr__(self) -> str:
         return (
-            f"DeviceAgent({self.device_id!r}, state={self.state}, stage={self.stage and self.stage.stage}, "
+            f"DeviceAgent({self.device_id!r}, state={self.state}, stages={[s.stage for s in self.stages]}, "
             f"sequences={len(self.sequences)})"
         )
 
@@ -139,30 +142,30 @@ class DeviceAgent:
         if self.baseline_rss == 0:
             self._open_model()
 
-    def _tensor_names(self, stage: StagePlan) -> list[str]:
-        """Exactly the tensors a stage needs, by the manifest's names."""
+    def _tensor_names(self, stages: list[StagePlan]) -> list[str]:
+        """Exactly the tensors these segments need, by the manifest's names."""
         assert self.manifest is not None
         from lime_mqtt.model.adapter import adapter_for
 
         names = set(self.manifest["tensors"])
         adapter = adapter_for(self.checkpoint.config)
-        prefixes = [adapter.layer_prefix(i) for i in stage.layers]
-        if stage.head:
+        prefixes = [adapter.layer_prefix(i) for stage in stages for i in stage.layers]
+        if any(stage.head for stage in stages):
             prefixes.append(adapter.norm_prefix)
         wanted = [n for n in sorted(names) if n.startswith(tuple(prefixes))]
-        if stage.embed:
+        if any(stage.embed for stage in stages):
             wanted.append(adapter.embed_key)
-        if stage.head:
+        if any(stage.head for stage in stages):
             wanted.append(adapter.head_source_key(self.checkpoint.config, names))
         return list(dict.fromkeys(wanted))
 
-    async def _fetch_stage(self, stage: StagePlan) -> None:
+    async def _fetch_stages(self, stages: list[StagePlan]) -> None:
         from lime_mqtt.weights import fetch_tensors
 
         await self._publish_status("fetching")
         started = time.perf_counter()
         stats = await fetch_tensors(
-            self.broker, self.topics.cluster, self.manifest or {}, self._tensor_names(stage), self.model_folder,
+            self.broker, self.topics.cluster, self.manifest or {}, self._tensor_names(stages), self.model_folder,
             client=f"{self.device_id}-{uuid.uuid4().hex[:8]}", username=self.username, password=self.password,
         )
         log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.device_id,
@@ -189,13 +192,13 @@ class DeviceAgent:
         if state != "offline":
             status["peak_rss_mb"] = round(peak_rss_bytes() / MIB, 1)
             status["rss_mb"] = round(rss_bytes() / MIB, 1)
-        if self.plan is not None and self.stage is not None:
+        if self.plan is not None and self.stages:
             status["plan_epoch"] = self.plan.epoch
-            status["stage"] = self.stage.stage
-            status["layers"] = [self.stage.start, self.stage.stop]
-            status["streamed"] = list(self.stage.streamed)
-        if self.shard is not None:
-            status["param_count"] = self.shard.param_count
+            status["stages"] = [s.stage for s in self.stages]
+            status["layers"] = [[s.start, s.stop] for s in self.stages]
+            status["streamed"] = [i for s in self.stages for i in s.streamed]
+        if self.shards:
+            status["param_count"] = sum(shard.param_count for shard in self.shards.values())
         if self.capabilities:
             status["capabilities"] = self.capabilities
         if self.error:
@@ -210,12 +213,10 @@ class DeviceAgent:
 
     def _kv_tokens(self) -> int:
         """Tokens of KV cache this device holds now, all sequences together."""
-        if self.stage is None:
-            return 0
-        return sum(seq.cache.get_seq_length(self.stage.start) for seq in self.sequences.values())
+        return sum(seq.cache.get_seq_length(seq.start) for seq in self.sequences.values())
 
     def telemetry(self) -> dict[str, Any]:
-        stream = self.shard.stream if self.shard else None
+        stream = self.stream
         kv_tokens = self._kv_tokens()
         return {
             "device_id": self.device_id,
@@ -236,6 +237,7 @@ class DeviceAgent:
 
     async def run(self) -> None:
         """Serve until cancelled; on the way out, say "offline" and drop the connection."""
+        return_freed_memory_promptly()
         if self.threads:
             import torch
 
@@ -263,7 +265,7 @@ class DeviceAgent:
             finally:
                 await asyncio.shield(self._say_offline())
                 self._executor.shutdown(wait=False, cancel_futures=True)
-                self._drop_shard()
+                self._drop_shards()
 
     async def _measure(self) -> None:
         """Measure compute and disk (cached per device and model) and the link to the broker."""
@@ -277,6 +279,7 @@ class DeviceAgent:
                 layer_delay_ms=self.layer_delay_ms,
             ),
         )
+        trim_heap()  # what measuring used is not this device's to keep
         echo = f"{self.topics.root}/devices/{self.device_id}/echo"
         rtt_ms, mb_s = await measure_link(self.transport, echo)
         self.capabilities = {**measured.to_json(), "link_rtt_ms": round(rtt_ms, 3), "link_mb_s": round(mb_s, 1)}
@@ -336,41 +339,55 @@ class DeviceAgent:
             log.warning("%s: plan %d is for model %s, this device serves %s", self.device_id, plan.epoch,
                         plan.model, self.model_id)
             return
-        old_stage, self.plan = self.stage, plan
-        self.stage = plan.stage_of(self.device_id)
+        old_topics = set(self._stage_by_topic)
+        self.plan = plan
+        self.stages = plan.stages_of(self.device_id)
         self.sequences.clear()  # caches belong to the old split
-        if old_stage is not None and (self.stage is None or self.stage.stage != old_stage.stage):
-            await self.transport.unsubscribe(self.topics.stage_in(old_stage.stage))
-        if self.stage is None:
-            self._drop_shard()
+        self._stage_by_topic = {self.topics.stage_in(s.stage): s for s in self.stages}
+        if old_topics - set(self._stage_by_topic):
+            await self.transport.unsubscribe(*sorted(old_topics - set(self._stage_by_topic)))
+        if not self.stages:
+            self._drop_shards()
             await self._publish_status("idle")
             return
-        spec = ShardSpec(self.stage.start, self.stage.stop, self.stage.embed, self.stage.head,
-                         tuple(self.stage.streamed), max(1, self.stage.slots))
-        if self.shard is None or self.shard.spec != spec:
-            self._drop_shard()
+        specs = {s.stage: ShardSpec(s.start, s.stop, s.embed, s.head, tuple(s.streamed), max(1, s.slots))
+                 for s in self.stages}
+        if {n: shard.spec for n, shard in self.shards.items()} != specs:
+            self._drop_shards()
             loop = asyncio.get_running_loop()
+            layers = ", ".join(f"[{s.start}, {s.stop})" for s in self.stages)
             try:
                 if self.fetch_weights:
-                    await self._fetch_stage(self.stage)
+                    await self._fetch_stages(self.stages)
                 await self._publish_status("loading")
-                self.shard = await loop.run_in_executor(
-                    self._executor, Shard, self.checkpoint, spec, self.torch_device, self.layer_delay_ms
-                )
+                self.shards = await loop.run_in_executor(self._executor, self._load_shards, specs)
             except (LimeError, OSError, RuntimeError) as exc:
-                self.error = f"cannot load layers [{spec.start}, {spec.stop}): {exc}"
+                self.error = f"cannot load layers {layers}: {exc}"
                 await self._publish_status("error")
                 raise LimeError(self.error) from exc
             self.error = None
-        if old_stage is None or old_stage.stage != self.stage.stage:
-            await self.transport.subscribe(self.topics.stage_in(self.stage.stage))
-        log.info("%s: ready for plan %d as stage %d, %r", self.device_id, plan.epoch, self.stage.stage, self.shard)
+        if set(self._stage_by_topic) - old_topics:
+            await self.transport.subscribe(*sorted(set(self._stage_by_topic) - old_topics))
+        log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
+                 [s.stage for s in self.stages], list(self.shards.values()))
         await self._publish_status("ready")
 
-    def _drop_shard(self) -> None:
-        if self.shard is not None:
-            self.shard.close()
-        self.shard = None
+    def _load_shards(self, specs: dict[int, ShardSpec]) -> dict[int, Shard]:
+        """One shard per segment; the streamed layers of all segments share one reader, in
+        ring order, so a segment's next layers are read while the other devices work."""
+        streamed = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
+                    for spec in specs.values() for i in spec.streamed]
+        slots = max(spec.slots for spec in specs.values())
+        self.stream = LayerStream(self.checkpoint, streamed, slots) if streamed else None
+        return {n: Shard(self.checkpoint, spec, self.torch_device, self.layer_delay_ms, stream=self.stream)
+                for n, spec in specs.items()}
+
+    def _drop_shards(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = None
+        self.shards = {}
+        trim_heap()
 
     # ----- requests -----------------------------------------------------------------------------
 
@@ -381,7 +398,8 @@ class DeviceAgent:
             log.warning("%s: dropping a malformed control message: %s", self.device_id, exc)
             return
         if envelope.kind == "end":
-            self.sequences.pop(envelope.request_id, None)
+            for key in [k for k in self.sequences if k[0] == envelope.request_id]:
+                del self.sequences[key]
 
     async def _handle_step(self, message: Message) -> None:
         try:
@@ -389,17 +407,18 @@ class DeviceAgent:
         except WireError as exc:
             log.warning("%s: dropping a malformed message on %s: %s", self.device_id, message.topic, exc)
             return
-        if self.plan is None or self.stage is None or self.shard is None:
+        stage = self._stage_by_topic.get(message.topic)
+        if self.plan is None or stage is None or stage.stage not in self.shards:
             return
         if envelope.epoch != self.plan.epoch or envelope.kind != "step":
             log.debug("%s: dropping %s of epoch %d (current %d)", self.device_id, envelope.request_id,
                       envelope.epoch, self.plan.epoch)
             return
         try:
-            await self._run_step(envelope)
+            await self._run_step(envelope, stage)
         except (LimeError, RuntimeError, ValueError, IndexError) as exc:  # e.g. a token id past the vocabulary
             log.error("%s: request %s step %d failed: %s", self.device_id, envelope.request_id, envelope.step, exc)
-            self.sequences.pop(envelope.request_id, None)
+            self.sequences.pop((envelope.request_id, stage.stage), None)
             if envelope.reply:
                 failure = Envelope(
                     kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
@@ -407,12 +426,12 @@ class DeviceAgent:
                 )
                 await self.transport.publish(envelope.reply, failure.encode(), qos=1)
 
-    async def _run_step(self, envelope: Envelope) -> None:
-        assert self.shard is not None and self.stage is not None and self.plan is not None
-        shard, stage = self.shard, self.stage
-        sequence = self.sequences.get(envelope.request_id)
+    async def _run_step(self, envelope: Envelope, stage: StagePlan) -> None:
+        shard = self.shards[stage.stage]
+        key = (envelope.request_id, stage.stage)
+        sequence = self.sequences.get(key)
         if sequence is None or envelope.pos == 0:
-            sequence = self.sequences[envelope.request_id] = _Sequence(shard.new_cache(), time.monotonic())
+            sequence = self.sequences[key] = _Sequence(shard.new_cache(), time.monotonic(), stage.start)
         sequence.last_used = time.monotonic()
         width = len(envelope.tokens) if envelope.tokens is not None else (
             envelope.hidden.shape[1] if envelope.hidden is not None and envelope.hidden.dim() == 3 else 1

@@ -20,3 +20,39 @@ def rss_bytes(pid: int | str = "self") -> int:
 def peak_rss_bytes(pid: int | str = "self") -> int:
     """Highest resident set size so far (VmHWM)."""
     return _status_kb("VmHWM", pid) * 1024
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc():  # -> ctypes.CDLL | None
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def return_freed_memory_promptly(threshold_bytes: int = 1024 * 1024) -> bool:
+    """Make glibc give large freed blocks back to the kernel at once.
+
+    By default glibc raises its mmap threshold each time a large block is freed, after
+    which blocks of that size come from the heap and stay resident after ``free``: the
+    tensors a device frees after measuring itself, or a streamed layer it drops, would
+    then count against its memory budget. A fixed threshold turns that off. Returns
+    whether it could be set (not glibc: nothing happens).
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def trim_heap() -> None:
+    """Give free heap memory back to the kernel (glibc ``malloc_trim``), if possible."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -26,6 +26,7 @@ from lime_mqtt.cost import (
     busy_ms,
     evaluate,
     head_ms,
+    layout_device,
     layout_stage,
     stall_lower_bound,
 )
@@ -99,12 +100,25 @@ class Plan(BaseModel):
             raise ValueError(f"stages cover {expected} of {self.num_layers} layers")
         if not self.stages[0].embed or not self.stages[-1].head:
             raise ValueError("the first stage must hold the embedding and the last the head")
-        if len({s.device_id for s in self.stages}) != len(self.stages):
-            raise ValueError("a device may have only one stage")
+        if any(s.embed for s in self.stages[1:]) or any(s.head for s in self.stages[:-1]):
+            raise ValueError("only the first stage holds the embedding and only the last the head")
+        for a, b in zip(self.stages, self.stages[1:], strict=False):
+            if a.device_id == b.device_id:
+                raise ValueError(f"stages {a.stage} and {b.stage} are neighbours on one device: make them one")
         return self
 
+    def stages_of(self, device_id: str) -> list[StagePlan]:
+        """The device's segments, in ring order (more than one in an interleaved plan)."""
+        return [s for s in self.stages if s.device_id == device_id]
+
     def stage_of(self, device_id: str) -> StagePlan | None:
-        return next((s for s in self.stages if s.device_id == device_id), None)
+        """The device's first segment."""
+        return next(iter(self.stages_of(device_id)), None)
+
+    @property
+    def rounds(self) -> int:
+        """How many times a token goes round the devices (1: a plain pipeline)."""
+        return max(len(self.stages_of(s.device_id)) for s in self.stages)
 
     def ready(self, statuses: Mapping[str, Mapping[str, Any]]) -> bool:
         """Whether every stage's device reports, in ``statuses`` (device id -> status), that it
@@ -304,12 +318,15 @@ def make_plan(
     workload: Workload | None = None,
     strategy: Strategy = "optimal",
     node_limit: int = SEARCH_NODE_LIMIT,
+    interleaving: bool = True,
 ) -> Plan:
     """The plan for ``devices``.
 
     ``optimal`` searches for the placement with the least predicted time per token
     (or, with ``objective="throughput"``, the least busy bottleneck stage): which
-    devices take part, in which order, how many layers each, which of them streamed.
+    devices take part, in which order, how many layers each, which of them streamed;
+    then, with ``interleaving``, whether cutting each device's layers into several
+    segments (a token goes round the ring more than once) is predicted faster still.
     ``memory`` and ``equal`` split the layers in device-id order proportionally to the
     memory budgets or evenly (baselines for benchmarks; streaming where needed).
     Raises :class:`PlanError` saying what is missing when no placement fits.
@@ -326,6 +343,8 @@ def make_plan(
         search = _Search(model, usable, workload, node_limit)
         complete = search.run()
         cost = search.best
+        if cost is not None and interleaving:
+            cost = _best_interleaving(model, {d.device_id: d for d in usable}, cost, workload)
     else:
         ordered = sorted(usable, key=lambda d: d.device_id)
         weights = [float(d.memory_bytes) if strategy == "memory" else 1.0 for d in ordered]
@@ -341,6 +360,75 @@ def make_plan(
                 else f"more devices than layers ({model.num_layers})"
             )
     return plan_from_cost(model, cost, epoch, workload, strategy, complete, left_out)
+
+
+MAX_ROUNDS = 4
+
+
+def interleave(stages: Sequence[StageLayout], rounds: int) -> list[tuple[str, int, int]]:
+    """The same devices, order and layer counts as ``stages``, but each device's layers cut
+    into up to ``rounds`` segments, so that a token goes round the ring ``rounds`` times.
+
+    The first device's segments open the rounds (it keeps the embedding first), the last
+    device's close them (it keeps the head last); neighbouring segments of one device
+    are merged. Returns (device, start, stop) spans in ring order.
+    """
+    parts: list[list[int]] = []
+    for stage in stages:
+        count = stage.stop - stage.start
+        pieces = min(rounds, count)
+        parts.append([count // pieces + (1 if i < count % pieces else 0) for i in range(pieces)])
+    spans: list[tuple[str, int, int]] = []
+    start = 0
+    for round_ in range(rounds):
+        for index, stage in enumerate(stages):
+            mine = parts[index]
+            # The last device fills the last rounds; every other device the first ones.
+            piece = round_ - (rounds - len(mine)) if index == len(stages) - 1 else round_
+            if not 0 <= piece < len(mine):
+                continue
+            stop = start + mine[piece]
+            if spans and spans[-1][0] == stage.device_id:
+                spans[-1] = (stage.device_id, spans[-1][1], stop)
+            else:
+                spans.append((stage.device_id, start, stop))
+            start = stop
+    return spans
+
+
+def interleaved_layouts(
+    model: ModelSize, devices: Mapping[str, DeviceProfile], spans: list[tuple[str, int, int]], workload: Workload
+) -> list[StageLayout] | None:
+    """Lay out every device's segments together (they share its memory); ring order kept."""
+    by_device: dict[str, list[tuple[int, int]]] = {}
+    for device_id, start, stop in spans:
+        by_device.setdefault(device_id, []).append((start, stop))
+    layouts: dict[tuple[int, int], StageLayout] = {}
+    for device_id, mine in by_device.items():
+        laid = layout_device(model, devices[device_id], mine, workload)
+        if laid is None:
+            return None
+        layouts.update({(s.start, s.stop): s for s in laid})
+    return [layouts[(start, stop)] for _, start, stop in spans]
+
+
+def _best_interleaving(
+    model: ModelSize, devices: Mapping[str, DeviceProfile], cost: PlanCost, workload: Workload
+) -> PlanCost:
+    """The searched contiguous plan, or an interleaved version of it where that is
+    predicted faster (it can be when devices stream: each segment reads its next
+    streamed layers ahead while the other devices work)."""
+    if not any(s.streamed for s in cost.stages) or len(cost.stages) < 2:
+        return cost
+    best = cost
+    for rounds in range(2, MAX_ROUNDS + 1):
+        stages = interleaved_layouts(model, devices, interleave(cost.stages, rounds), workload)
+        if stages is None:
+            continue
+        trial = evaluate(stages, workload)
+        if trial.objective(workload.objective) < best.objective(workload.objective) - 1e-9:
+            best = trial
+    return best
 
 
 def plan_from_cost(
@@ -409,7 +497,8 @@ def format_plan(plan: Plan, explain: bool = False) -> str:
             row += [_ms(s.compute_ms), _ms(s.link_ms), _ms(s.stall_ms), _ms(s.predicted_ms)]
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"plan epoch {plan.epoch}, model {plan.model}, {plan.num_layers} layers, strategy {plan.strategy}"]
+    lines = [f"plan epoch {plan.epoch}, model {plan.model}, {plan.num_layers} layers, strategy {plan.strategy}"
+             + (f", interleaved: {plan.rounds} rounds per token" if plan.rounds > 1 else "")]
     for n, line in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if n == 0:

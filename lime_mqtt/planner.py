@@ -42,6 +42,7 @@ class PlannerService:
         objective: Objective = "latency",
         strategy: Strategy = "optimal",
         reserve_mb: float = 32.0,
+        interleaving: bool = True,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -56,6 +57,7 @@ class PlannerService:
         self.workload = Workload(context_tokens=context_tokens, sequences=sequences, objective=objective,
                                  reserve_bytes=int(reserve_mb * 1024 * 1024))
         self.strategy: Strategy = strategy
+        self.interleaving = interleaving
         self.devices: dict[str, dict[str, Any]] = {}
         self.plan: Plan | None = None
         self.last_error: str | None = None
@@ -85,7 +87,7 @@ class PlannerService:
     def make_plan(self) -> Plan:
         profiles = [DeviceProfile.from_status(device_id, status) for device_id, status in self.online().items()]
         epoch = (self.plan.epoch if self.plan else 0) + 1
-        return make_plan(self.size, profiles, epoch, self.workload, self.strategy)
+        return make_plan(self.size, profiles, epoch, self.workload, self.strategy, interleaving=self.interleaving)
 
     async def run(self) -> None:
         async with self.transport:

@@ -114,8 +114,8 @@ async def test_kv_cache_of_an_abandoned_request_expires(
                         tokens=[5, 6, 7], sampling=Sampling(), reply=f"{Topics(cluster_name).root}/nowhere")
         async with MqttTransport(broker.url) as conn:
             await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
-        await wait_until(lambda: "orphan" in device.sequences)
-        await wait_until(lambda: "orphan" not in device.sequences, timeout_s=5)
+        await wait_until(lambda: ("orphan", 0) in device.sequences)
+        await wait_until(lambda: ("orphan", 0) not in device.sequences, timeout_s=5)
 
 
 async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
@@ -138,12 +138,17 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
     assert final["type"] == "final"
 
 
-# stage layer ranges and the layers each stage streams from disk (with its slots)
+# stage layer ranges, the layers each stage streams from disk, its slots, and (for an
+# interleaved plan, where a device has several segments) the device of each stage
 STREAMED_SPLITS = {
     "1 stage, middle layers streamed, 2 slots": [((0, 6), [2, 3, 4], 2)],
     "1 stage, every layer streamed, 1 slot": [((0, 6), [0, 1, 2, 3, 4, 5], 1)],
     "2 stages, both stream their tails": [((0, 3), [1, 2], 2), ((3, 6), [5], 1)],
     "3 stages, only the middle streams": [((0, 2), [], 0), ((2, 5), [2, 3, 4], 2), ((5, 6), [], 0)],
+    "interleaved, 2 devices x 2 rounds, streaming in both segments": [
+        ((0, 2), [1], 2, 0), ((2, 3), [], 0, 1), ((3, 5), [4], 2, 0), ((5, 6), [5], 1, 1)],
+    "interleaved, 3 devices, the middle one twice": [
+        ((0, 1), [], 0, 0), ((1, 3), [2], 2, 1), ((3, 4), [], 0, 2), ((4, 6), [4, 5], 2, 1)],
 }
 
 
@@ -151,27 +156,30 @@ STREAMED_SPLITS = {
 async def test_streamed_layers_keep_greedy_output_identical(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, name: str
 ) -> None:
-    """Layers read from disk for every token (through the device's read-ahead thread)
-    give the same tokens as transformers, for each way the planner can stream."""
-    layout = STREAMED_SPLITS[name]
+    """Layers read from disk for every token (through the device's read-ahead thread,
+    shared by all segments of a device in an interleaved plan) give the same tokens as
+    transformers, for each way the planner can stream and interleave."""
+    layout = [(*entry, i) if len(entry) == 3 else entry for i, entry in enumerate(STREAMED_SPLITS[name])]
     stages = [
-        StagePlan(stage=i, device_id=f"dev{i}", start=start, stop=stop, embed=i == 0, head=i == len(layout) - 1,
+        StagePlan(stage=i, device_id=f"dev{device}", start=start, stop=stop, embed=i == 0, head=i == len(layout) - 1,
                   weight_bytes=0, kv_tokens=4096, streamed=streamed, slots=slots)
-        for i, ((start, stop), streamed, slots) in enumerate(layout)
+        for i, ((start, stop), streamed, slots, device) in enumerate(layout)
     ]
     plan = Plan(epoch=1, model=tiny_model.name, num_layers=6, stages=stages, strategy="test")
-    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10] * len(layout), plan=plan) as cluster:
+    devices = sorted({s.device_id for s in stages})
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10] * len(devices), plan=plan) as cluster:
         final = await cluster.final({"prompt": PROMPT, "max_tokens": 16})
-        read = [(d.shard.stream.bytes_read if d.shard and d.shard.stream else 0, d.steps_done)
-                for d in cluster.devices]
+        read = {d.device_id: (d.stream.bytes_read if d.stream else 0, d.steps_done) for d in cluster.devices}
     assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 16)
-    # Every streaming device read its streamed layers from disk once per step (plus what it
-    # read ahead), and resident layers never.
+    # Every streaming device read its streamed layers from disk once per token (plus what
+    # it read ahead), and resident layers never.
     checkpoint = Checkpoint(tiny_model)
-    for (_, streamed, _), (device_read, steps) in zip(layout, read, strict=True):
-        per_step = sum(checkpoint.layer_bytes(i) for i in streamed)
-        assert steps >= final["usage"]["completion_tokens"]
-        assert steps * per_step <= device_read <= (steps + 2) * per_step
+    for device_id, (device_read, steps) in read.items():
+        mine = plan.stages_of(device_id)
+        tokens = steps // len(mine)
+        per_token = sum(checkpoint.layer_bytes(i) for s in mine for i in s.streamed)
+        assert tokens >= final["usage"]["completion_tokens"]
+        assert tokens * per_token <= device_read <= (tokens + 2) * per_token
 
 
 async def test_requests_beyond_the_kv_capacity_wait_in_a_queue(

@@ -10,7 +10,7 @@ import pytest
 
 from lime_mqtt.cost import evaluate, layout_stage
 from lime_mqtt.errors import PlanError
-from lime_mqtt.plan import MIB, DeviceProfile, ModelSize, Workload, format_plan, make_plan
+from lime_mqtt.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, interleave, make_plan
 
 
 def brute_force(model: ModelSize, devices: list[DeviceProfile], workload: Workload) -> float:
@@ -72,10 +72,10 @@ def test_optimal_plan_matches_brute_force_on_random_small_instances() -> None:
         expected = brute_force(model, devices, workload)
         if math.isinf(expected):
             with pytest.raises(PlanError):
-                make_plan(model, devices, 1, workload)
+                make_plan(model, devices, 1, workload, interleaving=False)
             infeasible += 1
             continue
-        plan = make_plan(model, devices, 1, workload)
+        plan = make_plan(model, devices, 1, workload, interleaving=False)  # brute force: contiguous plans
         assert plan.optimal is True
         stages = [
             layout_stage(model, next(d for d in devices if d.device_id == s.device_id), s.start, s.stop,
@@ -157,3 +157,41 @@ def test_throughput_objective_balances_the_busiest_stage() -> None:
     assert len(latency.stages) == 1  # one device: no hops
     assert len(throughput.stages) == 3  # the work spread over all three
 
+
+
+def test_interleaving_cuts_each_device_into_segments_in_ring_order() -> None:
+    workload = Workload(context_tokens=64, reserve_bytes=0)
+    model = ModelSize("m", (10 * MIB,) * 30, 20 * MIB, 20 * MIB, 1024, 2048)
+    devices = {d.device_id: d for d in same_speed(4, 400)}
+    stages = [layout_stage(model, devices[f"d{i}"], start, stop, start == 0, stop == 30, workload)
+              for i, (start, stop) in enumerate([(0, 1), (1, 11), (11, 29), (29, 30)])]
+    spans = interleave([s for s in stages if s is not None], 2)
+    assert spans == [("d0", 0, 1), ("d1", 1, 6), ("d2", 6, 15), ("d1", 15, 20), ("d2", 20, 29), ("d3", 29, 30)]
+
+
+def test_interleaving_is_chosen_when_it_hides_more_of_the_streaming() -> None:
+    """SmolLM2-like sizes on four small devices with a slow disk: the two middle devices
+    stream, and with two rounds each reads the first streamed layers of its second
+    segment while the others work."""
+    model = ModelSize("s", (14 * MIB,) * 30, 108 * MIB, 108 * MIB, 1536, 2304)
+    devices = same_speed(4, 160, layer_decode_ms=2.5, disk_mb_s=700.0)
+    workload = Workload(context_tokens=256)
+    contiguous = make_plan(model, devices, 1, workload, interleaving=False)
+    plan = make_plan(model, devices, 1, workload)
+    assert contiguous.rounds == 1 and plan.rounds >= 2
+    assert plan.predicted_ms_per_token is not None and contiguous.predicted_ms_per_token is not None
+    assert plan.predicted_ms_per_token < contiguous.predicted_ms_per_token
+    assert "interleaved" in format_plan(plan, explain=True)
+    for device in {s.device_id for s in plan.stages}:  # every device's memory still fits
+        mine = plan.stages_of(device)
+        used = sum(s.weight_bytes for s in mine) + mine[0].slots * 14 * MIB
+        kv = sum(s.stop - s.start for s in mine) * 1536 * mine[0].kv_tokens
+        assert used + kv + workload.reserve_bytes <= 160 * MIB
+
+
+def test_a_plan_with_neighbouring_segments_on_one_device_is_rejected() -> None:
+    plan = make_plan(SMALL, same_speed(2, 200), 1, Workload(context_tokens=64, reserve_bytes=0), strategy="equal")
+    data = plan.model_dump()
+    data["stages"][1]["device_id"] = data["stages"][0]["device_id"]
+    with pytest.raises(ValueError, match="neighbours on one device"):
+        Plan.model_validate(data)

@@ -140,12 +140,15 @@ class Shard:
 
     def __init__(
         self, checkpoint: Checkpoint, spec: ShardSpec, device: str = "cpu", layer_delay_ms: float = 0.0,
-        random_weights: bool = False,
+        random_weights: bool = False, stream: LayerStream | None = None,
     ) -> None:
         """``layer_delay_ms`` emulates a slower device (benchmarks): every layer of every
         step takes that much longer, as its measurement at start sees too.
         ``random_weights``: the layers get random values of the right shapes instead of
-        the checkpoint's (for timing a layer on a device that does not have it)."""
+        the checkpoint's (for timing a layer on a device that does not have it).
+        ``stream``: a reader shared with the device's other segments (an interleaved
+        plan), which must read this shard's streamed layers; by default the shard reads
+        its own."""
         if spec.stop > checkpoint.num_layers:
             raise ModelError(f"layer range stops at {spec.stop}, the model has {checkpoint.num_layers}")
         started = time.perf_counter()
@@ -193,7 +196,10 @@ class Shard:
             if module is not None:
                 module.to(self.device).eval()
         self._prefixes = {i: self.adapter.layer_prefix(i) for i in spec.streamed}
-        self.stream = LayerStream(checkpoint, streamed_keys, spec.slots) if streamed_keys else None
+        self._own_stream = stream is None and bool(streamed_keys)
+        self.stream = stream if stream is not None else (
+            LayerStream(checkpoint, streamed_keys, spec.slots) if streamed_keys else None
+        )
         log.info("loaded %r in %.2f s", self, time.perf_counter() - started)
 
     def __repr__(self) -> str:
@@ -205,7 +211,7 @@ class Shard:
 
     def close(self) -> None:
         """Stop reading streamed layers (the shard is being replaced)."""
-        if self.stream is not None:
+        if self.stream is not None and self._own_stream:
             self.stream.close()
 
     def new_cache(self):  # -> transformers.DynamicCache
