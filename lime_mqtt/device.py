@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.errors import LimeError, WireError
-from lime_mqtt.memory import peak_rss_bytes, return_freed_memory_promptly, rss_bytes, trim_heap
+from lime_mqtt.memory import (
+    anon_rss_bytes,
+    peak_rss_bytes,
+    return_freed_memory_promptly,
+    rss_bytes,
+    trim_heap,
+)
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.model.shard import LayerStream, Shard, ShardSpec, import_runtime
@@ -87,7 +93,7 @@ class DeviceAgent:
         self.telemetry_s = telemetry_s
         self.threads = threads
         self.torch_device = torch_device
-        self.baseline_rss = 0
+        self.baseline_rss = self.baseline_anon = 0
         if (self.model_folder / "config.json").is_file():
             self._open_model()
         elif not fetch_weights:
@@ -124,6 +130,7 @@ class DeviceAgent:
         self.checkpoint = Checkpoint(self.model_folder)
         import_runtime(self.checkpoint)
         self.baseline_rss = rss_bytes()  # code loaded, no weights yet
+        self.baseline_anon = anon_rss_bytes()
 
     async def _fetch_manifest(self) -> None:
         """The model's config and tensor list from a weight source (waits for one)."""
@@ -187,11 +194,13 @@ class DeviceAgent:
             "torch_device": self.torch_device,
             "threads": self.threads,
             "baseline_rss_mb": round(self.baseline_rss / MIB, 1),
+            "baseline_anon_mb": round(self.baseline_anon / MIB, 1),
             "ts": time.time(),
         }
         if state != "offline":
             status["peak_rss_mb"] = round(peak_rss_bytes() / MIB, 1)
             status["rss_mb"] = round(rss_bytes() / MIB, 1)
+            status["anon_mb"] = round(anon_rss_bytes() / MIB, 1)
         if self.plan is not None and self.stages:
             status["plan_epoch"] = self.plan.epoch
             status["stages"] = [s.stage for s in self.stages]

@@ -22,6 +22,14 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return _status_kb("VmHWM", pid) * 1024
 
 
+def anon_rss_bytes(pid: int | str = "self") -> int:
+    """Resident anonymous memory now (RssAnon): the process's own data (weights, KV cache,
+    buffers), without the file-backed pages of its shared libraries, which the kernel maps
+    in as code runs (more of them when they happen to be in the page cache), shares with
+    other processes and can drop at any time."""
+    return _status_kb("RssAnon", pid) * 1024
+
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 

@@ -128,3 +128,34 @@ def reference_logits(folder: Path, ids: list[int], steps: int) -> list[Any]:
             result = model(torch.tensor([[token]]), cache=cache_, use_cache=True)
             logits = result.logits[0, -1]
     return out
+
+
+class AnonPeakSampler:
+    """The highest resident anonymous memory (RssAnon) of some processes, read from
+    /proc/PID/status every ``period_s`` by a thread, until :meth:`stop`. The kernel keeps
+    a peak only of the whole RSS (VmHWM), which also counts the pages of shared libraries
+    mapped in as code runs; this is the process's own data."""
+
+    def __init__(self, pids: list[int], period_s: float = 0.002) -> None:
+        import threading
+
+        self.peaks = dict.fromkeys(pids, 0)
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        from lime_mqtt.memory import anon_rss_bytes
+
+        while not self._stop.wait(self._period_s):  # a sampling period, not a synchronisation
+            for pid in self.peaks:
+                try:
+                    self.peaks[pid] = max(self.peaks[pid], anon_rss_bytes(pid))
+                except OSError:
+                    pass  # the process has ended
+
+    def stop(self) -> dict[int, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks

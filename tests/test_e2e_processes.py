@@ -22,7 +22,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.plan import MIB
 from lime_mqtt.topics import Topics
 from lime_mqtt.transport import MqttTransport
-from tests.helpers import prompt_ids, reference_greedy
+from tests.helpers import AnonPeakSampler, prompt_ids, reference_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,6 +49,7 @@ def test_four_device_processes_answer_like_transformers(
     devices = [DeviceSpec(f"pi-{i}", 260) for i in range(4)]
     with ProcessCluster(broker.url, cluster_name, str(smollm2_model), devices, tmp_path / "logs",
                         planner_args=("--strategy", "memory")) as procs:
+        sampler = AnonPeakSampler([procs.processes[d.device_id].pid for d in devices])
         plan = procs.wait_ready(timeout_s=120)
         assert [s.device_id for s in plan.stages] == [d.device_id for d in devices]
 
@@ -60,7 +61,7 @@ def test_four_device_processes_answer_like_transformers(
         middle = plan.stages[1]
         pid = statuses[middle.device_id]["pid"]
         assert procs.processes[middle.device_id].pid == pid
-        peak = peak_rss_bytes(pid)
+        peak = sampler.stop()[pid]
         codes = procs.stop()
 
     final = messages[-1]
@@ -76,13 +77,13 @@ def test_four_device_processes_answer_like_transformers(
     shard_bytes = checkpoint.bytes_of(keys)
     status = statuses[middle.device_id]
     assert status["param_count"] == shard_params
-    above_baseline = peak - status["baseline_rss_mb"] * MIB
+    # Peak anonymous memory (sampled RssAnon, see the next test) above the agent's own.
+    above_baseline = peak - status["baseline_anon_mb"] * MIB
     print(f"middle device: layers [{middle.start}, {middle.stop}), shard {shard_bytes / MIB:.0f} MiB, "
-          f"peak RSS {peak / MIB:.0f} MiB, {above_baseline / MIB:.0f} MiB above its baseline, "
+          f"peak anonymous memory {peak / MIB:.0f} MiB, {above_baseline / MIB:.0f} MiB above its baseline, "
           f"model {checkpoint.total_bytes / MIB:.0f} MiB")
-    # Measured here: 127 MiB above baseline for a 108 MiB shard of a 513 MiB model.
     assert above_baseline < checkpoint.total_bytes / 3
-    assert above_baseline < shard_bytes + 48 * MIB
+    assert shard_bytes <= above_baseline < shard_bytes + 48 * MIB
 
     # Clean shutdown: every process exits 0 on SIGTERM.
     assert all(code == 0 for code in codes.values()), codes
@@ -95,12 +96,15 @@ def test_a_model_larger_than_every_device_streams_layers_and_stays_in_budget(
     four agents with 160 MiB each above their baseline, of which the planner keeps 32 MiB
     free on each for working memory: 512 MiB for weights and KV cache in all, so the
     optimal planner must stream layers from disk. The answer is token-identical to transformers
-    and every agent's peak resident memory above its baseline stays within its budget.
+    and every agent's peak memory above its baseline stays within its budget.
 
-    Memory is measured from outside: VmHWM (peak resident set) of each agent's process,
-    read from /proc/PID/status by this test after the answer, minus the RSS the agent
-    reported as its baseline (measured after torch and the model code are imported,
-    before it measured itself or read any weight).
+    Memory is measured from outside, from /proc/PID/status of each agent: RssAnon (its
+    anonymous resident memory: weights, KV cache, buffers) sampled every 2 ms by this
+    test from the agent's start until after the answer, its peak minus the RssAnon the
+    agent reported as its baseline (after torch and the model code are imported, before
+    it measured itself or read any weight). VmHWM (the kernel's peak of the whole RSS)
+    is printed too: it also counts the pages of libtorch's code mapped in as it runs,
+    which are shared and reclaimable, and vary by 0 to 80 MiB with the page cache.
     """
     budget_mb = 160
     devices = [DeviceSpec(f"edge-{i}", budget_mb) for i in range(4)]
@@ -108,6 +112,7 @@ def test_a_model_larger_than_every_device_streams_layers_and_stays_in_budget(
     assert checkpoint.total_bytes > 3 * budget_mb * MIB
     with ProcessCluster(broker.url, cluster_name, str(smollm2_model), devices, tmp_path / "logs",
                         planner_args=("--context-tokens", "256")) as procs:
+        sampler = AnonPeakSampler([procs.processes[d.device_id].pid for d in devices])
         plan = procs.wait_ready(timeout_s=180)
         assert sum(len(s.streamed) for s in plan.stages) > 0
         ids = [d.device_id for d in devices]
@@ -117,18 +122,22 @@ def test_a_model_larger_than_every_device_streams_layers_and_stays_in_budget(
             return messages, await _statuses(broker.url, cluster_name, ids)
 
         messages, statuses = asyncio.run(run())
-        peaks = {d: peak_rss_bytes(statuses[d]["pid"]) for d in ids}
+        anon_peaks = sampler.stop()
+        hwm = {d: peak_rss_bytes(statuses[d]["pid"]) for d in ids}
         codes = procs.stop()
 
     final = messages[-1]
     assert final["type"] == "final", (final, procs.log_tail())
     assert final["token_ids"] == reference_greedy(smollm2_model, prompt_ids(smollm2_model, messages=QUESTION), 16)
-    for stage in plan.stages:
-        above = peaks[stage.device_id] - statuses[stage.device_id]["baseline_rss_mb"] * MIB
-        print(f"{stage.device_id}: layers [{stage.start}, {stage.stop}), {len(stage.streamed)} streamed, "
-              f"resident {stage.weight_bytes / MIB:.0f} MiB, peak {above / MIB:.0f} MiB above baseline "
-              f"(budget {budget_mb} MiB)")
-        assert above <= budget_mb * MIB, (stage, above / MIB)
+    for device_id in ids:
+        status = statuses[device_id]
+        mine = plan.stages_of(device_id)
+        above = anon_peaks[status["pid"]] - status["baseline_anon_mb"] * MIB
+        print(f"{device_id}: layers {[(s.start, s.stop) for s in mine]}, "
+              f"{sum(len(s.streamed) for s in mine)} streamed, resident {sum(s.weight_bytes for s in mine) / MIB:.0f} "
+              f"MiB; peak anonymous memory {above / MIB:.0f} MiB above baseline (budget {budget_mb} MiB); "
+              f"VmHWM {(hwm[device_id] - status['baseline_rss_mb'] * MIB) / MIB:.0f} MiB above the baseline RSS")
+        assert 0 < above <= budget_mb * MIB, (device_id, above / MIB)
     assert all(code == 0 for code in codes.values()), codes
 
 
