@@ -5,8 +5,9 @@ Three clusters of the same three devices (the same device ids, so the same cache
 measurements): two fast ones with 300 MiB and a slow one with 700 MiB, made slow with
 ``--emulate-layer-delay-ms`` (every layer sleeps that long; the planner only learns it
 from the device's own measurement). The clusters differ only in the planner's
-``--strategy``: optimal, equal, memory. A fourth cluster runs SmolLM2 on four 160 MiB
-devices, where the optimal plan streams layers from disk. All clusters run at once on
+``--strategy``: optimal, equal, memory. Two more clusters run SmolLM2 on four 160 MiB
+devices, where the optimal plan streams layers from disk: one may interleave (a device
+runs several segments), the other not (``--no-interleave``). All clusters run at once on
 one Mosquitto and take turns, round after round; every answer must be the same tokens.
 
     .venv/bin/python bench/hetero.py [--tokens 48] [--rounds 5] [--slow-delay-ms 3]
@@ -54,6 +55,7 @@ def main() -> int:
     if not args.no_streaming:
         edge = [DeviceSpec(f"edge-{i}", 160, 1) for i in range(4)]
         configs["4 x 160 MiB, optimal (streams)"] = (edge, ("--context-tokens", "256"))
+        configs["4 x 160 MiB, optimal, not interleaved"] = (edge, ("--context-tokens", "256", "--no-interleave"))
     if not args.keep_measurements:
         # Devices measure themselves at start, all at once, on shared cores; measured
         # one by one on a quiet machine first, they start from these (cached) numbers.

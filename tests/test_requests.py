@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,30 @@ async def test_cli_ask_streams_the_same_answer(broker: LocalBroker, cluster_name
     assert lines[-1]["type"] == "final"
     assert lines[-1]["token_ids"] == expected["token_ids"]
     assert "".join(m["text"] for m in lines if m["type"] == "chunk") == expected["text"]
+
+
+async def test_cli_plan_explain_prints_the_plan_with_its_predictions(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    import sys
+
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10],
+                                  planner_options={"strategy": "optimal"}) as cluster:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lime_mqtt.cli", "plan", "--explain", "--broker", broker.url, "--cluster",
+            cluster_name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    text = out.decode()
+    plan = cluster.plan
+    assert plan.predicted_ms_per_token is not None
+    assert f"predicted {plan.predicted_ms_per_token:.1f} ms per token" in text
+    for stage in plan.stages:
+        assert re.search(rf"\b{stage.device_id}\s+\[{stage.start}, {stage.stop}\)", text), text
+    for device_id in plan.left_out:  # the tiny model fits one device: the other is left out, with the reason
+        assert f"left out {device_id}: " in text
+    assert "stall ms" in text and "KV tokens" in text
 
 
 async def test_a_cluster_too_small_says_why_there_is_no_plan(
