@@ -48,50 +48,42 @@ async def test_a_request_larger_than_the_capacity_fails_at_once() -> None:
     assert caught.value.code == "kv_capacity"
 
 
+async def _reserve(admission: KvAdmission, tokens: int, entered: asyncio.Event, leave: asyncio.Event) -> None:
+    async with admission.reserve(tokens):
+        entered.set()
+        await leave.wait()
+
+
+def _start(admission: KvAdmission, tokens: int, leave: asyncio.Event) -> tuple[asyncio.Task[None], asyncio.Event]:
+    entered = asyncio.Event()
+    return asyncio.create_task(_reserve(admission, tokens, entered, leave)), entered
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_and_frees_nothing_it_did_not_hold() -> None:
     admission = KvAdmission(capacity=10)
-    hold = asyncio.Event()
-
-    async def holder() -> None:
-        async with admission.reserve(10):
-            await hold.wait()
-
-    first = asyncio.create_task(holder())
-    await asyncio.sleep(0)
-
-    async def waiter() -> None:
-        async with admission.reserve(5):
-            pass
-
-    second = asyncio.create_task(waiter())
+    leave = asyncio.Event()
+    first, entered = _start(admission, 10, leave)
+    await entered.wait()
+    second, _ = _start(admission, 5, leave)
     await wait_until(lambda: admission.waiting >= 1)
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
     assert admission.waiting == 0 and admission.used == 10
-    hold.set()
+    leave.set()
     await first
     assert admission.used == 0
 
 
 async def test_a_bigger_plan_lets_waiting_requests_in() -> None:
     admission = KvAdmission(capacity=10)
-    hold = asyncio.Event()
-
-    async def holder() -> None:
-        async with admission.reserve(10):
-            await hold.wait()
-
-    first = asyncio.create_task(holder())
-    await asyncio.sleep(0)
-    entered = asyncio.Event()
-
-    async def second() -> None:
-        async with admission.reserve(8):
-            entered.set()
-
-    task = asyncio.create_task(second())
+    leave = asyncio.Event()
+    first, entered_first = _start(admission, 10, leave)
+    await entered_first.wait()
+    second, entered_second = _start(admission, 8, leave)
     await wait_until(lambda: admission.waiting >= 1)
     admission.set_capacity(20)
-    await asyncio.wait_for(entered.wait(), 1)
-    hold.set()
-    await asyncio.gather(first, task)
+    await asyncio.wait_for(entered_second.wait(), 1)
+    assert admission.used == 18
+    leave.set()
+    await asyncio.gather(first, second)
+    assert admission.used == 0
