@@ -23,6 +23,7 @@ class _Waiter:
     tokens: int
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     position: int = 0
+    ticket: int = -1  # admission order, once admitted
 
 
 class KvAdmission:
@@ -34,6 +35,9 @@ class KvAdmission:
         self.peak = 0  # the most tokens ever reserved at once
         self._queue: list[_Waiter] = []
         self._moved = asyncio.Event()  # set (and replaced) whenever the queue moves
+        self._issued = 0  # admission tickets handed out
+        self._started = 0  # tickets whose request has started (or given up): they start in order
+        self._finished_tickets: set[int] = set()
 
     def __repr__(self) -> str:
         return f"KvAdmission(used={self.used}, capacity={self.capacity}, waiting={len(self._queue)})"
@@ -52,11 +56,23 @@ class KvAdmission:
             waiter = self._queue.pop(0)
             self.used += waiter.tokens
             self.peak = max(self.peak, self.used)
+            waiter.ticket, self._issued = self._issued, self._issued + 1
             waiter.ready.set()
         for place, waiter in enumerate(self._queue, start=1):
             waiter.position = place
+        self._wake()
+
+    def _wake(self) -> None:
         self._moved.set()
         self._moved = asyncio.Event()
+
+    def _start(self, ticket: int) -> None:
+        """Ticket ``ticket`` has started (or gone): let the next in admission order start."""
+        self._finished_tickets.add(ticket)
+        while self._started in self._finished_tickets:
+            self._finished_tickets.discard(self._started)
+            self._started += 1
+        self._wake()
 
     @contextlib.asynccontextmanager
     async def reserve(self, tokens: int, on_position: PositionCallback | None = None) -> AsyncIterator[None]:
@@ -84,14 +100,23 @@ class KvAdmission:
                     await on_position(told)
                 if not waiter.ready.is_set():
                     await moved.wait()  # set if the queue moved since ``moved`` was taken
+            # Requests admitted together start in admission order (one may still be
+            # telling its client its place when the queue moves).
+            while True:
+                moved = self._moved
+                if self._started == waiter.ticket:
+                    break
+                await moved.wait()
         except BaseException:
             if waiter in self._queue:
                 self._queue.remove(waiter)
                 self._admit()
             elif waiter.ready.is_set():
                 self.used -= tokens
+                self._start(waiter.ticket)
                 self._admit()
             raise
+        self._start(waiter.ticket)
         try:
             yield
         finally:

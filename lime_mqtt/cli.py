@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one step")
     p.add_argument("--step-retry", type=float, default=5.0, help="resend a step with no answer after this")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
-    p.add_argument("--max-concurrent", type=int, default=8, help="requests generated at once")
+    p.add_argument("--max-concurrent", type=int, default=8,
+                   help="requests generated at once (also bounded by the plan's KV capacity)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait for a turn; more get an 'overloaded' error")
     p.add_argument("--no-weight-source", action="store_true",
                    help="do not serve the model's tensors to devices that fetch them over MQTT")
 
@@ -177,7 +180,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         coordinator = Coordinator(
             settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
-            ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent,
+            ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
             serve_weights=not args.no_weight_source,
             username=settings.username, password=settings.password,
         )

@@ -91,3 +91,15 @@ async def ask_final(broker: str, cluster: str, request: dict[str, Any], **kwargs
     async for answer in ask(broker, cluster, request, **kwargs):
         last = answer
     return last
+
+
+async def cancel(broker: str, cluster: str, request_id: str, transport: MqttTransport | None = None) -> None:
+    """Ask the coordinator to stop request ``request_id`` (the ``id`` every answer message
+    carries). Its client then gets an error with code ``cancelled``, and every device frees
+    the request's KV cache."""
+    payload = json.dumps({"cancel": request_id}).encode()
+    if transport is not None:
+        await transport.publish(Topics(cluster).requests, payload, qos=1)
+        return
+    async with MqttTransport(broker) as conn:
+        await conn.publish(Topics(cluster).requests, payload, qos=1)

@@ -84,12 +84,16 @@ class ProcessCluster:
         coordinator: bool = True,
         extra_env: dict[str, str] | None = None,
         planner_args: tuple[str, ...] = (),
+        planner: bool = True,
+        coordinator_args: tuple[str, ...] = (),
     ) -> None:
         self.broker, self.cluster, self.model = broker, cluster, model
         self.devices = devices
         self.log_dir = log_dir
         self.with_coordinator = coordinator
         self.planner_args = planner_args
+        self.with_planner = planner  # False: someone else publishes the plan
+        self.coordinator_args = coordinator_args
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -109,9 +113,10 @@ class ProcessCluster:
         return process
 
     def start(self) -> ProcessCluster:
-        self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args)
+        if self.with_planner:
+            self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args)
         if self.with_coordinator:
-            self._spawn("coordinator", "coordinator")
+            self._spawn("coordinator", "coordinator", *self.coordinator_args)
         for device in self.devices:
             args = ["device", "--device-id", device.device_id, "--memory-mb", str(device.memory_mb)]
             if device.threads:

@@ -41,6 +41,14 @@ class ReplyTarget:
 
 
 @dataclass
+class _Running:
+    """A request being served, as a task a client's cancel message can stop."""
+
+    task: asyncio.Task[Any]
+    cancelled: bool = False
+
+
+@dataclass
 class _Active:
     """A request being answered, and the futures of its steps waiting for their token."""
 
@@ -59,6 +67,7 @@ class Coordinator:
         step_retry_s: float = 5.0,
         ready_timeout_s: float = 30.0,
         max_concurrent: int = 8,
+        max_waiting: int = 1024,
         serve_weights: bool = False,
         username: str | None = None,
         password: str | None = None,
@@ -85,9 +94,13 @@ class Coordinator:
         self.device_status: dict[str, dict[str, Any]] = {}
         self.planner_message: str | None = None  # the planner's word on why there is no plan
         self.active: dict[str, _Active] = {}
+        self.peak_active = 0  # the most requests generating at once
         self.served = 0
         self._changed = asyncio.Condition()
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._slots = asyncio.Semaphore(max_concurrent)  # wakes waiters first come, first served
+        self.max_waiting = max_waiting
+        self.waiting = 0  # requests received and not yet generating
+        self.by_client_id: dict[str, _Running] = {}  # for cancelling
         self.serving = asyncio.Event()  # set once requests are subscribed to
         # Retained while serving; a clean exit or the last will (empty, retained) clears it.
         will = LastWill(self.topics.coordinator_status(self.name), b"")
@@ -242,13 +255,40 @@ class Coordinator:
             raw = json.loads(message.payload)
         except ValueError:
             raw = None
+        if (victim := protocol.cancel_target(message.payload)) is not None:
+            self._cancel(victim)
+            return
         client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
         request_id = client_id or uuid.uuid4().hex
         target = self._reply_target(message, raw, request_id)
+        task = asyncio.current_task()
+        assert task is not None
+        running = self.by_client_id[request_id] = _Running(task)
         try:
             request = protocol.parse_request(message.payload)
-            async with self._slots:
-                await self._generate(request, request_id, target, received_at)
+            waiting = self.waiting + self.admission.waiting
+            if waiting >= self.max_waiting:
+                raise RequestError("overloaded", f"{waiting} requests are already waiting; try again later")
+            try:
+                async with asyncio.timeout(request.deadline_s):
+                    self.waiting += 1
+                    try:
+                        await self._slots.acquire()
+                    finally:
+                        self.waiting -= 1
+                    try:
+                        await self._generate(request, request_id, target, received_at)
+                    finally:
+                        self._slots.release()
+            except TimeoutError:
+                raise RequestError(
+                    "deadline_exceeded", f"no complete answer within the request's deadline of {request.deadline_s} s"
+                ) from None
+        except asyncio.CancelledError:
+            if not running.cancelled:
+                raise  # the coordinator is stopping
+            log.info("request %s cancelled by its client", request_id)
+            await self._send(target, protocol.error_message(request_id, "cancelled", "cancelled by the client"))
         except RequestError as exc:
             log.info("request %s: %s: %s", request_id, exc.code, exc.message)
             await self._send(target, protocol.error_message(request_id, exc.code, exc.message))
@@ -260,6 +300,18 @@ class Coordinator:
             await self._send(target, protocol.error_message(request_id, "internal_error", str(exc)))
         finally:
             self.served += 1
+            if self.by_client_id.get(request_id) is running:
+                del self.by_client_id[request_id]
+
+    def _cancel(self, request_id: str) -> None:
+        """A client's cancel: stop its request wherever it is (waiting, queued, generating);
+        the request's own cleanup frees its KV cache on every device."""
+        running = self.by_client_id.get(request_id)
+        if running is None or running.cancelled:
+            log.info("cancel for %s, which is not running here", request_id)
+            return
+        running.cancelled = True
+        running.task.cancel()
 
     def _prompt_ids(self, request: Request) -> list[int]:
         if request.messages is not None:
@@ -299,6 +351,7 @@ class Coordinator:
     ) -> None:
         rid = uuid.uuid4().hex
         active = self.active[rid] = _Active(request)
+        self.peak_active = max(self.peak_active, len(self.active))
         sampling = Sampling(
             temperature=request.temperature,
             top_k=request.top_k,

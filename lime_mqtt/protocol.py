@@ -36,6 +36,7 @@ class Request(BaseModel):
     reply_to: str | None = Field(None, min_length=1, pattern=r"^[^+#]+$")
     client: str = Field("default", min_length=1, max_length=64, pattern=r"^[^/+#\s]+$")
     return_logits: bool = False
+    deadline_s: float | None = Field(None, gt=0.0, le=86400.0)  # a whole answer within this, or a timeout error
 
     @model_validator(mode="before")
     @classmethod
@@ -55,6 +56,17 @@ class Request(BaseModel):
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise ValueError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings")
         return self
+
+
+def cancel_target(payload: bytes) -> str | None:
+    """The id in a cancel message ``{"cancel": "<id>"}``, or ``None`` for anything else."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(data, dict) and set(data) <= {"cancel", "v"} and isinstance(data.get("cancel"), str):
+        return str(data["cancel"]) or None
+    return None
 
 
 def parse_request(payload: bytes) -> Request:

@@ -1,0 +1,151 @@
+"""Many requests at once: answers independent of the traffic, cancel, deadlines, bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from lime_mqtt.broker import LocalBroker
+from lime_mqtt.client import ask, cancel
+from lime_mqtt.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.plan import Plan, StagePlan
+from lime_mqtt.topics import Topics
+from lime_mqtt.transport import MqttTransport
+from tests.helpers import AnonPeakSampler, in_process_cluster, prompt_ids, reference_greedy, wait_until
+
+REQUESTS = [
+    {"id": "r0", "prompt": "Valve V-17 is", "max_tokens": 40},
+    {"id": "r1", "prompt": "The compressor on line 2", "max_tokens": 8},
+    {"id": "r2", "prompt": "Shift report:", "max_tokens": 24, "temperature": 0.8, "seed": 11},
+    {"id": "r3", "prompt": "Pump P-3 pressure reading", "max_tokens": 16, "temperature": 1.2, "top_k": 20,
+     "seed": 5},
+    {"id": "r4", "prompt": "Alarm", "max_tokens": 32, "temperature": 0.7, "top_p": 0.8, "seed": 99},
+    {"id": "r5", "prompt": "Maintenance window for conveyor belt C is scheduled", "max_tokens": 12},
+    {"id": "r6", "prompt": "Temperature sensor T-9 drifted by", "max_tokens": 28, "temperature": 1.0, "seed": 3},
+    {"id": "r7", "prompt": "Close", "max_tokens": 20},
+]
+
+
+async def test_eight_concurrent_requests_answer_as_they_do_alone(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10, 10], max_concurrent=8) as cluster:
+        alone = {r["id"]: await cluster.final(r) for r in REQUESTS}
+        steps_before = sum(d.steps_done for d in cluster.devices)
+        together = await asyncio.gather(*[cluster.final(r) for r in REQUESTS])
+        overlap = cluster.coordinator.peak_active
+    for request, answer in zip(REQUESTS, together, strict=True):
+        assert answer["type"] == "final", answer
+        assert answer["token_ids"] == alone[request["id"]]["token_ids"], request
+        assert answer["text"] == alone[request["id"]]["text"]
+        if "temperature" not in request:  # greedy: also what transformers says
+            ids = prompt_ids(tiny_model, request["prompt"])
+            assert answer["token_ids"] == reference_greedy(tiny_model, ids, request["max_tokens"])
+    assert steps_before > 0 and overlap >= 4  # they really were in flight together
+
+
+async def test_a_cancelled_request_frees_its_kv_cache_on_every_device(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        messages = []
+        held_at_cancel = 0
+        async for message in ask(broker.url, cluster_name, {"id": "long-one", "prompt": "Report", "max_tokens": 400}):
+            messages.append(message)
+            if message["type"] == "chunk" and len(messages) == 3:
+                held_at_cancel = sum(d.telemetry()["kv_tokens"] for d in cluster.devices)
+                await cancel(broker.url, cluster_name, "long-one")
+        await wait_until(lambda: all(d.telemetry()["kv_tokens"] == 0 and not d.sequences for d in cluster.devices))
+        after = await cluster.final({"prompt": "Report", "max_tokens": 4})
+    assert held_at_cancel > 0
+    assert messages[-1]["type"] == "error" and messages[-1]["error"]["code"] == "cancelled"
+    assert sum(1 for m in messages if m["type"] == "chunk") < 400
+    assert after["type"] == "final"  # the cluster serves on
+
+
+async def test_a_tiny_deadline_gets_a_timeout_error(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+        late = await cluster.final({"prompt": "Report", "max_tokens": 200, "deadline_s": 0.05})
+        await wait_until(lambda: all(not d.sequences for d in cluster.devices))
+        in_time = await cluster.final({"prompt": "Report", "max_tokens": 4, "deadline_s": 60})
+    assert late["type"] == "error" and late["error"]["code"] == "deadline_exceeded", late
+    assert "0.05 s" in late["error"]["message"]
+    assert in_time["type"] == "final"
+
+
+def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The plan's KV owners hold 8 requests at once (8 x (prompt + max_tokens) tokens);
+    200 requests arrive together. All are answered, they start in the order they were
+    sent, and no process's memory keeps growing once the first 8 are answered."""
+    topics = Topics(cluster_name)
+    prompt, max_tokens = "Status of line 4:", 12
+    footprint = len(prompt_ids(tiny_model, prompt)) + max_tokens
+    stages = [StagePlan(stage=i, device_id=f"d{i}", start=3 * i, stop=3 * i + 3, embed=i == 0, head=i == 1,
+                        weight_bytes=0, kv_tokens=8 * footprint) for i in range(2)]
+    plan = Plan(epoch=1, model=tiny_model.name, num_layers=6, stages=stages, strategy="test")
+    devices = [DeviceSpec("d0", 10), DeviceSpec("d1", 10)]
+
+    async def publish_plan() -> None:
+        async with MqttTransport(broker.url) as conn:
+            await conn.publish(topics.plan, plan.to_json(), qos=1, retain=True)
+
+    asyncio.run(publish_plan())
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs", planner=False,
+                        coordinator_args=("--max-concurrent", "32")) as procs:
+        procs.wait_ready(timeout_s=60)
+        pids = {name: p.pid for name, p in procs.processes.items()}
+        sampler = AnonPeakSampler(list(pids.values()))
+
+        async def burst() -> tuple[list[str], dict[str, dict], dict[int, int]]:
+            reply = f"{topics.root}/test-burst"
+            first_seen: list[str] = []
+            finals: dict[str, dict] = {}
+            after_eight: dict[int, int] = {}
+            async with MqttTransport(broker.url) as conn:
+                await conn.subscribe(reply)
+                for n in range(200):
+                    request = {"id": f"q{n:03d}", "prompt": prompt, "max_tokens": max_tokens, "reply_to": reply}
+                    await conn.publish(topics.requests, json.dumps(request).encode(), qos=1)
+                async with asyncio.timeout(240):
+                    async for message in conn.messages():
+                        answer = json.loads(message.payload)
+                        if answer["type"] == "chunk" and answer["id"] not in first_seen:
+                            first_seen.append(answer["id"])
+                        if answer["type"] in ("final", "error"):
+                            finals[answer["id"]] = answer
+                            if len(finals) == 8:
+                                after_eight = dict(sampler.peaks)
+                            if len(finals) == 200:
+                                break
+            return first_seen, finals, after_eight
+
+        first_seen, finals, after_eight = asyncio.run(burst())
+        peaks = sampler.stop()
+        codes = procs.stop()
+    assert all(a["type"] == "final" for a in finals.values()), [a for a in finals.values() if a["type"] != "final"]
+    assert len(finals) == 200
+    assert first_seen == [f"q{n:03d}" for n in range(200)]  # served in the order they were sent
+    expected = reference_greedy(tiny_model, prompt_ids(tiny_model, prompt), max_tokens)
+    assert all(a["token_ids"] == expected for a in finals.values())
+    for name, pid in pids.items():
+        growth = peaks[pid] - after_eight[pid]
+        print(f"{name}: peak anonymous memory {after_eight[pid] / 2**20:.1f} MiB after 8 answers, "
+              f"{peaks[pid] / 2**20:.1f} MiB after 200")
+        assert growth < 6 * 2**20, (name, growth / 2**20)
+    assert all(code == 0 for code in codes.values()), codes
+
+
+@pytest.mark.parametrize("bad", [b'{"cancel": 5}', b'{"cancel": ""}', b'{"cancel": "nobody"}'])
+async def test_a_cancel_for_nothing_harms_nothing(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, bad: bytes
+) -> None:
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
+        async with MqttTransport(broker.url) as conn:
+            await conn.publish(Topics(cluster_name).requests, bad, qos=1)
+        answer = await cluster.final({"prompt": "Report", "max_tokens": 3})
+    assert answer["type"] == "final"
