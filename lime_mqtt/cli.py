@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,10 +234,24 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 async def stream_answer(broker: str, cluster: str, request: dict[str, Any], timeout_s: float,
                         as_json: bool = False) -> int:
-    """Print an answer as it streams; return 0 on success, 1 on an error message."""
-    from lime_mqtt.client import ask
+    """Print an answer as it streams; return 0 on success, 1 on an error message. Stopped
+    (Ctrl-C), it cancels the request, so the devices free its KV cache at once."""
+    import uuid
 
-    async for message in ask(broker, cluster, request, timeout_s=timeout_s):
+    from lime_mqtt.client import ask, cancel
+
+    request = {"id": f"ask-{uuid.uuid4().hex[:12]}", **request}
+    try:
+        return await _print_answer(ask(broker, cluster, request, timeout_s=timeout_s), as_json)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await cancel(broker, cluster, request["id"])
+        raise
+
+
+async def _print_answer(messages: AsyncIterator[dict[str, Any]], as_json: bool) -> int:
+    async for message in messages:
         if as_json:
             print(json.dumps(message), flush=True)
         elif message["type"] == "chunk":
