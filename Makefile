@@ -44,7 +44,10 @@ lint: setup
 	$(VENV)/bin/mypy lime_mqtt
 
 bench: setup
+	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/tpot.py
+	$(PY) bench/hetero.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
