@@ -1,7 +1,8 @@
 """Load: the same requests one at a time, in a burst, and sporadically, on one cluster.
 
 A cluster of ``--stages`` device agents (separate processes, one torch thread each, an
-equal split) serves three patterns, round after round, in one run:
+equal split, batching up to ``--max-batch`` decode steps) serves three patterns, round
+after round, in one run:
 
 - *one at a time*: ``--burst`` requests, each sent when the previous one is answered;
 - *bursty*: the same ``--burst`` requests sent at once;
@@ -193,7 +194,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     axes[2].set_title("device busy fraction")
     axes[2].legend()
     fig.suptitle(f"{report['model']}, {report['stages']} stages, "
-                 f"{report['burst']} requests x {report['tokens']} tokens")
+                 f"{report['burst']} requests x {report['tokens']} tokens, devices batch up to {report['max_batch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -209,10 +210,13 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="devices batch up to this many decode steps (1: no batching)")
     parser.add_argument("--out", default="bench/results/load.json")
     args = parser.parse_args()
     folder = resolve_model(args.model)
-    devices = [DeviceSpec(f"load-{i}", 2000 // args.stages + 200, 1) for i in range(args.stages)]
+    devices = [DeviceSpec(f"load-{i}", 2000 // args.stages + 200, 1, ("--max-batch", str(args.max_batch)))
+               for i in range(args.stages)]
     with LocalBroker() as broker:
         cluster = f"load{os.getpid()}"
         with ProcessCluster(broker.url, cluster, str(folder), devices, Path(tempfile.mkdtemp(prefix="lime-load-")),
@@ -232,6 +236,7 @@ def main() -> int:
     single = medians["one at a time"]
     report = {
         "model": args.model, "stages": args.stages, "burst": args.burst, "tokens": args.tokens,
+        "max_batch": args.max_batch,
         "sporadic": args.sporadic, "rate_per_s": args.rate, "rounds": measured["rounds"], "medians": medians,
         "bursty_throughput_vs_one_at_a_time": medians["bursty"]["tokens_per_s"] / single["tokens_per_s"],
         "sporadic_tpot_vs_one_at_a_time": medians["sporadic"]["tpot_ms_median"] / single["tpot_ms_median"],

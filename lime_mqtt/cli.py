@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached under $LIME_MQTT_CACHE/received")
     p.add_argument("--serve-weights", action="store_true",
                    help="also be a weight source for devices that fetch theirs over MQTT")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="run up to this many sequences' decode steps waiting at this device as one batch "
+                   "(default 1: no batching, bit-identical to transformers; see docs/architecture.md)")
     p.add_argument("--emulate-layer-delay-ms", type=float, default=0.0,
                    help="benchmarks: make every layer this much slower, as a slower device would be "
                    "(the measurement at start sees it; the planner is not told)")
@@ -209,7 +212,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
             kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
-            measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms,
+            measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             username=settings.username, password=settings.password,
         )

@@ -9,6 +9,7 @@ thread so the MQTT connection stays responsive during a long prefill.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ class DeviceAgent:
         torch_device: str = "cpu",
         measure: bool = True,
         layer_delay_ms: float = 0.0,
+        max_batch: int = 1,
         fetch_weights: bool = False,
         serve_weights: bool = False,
         username: str | None = None,
@@ -89,6 +91,12 @@ class DeviceAgent:
         self.serve_weights = serve_weights  # this device is a weight source for others
         self.username, self.password = username, password
         self.manifest: dict[str, Any] | None = None
+        if not 1 <= max_batch <= 256:
+            raise LimeError("--max-batch must be between 1 and 256")
+        self.max_batch = max_batch  # >1: decode steps waiting at a stage run together (Shard.forward_batch)
+        self._stash: collections.deque[Message | Plan] = collections.deque()  # taken from the queue, not batched
+        self._arrived = asyncio.Event()  # a message reached the work queue
+        self._batch_compute_s = 0.0  # recent time of one batched forward (moving average)
         self.kv_ttl_s = kv_ttl_s
         self.telemetry_s = telemetry_s
         self.threads = threads
@@ -110,6 +118,7 @@ class DeviceAgent:
         self.layer_delay_ms = layer_delay_ms
         self.capabilities: dict[str, Any] = {}
         self.steps_done = 0
+        self.batches = 0  # forward passes: steps_done / batches is the mean batch size
         self.peak_kv_tokens = 0
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
         self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
@@ -237,6 +246,7 @@ class DeviceAgent:
             "peak_kv_tokens": self.peak_kv_tokens,
             "queue_depth": self._queue.qsize(),
             "steps_done": self.steps_done,
+            "batches": self.batches,
             "compute_s": round(self.compute_s, 4),
             "streamed_mb": round(stream.bytes_read / 1e6, 1) if stream else 0.0,
             "stream_wait_s": round(stream.wait_s, 4) if stream else 0.0,
@@ -311,6 +321,7 @@ class DeviceAgent:
                 await self._queue.put(plan)
             else:
                 await self._queue.put(message)
+                self._arrived.set()
 
     async def _housekeeping(self) -> None:
         """Free KV caches of requests idle past their TTL; publish telemetry."""
@@ -326,7 +337,7 @@ class DeviceAgent:
 
     async def _work(self) -> None:
         while True:
-            item = await self._queue.get()
+            item = self._stash.popleft() if self._stash else await self._queue.get()
             try:
                 if isinstance(item, Plan):
                     await self._apply_plan(item)
@@ -410,30 +421,137 @@ class DeviceAgent:
             for key in [k for k in self.sequences if k[0] == envelope.request_id]:
                 del self.sequences[key]
 
-    async def _handle_step(self, message: Message) -> None:
+    def _accept_step(self, message: Message) -> tuple[Envelope, StagePlan] | None:
+        """A step this device should run now, with its stage; ``None`` (logged) otherwise."""
         try:
             envelope = Envelope.decode(message.payload)
         except WireError as exc:
             log.warning("%s: dropping a malformed message on %s: %s", self.device_id, message.topic, exc)
-            return
+            return None
         stage = self._stage_by_topic.get(message.topic)
         if self.plan is None or stage is None or stage.stage not in self.shards:
-            return
+            return None
         if envelope.epoch != self.plan.epoch or envelope.kind != "step":
             log.debug("%s: dropping %s of epoch %d (current %d)", self.device_id, envelope.request_id,
                       envelope.epoch, self.plan.epoch)
+            return None
+        return envelope, stage
+
+    def _batchable(self, envelope: Envelope, stage: StagePlan) -> bool:
+        """A decode step (one new token) of a sequence whose cache is here."""
+        one = (envelope.tokens is not None and len(envelope.tokens) == 1) or (
+            envelope.hidden is not None and envelope.hidden.dim() == 3 and envelope.hidden.shape[:2] == (1, 1)
+        )
+        return one and envelope.pos > 0 and (envelope.request_id, stage.stage) in self.sequences
+
+    async def _gather_batch(self, first: Envelope, stage: StagePlan, topic: str) -> list[Envelope]:
+        """``first`` and the decode steps of other sequences right behind it at this stage.
+
+        Steps already waiting are taken at once; if fewer than this stage's live
+        sequences are here, it waits a little for the rest (at most a quarter of a
+        batch's recent compute time, and 20 ms), since they are usually a few messages
+        behind. It stops at the first waiting item that is not such a step (order kept).
+        """
+        batch = [first]
+        live = sum(1 for _, n in self.sequences if n == stage.stage)
+        want = min(self.max_batch, live)
+        deadline = time.monotonic() + min(0.02, self._batch_compute_s / 4)
+        await self._let_arrived_messages_in()
+        while len(batch) < want:
+            item = self._next_waiting()
+            if item is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+                await self._let_arrived_messages_in()
+                continue
+            if isinstance(item, Plan) or item.topic != topic:
+                self._stash.appendleft(item)
+                break
+            more = self._accept_step(item)
+            if more is None:
+                continue
+            if not self._batchable(*more) or any(e.request_id == more[0].request_id for e in batch):
+                self._stash.appendleft(item)
+                break
+            batch.append(more[0])
+        return batch
+
+    async def _let_arrived_messages_in(self) -> None:
+        """Give the event loop a few turns, so that messages already in the socket reach the
+        work queue (the MQTT client reads one packet per turn, and the receiver needs a turn
+        to pass each on); stop as soon as a pair of turns brings nothing new."""
+        for _ in range(self.max_batch):
+            size = self._queue.qsize()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            if self._queue.qsize() == size:
+                return
+
+    def _next_waiting(self) -> Message | Plan | None:
+        if self._stash:
+            return self._stash.popleft()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def _handle_step(self, message: Message) -> None:
+        accepted = self._accept_step(message)
+        if accepted is None:
+            return
+        envelope, stage = accepted
+        if self.max_batch > 1 and self._batchable(envelope, stage):
+            await self._run_batch(await self._gather_batch(envelope, stage, message.topic), stage)
             return
         try:
             await self._run_step(envelope, stage)
         except (LimeError, RuntimeError, ValueError, IndexError) as exc:  # e.g. a token id past the vocabulary
-            log.error("%s: request %s step %d failed: %s", self.device_id, envelope.request_id, envelope.step, exc)
-            self.sequences.pop((envelope.request_id, stage.stage), None)
-            if envelope.reply:
-                failure = Envelope(
-                    kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
-                    meta={"error": {"code": "stage_error", "device_id": self.device_id, "message": str(exc)}},
-                )
-                await self.transport.publish(envelope.reply, failure.encode(), qos=1)
+            await self._fail(envelope, stage, exc)
+
+    async def _fail(self, envelope: Envelope, stage: StagePlan, exc: Exception) -> None:
+        log.error("%s: request %s step %d failed: %s", self.device_id, envelope.request_id, envelope.step, exc)
+        self.sequences.pop((envelope.request_id, stage.stage), None)
+        if envelope.reply:
+            failure = Envelope(
+                kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
+                meta={"error": {"code": "stage_error", "device_id": self.device_id, "message": str(exc)}},
+            )
+            await self.transport.publish(envelope.reply, failure.encode(), qos=1)
+
+    async def _run_batch(self, batch: list[Envelope], stage: StagePlan) -> None:
+        """Decode steps of several sequences as one batch of ``max_batch`` rows."""
+        shard = self.shards[stage.stage]
+        sequences = [self.sequences[(e.request_id, stage.stage)] for e in batch]
+        started = time.perf_counter()
+        try:
+            outputs = shard.forward_batch(
+                [s.cache for s in sequences], [e.pos for e in batch],
+                max(len(batch), shard.batch_rows(self.max_batch)),
+                tokens=[e.tokens[0] for e in batch if e.tokens] if stage.embed else None,
+                hidden=[e.hidden for e in batch if e.hidden is not None] if not stage.embed else None,
+            )
+        except (LimeError, RuntimeError, ValueError, IndexError) as exc:
+            for envelope in batch:
+                await self._fail(envelope, stage, exc)
+            return
+        now = time.monotonic()
+        for sequence in sequences:
+            sequence.last_used = now
+        elapsed = time.perf_counter() - started
+        self._batch_compute_s = 0.8 * self._batch_compute_s + 0.2 * elapsed if self._batch_compute_s else elapsed
+        self.steps_done += len(batch)
+        self.batches += 1
+        self.compute_s += elapsed
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self._kv_tokens())
+        for envelope, output in zip(batch, outputs, strict=True):
+            await self._emit(envelope, stage, output)
 
     async def _run_step(self, envelope: Envelope, stage: StagePlan) -> None:
         shard = self.shards[stage.stage]
@@ -455,8 +573,13 @@ class DeviceAgent:
                 self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
             )
         self.steps_done += 1
+        self.batches += 1
         self.compute_s += time.perf_counter() - started
         self.peak_kv_tokens = max(self.peak_kv_tokens, self._kv_tokens())
+        await self._emit(envelope, stage, output)
+
+    async def _emit(self, envelope: Envelope, stage: StagePlan, output: Any) -> None:
+        """Pass a step's hidden state on to the next stage, or (last stage) the token back."""
         if not stage.head:
             onward = Envelope(
                 kind="step", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,

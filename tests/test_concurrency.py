@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lime_mqtt.broker import LocalBroker
-from lime_mqtt.client import ask, cancel
+from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.plan import Plan, StagePlan
 from lime_mqtt.topics import Topics
@@ -37,14 +37,64 @@ async def test_eight_concurrent_requests_answer_as_they_do_alone(
         steps_before = sum(d.steps_done for d in cluster.devices)
         together = await asyncio.gather(*[cluster.final(r) for r in REQUESTS])
         overlap = cluster.coordinator.peak_active
+    check_alone_and_together(tiny_model, alone, together)
+    assert steps_before > 0 and overlap >= 4  # they really were in flight together
+
+
+def check_alone_and_together(model: Path, alone: dict[str, dict], together: list[dict]) -> None:
     for request, answer in zip(REQUESTS, together, strict=True):
         assert answer["type"] == "final", answer
         assert answer["token_ids"] == alone[request["id"]]["token_ids"], request
         assert answer["text"] == alone[request["id"]]["text"]
         if "temperature" not in request:  # greedy: also what transformers says
-            ids = prompt_ids(tiny_model, request["prompt"])
-            assert answer["token_ids"] == reference_greedy(tiny_model, ids, request["max_tokens"])
-    assert steps_before > 0 and overlap >= 4  # they really were in flight together
+            ids = prompt_ids(model, request["prompt"])
+            assert answer["token_ids"] == reference_greedy(model, ids, request["max_tokens"])
+
+
+def test_devices_batch_concurrent_decode_steps_and_answers_stay_the_same(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Devices as processes with --max-batch 8 (and 5 ms slower layers, as a small
+    device.s, so that steps of other sequences wait while one runs): the 8 requests run
+    in batches, and each answer is the one it gets alone (greedy: transformers' too)."""
+    devices = [DeviceSpec(f"b{i}", 10, 1, ("--max-batch", "8", "--emulate-layer-delay-ms", "5")) for i in range(3)]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
+                        planner_args=("--strategy", "equal", "--reserve-mb", "0", "--sequences", "8"),
+                        coordinator_args=("--max-concurrent", "8")) as procs:
+        procs.wait_ready(timeout_s=60)
+
+        async def run() -> tuple[dict[str, dict], list[dict], dict[str, dict]]:
+            alone = {r["id"]: await ask_final(broker.url, cluster_name, r) for r in REQUESTS}
+            before = await _telemetry(broker.url, cluster_name, [d.device_id for d in devices])
+            together = await asyncio.gather(*[ask_final(broker.url, cluster_name, r) for r in REQUESTS])
+            after = await _telemetry(broker.url, cluster_name, [d.device_id for d in devices], newer_than=before)
+            return alone, list(together), {d: {k: after[d][k] - before[d][k] for k in ("steps_done", "batches")}
+                                           for d in after}
+
+        alone, together, counts = asyncio.run(run())
+        codes = procs.stop()
+    check_alone_and_together(tiny_model, alone, together)
+    steps = sum(c["steps_done"] for c in counts.values())
+    batches = sum(c["batches"] for c in counts.values())
+    assert steps / batches > 1.5, counts  # they really ran in batches
+    assert all(code == 0 for code in codes.values()), codes
+
+
+async def _telemetry(broker: str, cluster: str, ids: list[str],
+                     newer_than: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Each device's next telemetry report (after ``newer_than``'s, if given)."""
+    found: dict[str, dict] = {}
+    async with MqttTransport(broker) as conn:
+        await conn.subscribe(f"{Topics(cluster).root}/devices/+/telemetry", qos=0)
+        async with asyncio.timeout(30):
+            async for message in conn.messages():
+                data = json.loads(message.payload)
+                if newer_than and data["ts"] <= newer_than[data["device_id"]]["ts"]:
+                    continue
+                found[data["device_id"]] = data
+                if set(ids) <= set(found):
+                    return found
+    return found
 
 
 async def test_a_cancelled_request_frees_its_kv_cache_on_every_device(
@@ -149,3 +199,37 @@ async def test_a_cancel_for_nothing_harms_nothing(
             await conn.publish(Topics(cluster_name).requests, bad, qos=1)
         answer = await cluster.final({"prompt": "Report", "max_tokens": 3})
     assert answer["type"] == "final"
+
+
+@pytest.mark.parametrize("streamed", [(), (2, 3)])
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(tiny_model: Path, streamed: tuple[int, ...]) -> None:
+    """Shard.forward_batch: each sequence's logits are bit-identical whether it runs alone
+    (padded to the stable row count) or with others of different lengths; and close to
+    the one-row path that transformers also takes."""
+    import copy
+
+    import torch
+
+    from lime_mqtt.model.checkpoint import Checkpoint
+    from lime_mqtt.model.shard import Shard, ShardSpec
+
+    shard = Shard(Checkpoint(tiny_model), ShardSpec(0, 6, True, True, streamed=streamed))
+    try:
+        prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27], [30]]
+        caches, tokens, positions = [], [], []
+        for prompt in prompts:
+            cache = shard.new_cache()
+            tokens.append(int(shard.forward(cache, 0, prompt).argmax()))
+            caches.append(cache)
+            positions.append(len(prompt))
+        rows = shard.batch_rows(8)
+        alone = [shard.forward_batch([copy.deepcopy(c)], [p], rows, tokens=[t])[0]
+                 for c, p, t in zip(caches, positions, tokens, strict=True)]
+        together = shard.forward_batch([copy.deepcopy(c) for c in caches], positions, 8, tokens=tokens)
+        one_row = [shard.forward(copy.deepcopy(c), p, [t]) for c, p, t in zip(caches, positions, tokens, strict=True)]
+    finally:
+        shard.close()
+    assert 2 <= rows <= 8
+    for a, b, c in zip(alone, together, one_row, strict=True):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, atol=1e-4, rtol=0)

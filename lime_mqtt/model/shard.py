@@ -214,6 +214,105 @@ class Shard:
         if self.stream is not None and self._own_stream:
             self.stream.close()
 
+    def batch_rows(self, max_batch: int) -> int:
+        """The fewest rows from which every row count up to ``max_batch`` gives each row
+        the same bits (probed once on this machine's kernels with this model's matrix
+        shapes); :meth:`forward_batch` pads smaller batches to it."""
+        if getattr(self, "_batch_floor", None) is None:
+            self._batch_floor = stable_row_floor(self.config, max_batch, self.device)
+        return self._batch_floor
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        caches: list,  # one transformers.DynamicCache per sequence
+        positions: list[int],
+        rows: int,
+        tokens: list[int] | None = None,
+        hidden: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """One decode step (one new token) of several sequences at once.
+
+        Every matrix product runs on ``rows`` rows (the ones beyond the sequences are
+        zero padding), and attention runs per sequence on its own cache. CPU matrix
+        kernels round differently for some row counts (here: 1, then 2-3, then 4 and
+        more) but never let one row change another, so with ``rows`` at least
+        :meth:`batch_rows` a sequence's result is the same bits whether it runs alone or
+        with others. (They are not the bits of a one-row product, which is what
+        :meth:`forward` computes, like transformers: within about 5e-5.) Returns, per
+        sequence, its hidden state [1, 1, H] or, on the last stage, its logits [vocab].
+        """
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        count = len(positions)
+        if not 0 < count <= rows:
+            raise ModelError(f"a batch of {count} sequences does not fit {rows} rows")
+        if self.embed is not None:
+            if tokens is None or len(tokens) != count:
+                raise ModelError("the first stage needs one token id per sequence")
+            ids = torch.tensor(tokens + [0] * (rows - count), dtype=torch.long, device=self.device).view(rows, 1)
+            x = self.embed(ids)  # [rows, 1, H]
+        else:
+            if hidden is None or len(hidden) != count:
+                raise ModelError("a later stage needs one hidden state per sequence")
+            x = torch.zeros(rows, 1, self.config.hidden_size, dtype=hidden[0].dtype, device=self.device)
+            for i, h in enumerate(hidden):
+                x[i] = h.reshape(1, -1).to(self.device)
+        for cache, pos in zip(caches, positions, strict=True):
+            self._align_cache(cache, pos)
+        position_ids = torch.tensor(positions + [0] * (rows - count), device=self.device).view(rows, 1)
+        cos, sin = self.rotary(x, position_ids=position_ids)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+
+        def run_layer(layer: Any, x: torch.Tensor) -> torch.Tensor:
+            attn = layer.self_attn
+            residual = x
+            h = layer.input_layernorm(x)
+            shape = (rows, 1, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            outputs = []
+            for i, cache in enumerate(caches):
+                keys, values = cache.update(k[i : i + 1], v[i : i + 1], attn.layer_idx)
+                out, _ = attention(attn, q[i : i + 1], keys, values, None, dropout=0.0, scaling=attn.scaling)
+                outputs.append(out.reshape(1, 1, -1))
+            padding = torch.zeros(rows - count, 1, outputs[0].shape[-1], dtype=x.dtype, device=self.device)
+            x = residual + attn.o_proj(torch.cat([*outputs, padding]).contiguous())
+            residual = x
+            return residual + layer.mlp(layer.post_attention_layernorm(x))
+
+        for offset, layer in enumerate(self.layers):
+            index = self.spec.start + offset
+            if self.layer_delay_s:
+                time.sleep(self.layer_delay_s)
+            if self.stream is None or index not in self.spec.streamed:
+                x = run_layer(layer, x)
+                continue
+            weights = self.stream.take(index)
+            try:
+                prefix = self._prefixes[index]
+                state = {"layer." + k[len(prefix):]: v for k, v in weights.items()}
+                x = torch.func.functional_call(_LayerCall(layer, run_layer), state, (x,), strict=False)
+            finally:
+                del weights
+                self.stream.release()
+        if self.norm is None or self.head is None:
+            return [x[i : i + 1] for i in range(count)]
+        logits = self.head(self.norm(x))[:, -1]  # [rows, vocab]
+        return [logits[i] for i in range(count)]
+
+    def _align_cache(self, cache, pos: int) -> None:  # cache: transformers.DynamicCache
+        """Before a step at ``pos``: forget what a first attempt of a retried step stored."""
+        seen = cache.get_seq_length(self.spec.start) if self.spec.start < self.spec.stop else pos
+        if seen > pos:
+            for index in range(self.spec.start, self.spec.stop):
+                cache.layers[index].crop(pos - seen)
+        elif seen < pos:
+            raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
+
     def new_cache(self):  # -> transformers.DynamicCache
         from transformers import DynamicCache
 
@@ -243,13 +342,7 @@ class Shard:
             if hidden is None:
                 raise ModelError("a later stage needs hidden states")
             x = hidden.to(self.device)
-        seen = cache.get_seq_length(self.spec.start) if self.spec.start < self.spec.stop else pos
-        if seen > pos:
-            # A retried step: forget what the first attempt stored, then compute it again.
-            for index in range(self.spec.start, self.spec.stop):
-                cache.layers[index].crop(pos - seen)
-        elif seen < pos:
-            raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
+        self._align_cache(cache, pos)  # a retried step: forget what the first attempt stored
         if self.layers:
             position_ids = torch.arange(pos, pos + x.shape[1], device=self.device).unsqueeze(0)  # [1, S]
             if x.shape[1] == 1 and self.config._attn_implementation == "sdpa":
@@ -286,3 +379,42 @@ class Shard:
         # transformers (a norm of the sliced row alone rounds differently).
         last = self.norm(x)[:, -1:, :]  # [1, 1, H]
         return self.head(last)[0, -1]  # [vocab]
+
+
+def stable_row_floor(config: Any, max_batch: int, device: torch.device) -> int:
+    """The smallest row count ``m`` (at least 2) such that a matrix product gives each row
+    the same bits for every row count from ``m`` to ``max_batch``, for the matrix shapes
+    of this model's layers; ``max_batch`` if there is none. Random matrices, a few ms."""
+    if max_batch <= 1:
+        return 1
+    generator = torch.Generator().manual_seed(0)
+    hidden = int(config.hidden_size)
+    inner = int(getattr(config, "intermediate_size", 4 * hidden))
+    shapes = [(hidden, hidden), (inner, hidden), (hidden, inner)]
+    floor = 2
+    for out_features, in_features in shapes:
+        weight = torch.randn(out_features, in_features, generator=generator).to(device)
+        row = torch.randn(1, in_features, generator=generator).to(device)
+        results = {}
+        for count in range(2, max_batch + 1):
+            batch = torch.randn(count, in_features, generator=generator).to(device)
+            batch[0] = row[0]
+            results[count] = torch.nn.functional.linear(batch, weight)[0]
+        # the smallest m whose result every larger count up to max_batch repeats
+        m = max_batch
+        while m > 2 and torch.equal(results[m - 1], results[max_batch]):
+            m -= 1
+        floor = max(floor, m)
+    return floor
+
+
+class _LayerCall(nn.Module):
+    """A streamed layer's batched step, as a module call (for ``functional_call``)."""
+
+    def __init__(self, layer: nn.Module, run: Any) -> None:
+        super().__init__()
+        self.layer = layer
+        self._run = run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.layer, x)
