@@ -5,6 +5,7 @@ in its status, and caches it per device and model so a restart is quick.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-MEASURE_VERSION = 3
+MEASURE_VERSION = 4
 DISK_SAMPLE_BYTES = 64 * 1024 * 1024
 PREFILL_TOKENS = 32
 DECODE_CONTEXT = 64
@@ -182,16 +183,40 @@ def measure_capabilities(
     layer_delay_ms: float = 0.0,
 ) -> Capabilities:
     """Measured capabilities, from the cache when this device has measured this model before."""
-    import torch
 
     path = cache_file(cache_root, device_id, checkpoint, layer_delay_ms)
-    if not refresh and path.is_file():
+    if not refresh and (cached := _read_cache(path)) is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Agents on one machine measure one at a time: measuring side by side, they would
+    # slow each other down and record it as their speed.
+    with (path.parent / ".measuring.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            data = json.loads(path.read_text())
-            if data.get("version") == MEASURE_VERSION:
-                return Capabilities(**data["capabilities"])
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignoring a damaged measurement cache %s", path)
+            if not refresh and (cached := _read_cache(path)) is not None:
+                return cached
+            return _measure_and_cache(checkpoint, device_id, path, device, layer_delay_ms)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_cache(path: Path) -> Capabilities | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == MEASURE_VERSION:
+            return Capabilities(**data["capabilities"])
+    except (ValueError, TypeError, KeyError):
+        log.warning("ignoring a damaged measurement cache %s", path)
+    return None
+
+
+def _measure_and_cache(
+    checkpoint: Checkpoint, device_id: str, path: Path, device: str, layer_delay_ms: float
+) -> Capabilities:
+    import torch
+
     started = time.perf_counter()
     decode_ms, prefill_ms = measure_layer(checkpoint, device, layer_delay_ms=layer_delay_ms)
     capabilities = Capabilities(
@@ -203,7 +228,6 @@ def measure_capabilities(
         emulated_layer_delay_ms=layer_delay_ms,
     )
     log.info("%s: measured %s in %.1f s", device_id, capabilities.to_json(), time.perf_counter() - started)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
     tmp.write_text(json.dumps({"version": MEASURE_VERSION, "capabilities": asdict(capabilities)}))
     tmp.replace(path)
