@@ -144,8 +144,6 @@ def _run_service(main: Callable[[], Awaitable[Any]]) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from lime_mqtt.broker import LocalBroker
 
     broker = LocalBroker(args.port, Path(args.data) if args.data else None, args.bind).start()

@@ -118,10 +118,10 @@ class StageLayout:
     def layers(self) -> range:
         return range(self.start, self.stop)
 
-    @property
-    def memory_bytes(self) -> int:
-        """Predicted peak above the process baseline, without the reserve."""
-        return self.resident_bytes + self.slot_bytes
+
+def link_ms(model: ModelSize, device: DeviceProfile) -> float:
+    """One token's message in and one out through the broker."""
+    return device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3)
 
 
 def head_ms(model: ModelSize, device: DeviceProfile) -> float:
@@ -203,7 +203,7 @@ def layout_device(
             slot_bytes=slot_bytes if index == 0 else 0,  # shared by the device's segments
             kv_tokens=kv_tokens,
             compute_ms=(stop - start) * device.layer_decode_ms + (head_ms(model, device) if last else 0.0),
-            link_ms=device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3),
+            link_ms=link_ms(model, device),
             load_ms=sum(loads),
             prefetch_ms=sum(loads[:slots]),
             resident_compute_ms=(stop - start - len(mine)) * device.layer_decode_ms,

@@ -28,6 +28,7 @@ from lime_mqtt.cost import (
     head_ms,
     layout_device,
     layout_stage,
+    link_ms,
     stall_lower_bound,
 )
 from lime_mqtt.errors import PlanError
@@ -165,7 +166,7 @@ class _Search:
         self.best_cost = math.inf
         self.best: PlanCost | None = None
         self._layouts: dict[tuple[int, int, int, bool], StageLayout | None] = {}
-        self._link = [layout_link_ms(model, d) for d in self.devices]
+        self._link = [link_ms(model, d) for d in self.devices]
         self._head = [head_ms(model, d) for d in self.devices]
 
     def layout(self, index: int, start: int, stop: int) -> StageLayout | None:
@@ -222,10 +223,6 @@ class _Search:
 
 class _NodeLimit(Exception):
     pass
-
-
-def layout_link_ms(model: ModelSize, device: DeviceProfile) -> float:
-    return device.link_rtt_ms + 2 * model.hidden_bytes_per_token / (device.link_mb_s * 1e3)
 
 
 def _split_counts(weights: list[float], total: int) -> list[int]:

@@ -195,3 +195,17 @@ def test_a_plan_with_neighbouring_segments_on_one_device_is_rejected() -> None:
     data["stages"][1]["device_id"] = data["stages"][0]["device_id"]
     with pytest.raises(ValueError, match="neighbours on one device"):
         Plan.model_validate(data)
+
+
+def test_prefill_prediction_grows_with_the_prompt_and_counts_the_head_once() -> None:
+    from lime_mqtt.cost import head_ms, predict_prefill_ms
+
+    devices = same_speed(2, 200, layer_decode_ms=2.0, layer_prefill_ms_per_token=0.25)
+    workload = Workload(context_tokens=64, reserve_bytes=0)
+    plan_cost = evaluate([s for s in (layout_stage(SMALL, devices[0], 0, 6, True, False, workload),
+                                      layout_stage(SMALL, devices[1], 6, 12, False, True, workload)) if s], workload)
+    by_id = {d.device_id: d for d in devices}
+    short, long = (predict_prefill_ms(plan_cost, SMALL, by_id, n) for n in (10, 110))
+    # 12 layers x 0.25 ms per token x 100 more tokens, plus the larger messages
+    assert 300 <= long - short < 310
+    assert short > 12 * 0.25 * 10 + head_ms(SMALL, devices[1])
