@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generated at once (also bounded by the plan's KV capacity)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait for a turn; more get an 'overloaded' error")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="cut prompts longer than this many tokens into chunks of this size, so that other "
+                   "requests' decode steps pass between them (0: never cut)")
     p.add_argument("--no-weight-source", action="store_true",
                    help="do not serve the model's tensors to devices that fetch them over MQTT")
 
@@ -183,7 +186,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
         coordinator = Coordinator(
             settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
-            serve_weights=not args.no_weight_source,
+            prefill_chunk=args.prefill_chunk, serve_weights=not args.no_weight_source,
             username=settings.username, password=settings.password,
         )
         await coordinator.run()

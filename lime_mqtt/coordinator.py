@@ -68,6 +68,7 @@ class Coordinator:
         ready_timeout_s: float = 30.0,
         max_concurrent: int = 8,
         max_waiting: int = 1024,
+        prefill_chunk: int = 256,
         serve_weights: bool = False,
         username: str | None = None,
         password: str | None = None,
@@ -99,6 +100,9 @@ class Coordinator:
         self._changed = asyncio.Condition()
         self._slots = asyncio.Semaphore(max_concurrent)  # wakes waiters first come, first served
         self.max_waiting = max_waiting
+        if prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be 0 (never cut) or a number of tokens")
+        self.prefill_chunk = prefill_chunk  # prompts longer than this go in chunks of this size
         self.waiting = 0  # requests received and not yet generating
         self.by_client_id: dict[str, _Running] = {}  # for cancelling
         self.serving = asyncio.Event()  # set once requests are subscribed to
@@ -363,9 +367,10 @@ class Coordinator:
         first_at = last_at = started
         steps = 0
         finish_reason = "length"
-        inputs, pos = prompt_ids, 0
         chunks = sent_tokens = 0  # chunks sent, and how many token ids they carried
         try:
+            pos = await self._prefill_leading_chunks(active, rid, plan, prompt_ids, sampling)
+            inputs = prompt_ids[pos:]
             for step in range(max_new):
                 result = await self._step(active, rid, plan, step, pos, inputs, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
@@ -406,6 +411,19 @@ class Coordinator:
                                    timings, logits if request.return_logits else None),
         )
 
+    async def _prefill_leading_chunks(
+        self, active: _Active, rid: str, plan: Plan, prompt_ids: list[int], sampling: Sampling
+    ) -> int:
+        """Send all but the last chunk of a long prompt, one after the other, so that the
+        decode steps of other requests pass between them; returns where the last one starts."""
+        if not self.prefill_chunk or len(prompt_ids) <= self.prefill_chunk:
+            return 0
+        starts = list(range(0, len(prompt_ids), self.prefill_chunk))[:-1]
+        for number, start in enumerate(starts):
+            step = number - len(starts)  # -n .. -1: no token comes of these
+            await self._step(active, rid, plan, step, start, prompt_ids[start : start + self.prefill_chunk], sampling)
+        return starts[-1] + self.prefill_chunk
+
     async def _step(
         self, active: _Active, rid: str, plan: Plan, step: int, pos: int, inputs: list[int], sampling: Sampling
     ) -> Envelope:
@@ -438,6 +456,6 @@ class Coordinator:
         error = result.meta.get("error") if result.meta else None
         if error:
             raise RequestError("stage_error", f"device {error.get('device_id')}: {error.get('message')}")
-        if result.token is None:
+        if result.token is None and step >= 0:
             raise RequestError("stage_error", f"step {step} came back without a token")
         return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
@@ -564,14 +565,13 @@ class DeviceAgent:
             envelope.hidden.shape[1] if envelope.hidden is not None and envelope.hidden.dim() == 3 else 1
         )
         started = time.perf_counter()
+        run = functools.partial(shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden,
+                                logits=envelope.step >= 0)  # a leading prefill chunk needs no logits
         if width <= INLINE_MAX_TOKENS:
             # A decode step is a few milliseconds: handing it to a thread costs more than it saves.
-            output = shard.forward(sequence.cache, envelope.pos, envelope.tokens, envelope.hidden)
+            output = run()
         else:
-            loop = asyncio.get_running_loop()
-            output = await loop.run_in_executor(
-                self._executor, shard.forward, sequence.cache, envelope.pos, envelope.tokens, envelope.hidden
-            )
+            output = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         self.steps_done += 1
         self.batches += 1
         self.compute_s += time.perf_counter() - started
@@ -590,6 +590,11 @@ class DeviceAgent:
             return
         if envelope.sampling is None or envelope.reply is None:
             raise WireError("the last stage needs sampling parameters and a reply topic")
+        if envelope.step < 0:  # a leading chunk of a prefill: the cache is filled, no token yet
+            done = Envelope(kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,
+                            pos=envelope.pos)
+            await self.transport.publish(envelope.reply, done.encode(), qos=STEP_QOS)
+            return
         token = choose_token(output, envelope.sampling, envelope.step)
         result = Envelope(
             kind="token", request_id=envelope.request_id, step=envelope.step, epoch=envelope.epoch,

@@ -29,6 +29,9 @@ _DTYPES: dict[str, torch.dtype] = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 KINDS = ("step", "token", "end")
+# A prompt cut into n chunks is sent as steps -(n-1) .. -1 (no token comes of them), then
+# step 0 (the last chunk, whose token is the first of the answer).
+MAX_CHUNKS = 2**20
 
 
 def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
@@ -158,7 +161,9 @@ class Envelope:
         rid, step, epoch, pos = body.get("rid"), body.get("step"), body.get("epoch"), body.get("pos", 0)
         if not isinstance(rid, str) or not rid:
             raise WireError("envelope needs a request id")
-        for name, value in (("step", step), ("epoch", epoch), ("pos", pos)):
+        if not isinstance(step, int) or isinstance(step, bool) or not -MAX_CHUNKS <= step < 2**31:
+            raise WireError(f"envelope step must be an integer from {-MAX_CHUNKS} (a leading prefill chunk)")
+        for name, value in (("epoch", epoch), ("pos", pos)):
             if not isinstance(value, int) or value < 0:
                 raise WireError(f"envelope {name} must be a non-negative integer")
         tokens = body.get("tokens")

@@ -56,3 +56,14 @@ async def test_smollm2_last_stage_logits_match_single_process(
     assert len(final["logits"]) == 3
     for got, want in zip(final["logits"], expected, strict=True):
         assert torch.allclose(torch.tensor(got), want, atol=1e-5, rtol=0)
+
+
+async def test_smollm2_chunked_prefill_is_token_identical(
+    broker: LocalBroker, cluster_name: str, smollm2_model: Path
+) -> None:
+    """A chat prompt cut into 8-token chunks on 3 uneven stages."""
+    ids = prompt_ids(smollm2_model, messages=QUESTION)
+    assert len(ids) > 3 * 8
+    async with in_process_cluster(broker.url, cluster_name, smollm2_model, [250, 400, 300], prefill_chunk=8) as cluster:
+        chat = await cluster.final({"messages": QUESTION, "max_tokens": 24})
+    assert chat["token_ids"] == reference_greedy(smollm2_model, ids, 24)

@@ -325,11 +325,13 @@ class Shard:
         pos: int,
         tokens: list[int] | None = None,
         hidden: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        logits: bool = True,
+    ) -> torch.Tensor | None:
         """Run this span on one step of one request.
 
         Input: ``tokens`` (first stage) or ``hidden`` [1, S, H]. Output: hidden states
-        [1, S, H], or, on the last stage, the logits of the last position [vocab].
+        [1, S, H], or, on the last stage, the logits of the last position [vocab] (``None``
+        with ``logits=False``: a leading prefill chunk only fills the cache).
         """
         from transformers.masking_utils import create_causal_mask
 
@@ -375,6 +377,8 @@ class Shard:
                     self.stream.release()
         if self.norm is None or self.head is None:
             return x
+        if not logits:
+            return None
         # Norm over all positions, then keep the last: the same order of operations as
         # transformers (a norm of the sliced row alone rounds differently).
         last = self.norm(x)[:, -1:, :]  # [1, 1, H]
