@@ -83,10 +83,18 @@ async def run_requests(broker: str, cluster: str, requests: list[dict[str, Any]]
 
     async def one(request: dict[str, Any], at: float) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, began + at - time.perf_counter()))  # the arrival schedule
-        return await ask_final(broker, cluster, request, timeout_s=1200)
+        sent = time.perf_counter()
+        answer = await ask_final(broker, cluster, request, timeout_s=1200)
+        return {**answer, "span": (sent, time.perf_counter())}
 
     answers = await asyncio.gather(*[one(r, at) for r, at in zip(requests, starts, strict=True)])
     return list(answers), time.perf_counter() - began
+
+
+def overlapping(answers: list[dict[str, Any]]) -> list[bool]:
+    """For each answer, whether another request was in flight at some moment of its own."""
+    spans = [a["span"] for a in answers]
+    return [any(j != i and s2 < e1 and s1 < e2 for j, (s2, e2) in enumerate(spans)) for i, (s1, e1) in enumerate(spans)]
 
 
 async def run_one_at_a_time(broker: str, cluster: str, requests: list[dict[str, Any]]) -> tuple[list[dict], float]:
@@ -102,11 +110,18 @@ def summarise(answers: list[dict[str, Any]], wall_s: float, busy: dict[str, floa
     ttft = [a["timings"]["ttft_ms"] for a in answers]
     tpot = [a["timings"]["tpot_ms"] for a in answers if a["usage"]["completion_tokens"] > 1]
     tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    extra: dict[str, Any] = {}
+    if all("span" in a for a in answers):  # which requests had the cluster to themselves
+        shared = overlapping(answers)
+        alone = [a["timings"]["tpot_ms"] for a, s in zip(answers, shared, strict=True)
+                 if not s and a["usage"]["completion_tokens"] > 1]
+        extra = {"overlapped": sum(shared), "tpot_ms_median_not_overlapped": statistics.median(alone) if alone
+                 else None, "tpot_ms_each": [a["timings"]["tpot_ms"] for a in answers], "overlapped_each": shared}
     return {
         "requests": len(answers), "output_tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / wall_s,
         "ttft_ms_median": statistics.median(ttft), "ttft_ms_p95": percentile(ttft, 0.95),
         "tpot_ms_median": statistics.median(tpot), "tpot_ms_p95": percentile(tpot, 0.95),
-        "busy_fraction": busy,
+        "busy_fraction": busy, **extra,
     }
 
 
@@ -163,7 +178,8 @@ async def measure(broker: str, cluster: str, args: argparse.Namespace) -> dict[s
                 print(f"round {round_ + 1} {pattern:14s}: {row['tokens_per_s']:6.1f} tokens/s, "
                       f"ttft {row['ttft_ms_median']:7.1f} ms (p95 {row['ttft_ms_p95']:7.1f}), "
                       f"tpot {row['tpot_ms_median']:6.1f} ms (p95 {row['tpot_ms_p95']:6.1f}), "
-                      f"busy {row['busy_fraction']}", flush=True)
+                      f"busy {row['busy_fraction']}"
+                      + (f", {row['overlapped']} overlapped" if "overlapped" in row else ""), flush=True)
             rounds.append(result)
     finally:
         listener.cancel()
@@ -231,8 +247,8 @@ def main() -> int:
     medians: dict[str, dict[str, Any]] = {}
     for pattern in measured["rounds"][0]:
         rows = [r[pattern] for r in measured["rounds"]]
-        medians[pattern] = {key: statistics.median(row[key] for row in rows)
-                            for key in rows[0] if key != "busy_fraction"}
+        medians[pattern] = {key: statistics.median(row[key] for row in rows) for key in rows[0]
+                            if isinstance(rows[0][key], int | float) and all(row[key] is not None for row in rows)}
         medians[pattern]["busy_fraction"] = {
             d: statistics.median(row["busy_fraction"].get(d, 0.0) for row in rows) for d in rows[0]["busy_fraction"]
         }
@@ -242,6 +258,9 @@ def main() -> int:
         ratios["bursty_throughput_vs_one_at_a_time"] = medians["bursty"]["tokens_per_s"] / single["tokens_per_s"]
     if "sporadic" in medians:
         ratios["sporadic_tpot_vs_one_at_a_time"] = medians["sporadic"]["tpot_ms_median"] / single["tpot_ms_median"]
+        if "tpot_ms_median_not_overlapped" in medians["sporadic"]:
+            ratios["sporadic_not_overlapped_tpot_vs_one_at_a_time"] = (
+                medians["sporadic"]["tpot_ms_median_not_overlapped"] / single["tpot_ms_median"])
     report = {
         "model": args.model, "stages": args.stages, "burst": args.burst, "tokens": args.tokens,
         "max_batch": args.max_batch,
