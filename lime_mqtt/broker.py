@@ -89,7 +89,8 @@ class LocalBroker:
         log.info("mosquitto listening on %s", self.url)
         return self
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
+        """SIGTERM: Mosquitto writes its persistence file (retained messages, sessions) and exits."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -97,6 +98,16 @@ class LocalBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the broker, stay down ``down_s`` seconds, start it again on the same port
+        with what it persisted."""
+        self._terminate()
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        self._terminate()
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 

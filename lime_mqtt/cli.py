@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one step")
     p.add_argument("--step-retry", type=float, default=5.0, help="resend a step with no answer after this")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
+    p.add_argument("--replan-timeout", type=float, default=60.0,
+                   help="when a device of the plan leaves: seconds requests in flight wait for a new plan "
+                   "before they get a 'capacity_lost' error (sooner if the planner says it cannot plan)")
     p.add_argument("--max-concurrent", type=int, default=8,
                    help="requests generated at once (also bounded by the plan's KV capacity)")
     p.add_argument("--max-waiting", type=int, default=1024,
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("device", help="run a device agent")
     _common(p)
     p.add_argument("--device-id", help="unique name of this device (or device_id in the settings file)")
+    p.add_argument("--leave-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds to serve on while the cluster replans without this device")
     p.add_argument("--memory-mb", type=int, help="memory budget for weights and KV cache, above the "
                    "process baseline (or memory_mb in the settings file)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -185,8 +190,9 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         coordinator = Coordinator(
             settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
-            ready_timeout_s=args.ready_timeout, max_concurrent=args.max_concurrent, max_waiting=args.max_waiting,
-            prefill_chunk=args.prefill_chunk, serve_weights=not args.no_weight_source,
+            ready_timeout_s=args.ready_timeout, replan_timeout_s=args.replan_timeout,
+            max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
+            serve_weights=not args.no_weight_source,
             username=settings.username, password=settings.password,
         )
         await coordinator.run()
@@ -217,7 +223,18 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             username=settings.username, password=settings.password,
         )
-        await agent.run()
+        serving = asyncio.create_task(agent.run())
+
+        async def leave() -> None:
+            await agent.leave(args.leave_timeout)
+            serving.cancel()
+
+        # SIGTERM: leave cleanly (hand the work over, then go); SIGINT (Ctrl-C): go now.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.create_task(leave()))
+        try:
+            await serving
+        except asyncio.CancelledError:
+            log.info("%s stopped", device_id)
 
     return _run_service(main)
 

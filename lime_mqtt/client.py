@@ -30,19 +30,31 @@ async def ask(
 
     First it checks that a coordinator serves the cluster (its retained status), so that
     a request to an empty cluster fails at once instead of waiting ``timeout_s``.
+
+    If the connection to the broker is lost (a broker restart, say), it reconnects and
+    sends a ``resume`` message: the coordinator sends again what came after the last chunk
+    received (and serves the request if the broker lost it before delivering it). Chunks
+    that arrive twice are dropped, so the stream has no gap and no repeat.
     """
     topics = Topics(cluster)
     correlation = uuid.uuid4().bytes
     reply_topic = f"{topics.root}/responses/ask-{uuid.uuid4().hex[:12]}"
+    request = {**request}
+    request.setdefault("id", uuid.uuid4().hex)  # so that it can be resumed
+    last_chunk = -1
+    asked = False
+
+    async def publish(conn: MqttTransport, body: dict[str, Any]) -> None:
+        await conn.publish(topics.requests, json.dumps(body).encode(), qos=1, response_topic=reply_topic,
+                           correlation_data=correlation)
 
     async def exchange(conn: MqttTransport) -> AsyncIterator[dict[str, Any]]:
+        nonlocal last_chunk, asked
         await conn.subscribe(reply_topic, qos=1)
         if wait_for_coordinator_s > 0:
             await _coordinator_serving(conn, topics, wait_for_coordinator_s)
-        await conn.publish(
-            topics.requests, json.dumps(request).encode(), qos=1,
-            response_topic=reply_topic, correlation_data=correlation,
-        )
+        await publish(conn, request)
+        asked = True
         deadline = asyncio.get_running_loop().time() + timeout_s
         messages = conn.messages()
         while True:
@@ -56,6 +68,10 @@ async def ask(
             if message.topic != reply_topic or message.correlation_data != correlation:
                 continue
             answer = json.loads(message.payload)
+            if answer.get("type") == "chunk":
+                if not isinstance(answer.get("index"), int) or answer["index"] <= last_chunk:
+                    continue  # sent again after a reconnect
+                last_chunk = answer["index"]
             yield answer
             if answer.get("type") in ("final", "error"):
                 return
@@ -64,7 +80,12 @@ async def ask(
         async for answer in exchange(transport):
             yield answer
         return
-    async with MqttTransport(broker) as conn:
+
+    async def resume() -> None:
+        if asked:
+            await publish(conn, {"resume": request["id"], "after": last_chunk, "request": request})
+
+    async with MqttTransport(broker, reconnect=True, on_reconnect=resume) as conn:
         async for answer in exchange(conn):
             yield answer
 

@@ -118,12 +118,23 @@ class ProcessCluster:
         if self.with_coordinator:
             self._spawn("coordinator", "coordinator", *self.coordinator_args)
         for device in self.devices:
-            args = ["device", "--device-id", device.device_id, "--memory-mb", str(device.memory_mb)]
-            if device.threads:
-                args += ["--threads", str(device.threads)]
-            args += device.extra_args
-            self._spawn(device.device_id, *args)
+            self.start_device(device)
         return self
+
+    def start_device(self, device: DeviceSpec) -> subprocess.Popen[bytes]:
+        """Start (or start again) one device agent."""
+        args = ["device", "--device-id", device.device_id, "--memory-mb", str(device.memory_mb)]
+        if device.threads:
+            args += ["--threads", str(device.threads)]
+        args += device.extra_args
+        return self._spawn(device.device_id, *args)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (default SIGKILL: no goodbye, no cleanup) to one process and reap it; it no
+        longer counts as a process of the cluster (``wait_ready`` does not fail on it)."""
+        process = self.processes.pop(name)
+        process.send_signal(sig)
+        process.wait()
 
     def wait_ready(self, timeout_s: float = 180.0) -> Plan:
         """Block until the cluster can serve; fail at once if one of its processes dies."""

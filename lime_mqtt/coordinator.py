@@ -7,6 +7,7 @@ devices only ever see activations.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -32,12 +33,34 @@ log = logging.getLogger(__name__)
 
 # A prefill of many tokens legitimately takes longer: add this much retry patience per token.
 PREFILL_RETRY_S_PER_TOKEN = 0.02
+# Device states that mean a plan's stage will not answer. ("leaving" is not one: such a
+# device serves on until the plan without it is out.)
+GONE_STATES = ("offline", "error")
+
+
+SESSION_EXPIRY_S = 600
+# Answers kept for clients that reconnect and ask again (resume): the most recent ones.
+KEPT_ANSWERS = 128
+
+
+class _PlanLost(Exception):
+    """The plan a step was sent under changed, or one of its devices left: replay on the next."""
 
 
 @dataclass(frozen=True)
 class ReplyTarget:
     topic: str
     correlation_data: bytes | None = None
+
+
+@dataclass
+class _Sent:
+    """What a client was sent about one request, kept so that it can be sent again to a
+    client that lost its connection (a ``resume`` message)."""
+
+    target: ReplyTarget
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
 
 
 @dataclass
@@ -50,9 +73,12 @@ class _Running:
 
 @dataclass
 class _Active:
-    """A request being answered, and the futures of its steps waiting for their token."""
+    """A request being answered: the plan it runs under, its id on the devices (a new one
+    each time it is replayed on another plan), and the futures of its steps in flight."""
 
     request: Request
+    rid: str
+    plan: Plan
     pending: dict[int, asyncio.Future[Envelope]] = field(default_factory=dict)
 
 
@@ -66,6 +92,7 @@ class Coordinator:
         step_timeout_s: float = 60.0,
         step_retry_s: float = 5.0,
         ready_timeout_s: float = 30.0,
+        replan_timeout_s: float = 60.0,
         max_concurrent: int = 8,
         max_waiting: int = 1024,
         prefill_chunk: int = 256,
@@ -89,11 +116,17 @@ class Coordinator:
         self.step_timeout_s = step_timeout_s
         self.step_retry_s = step_retry_s
         self.ready_timeout_s = ready_timeout_s
+        self.replan_timeout_s = replan_timeout_s
         self.name = f"coord-{uuid.uuid4().hex[:8]}"
         self.results_topic = f"{self.topics.results}/{self.name}"
         self.plan: Plan | None = None
         self.device_status: dict[str, dict[str, Any]] = {}
         self.planner_message: str | None = None  # the planner's word on why there is no plan
+        self.planner_error_at = 0.0  # when the planner last said it cannot plan (monotonic)
+        self.plan_at = 0.0  # when the current plan arrived (monotonic)
+        self.replays = 0  # requests moved onto a new plan by replaying their tokens
+        # Resolved (and replaced) when the plan changes or one of its devices leaves.
+        self._disturbance: asyncio.Future[str] | None = None
         self.active: dict[str, _Active] = {}
         self.peak_active = 0  # the most requests generating at once
         self.served = 0
@@ -105,11 +138,15 @@ class Coordinator:
         self.prefill_chunk = prefill_chunk  # prompts longer than this go in chunks of this size
         self.waiting = 0  # requests received and not yet generating
         self.by_client_id: dict[str, _Running] = {}  # for cancelling
+        self.sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()  # for resuming
         self.serving = asyncio.Event()  # set once requests are subscribed to
         # Retained while serving; a clean exit or the last will (empty, retained) clears it.
         will = LastWill(self.topics.coordinator_status(self.name), b"")
+        # Reconnects by itself; its session keeps the request subscription, so requests
+        # accepted by the broker (QoS 1) while it is away wait for it.
         self.transport = MqttTransport(
-            broker, client_id=f"lime-{self.name}", will=will, username=username, password=password
+            broker, client_id=f"lime-{self.name}", will=will, username=username, password=password,
+            reconnect=True, session_expiry_s=SESSION_EXPIRY_S, on_reconnect=self._after_reconnect,
         )
 
     def __repr__(self) -> str:
@@ -152,6 +189,15 @@ class Coordinator:
                 self.serving.clear()
                 await asyncio.shield(self._say_offline())
 
+    async def _after_reconnect(self) -> None:
+        """Say again that this coordinator serves (its last will cleared that), and send the
+        steps in flight again now: ones sent while the broker was away are lost."""
+        if self.serving.is_set():
+            await self.transport.publish(
+                self.topics.coordinator_status(self.name), self._status_payload("online"), qos=1, retain=True
+            )
+        self._disturb("resend")
+
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"v": 1, "name": self.name, "state": state, "model": self.model_id}).encode()
 
@@ -185,22 +231,39 @@ class Coordinator:
                 log.warning("plan %d is for model %s, this coordinator serves %s", plan.epoch, plan.model,
                             self.model_id)
                 return
+            if self.plan is not None and plan.epoch <= self.plan.epoch:
+                return  # a stale or repeated plan
             async with self._changed:
-                self.plan = plan
+                if self.plan is not None:
+                    log.info("plan %d replaces plan %d", plan.epoch, self.plan.epoch)
+                self.plan, self.plan_at = plan, time.monotonic()
                 self.admission.set_capacity(plan.kv_token_capacity)
+                self._disturb()
                 self._changed.notify_all()
         elif message.topic == self.topics.planner_status:
             try:
-                self.planner_message = str(json.loads(message.payload).get("message")) if message.payload else None
-            except (ValueError, AttributeError):
+                status = json.loads(message.payload) if message.payload else {}
+                self.planner_message = str(status["message"]) if status.get("message") else None
+                failed = status.get("state") == "error"
+            except (ValueError, AttributeError, TypeError):
                 log.warning("ignoring a malformed planner status")
+                return
+            async with self._changed:
+                if failed:
+                    self.planner_error_at = time.monotonic()
+                self._changed.notify_all()
         elif (device_id := device_id_from_status_topic(message.topic)) is not None:
             status = parse_status(message.payload)
             if status is None:
                 log.warning("ignoring a malformed status of %s", device_id)
                 return
             async with self._changed:
+                alive = self.plan_alive()
                 self.device_status[device_id] = status
+                if alive and not self.plan_alive():
+                    log.warning("device %s of plan %d is %s", device_id, self.plan.epoch if self.plan else 0,
+                                status.get("state"))
+                    self._disturb()
                 self._changed.notify_all()
 
     def _deliver(self, message: Message) -> None:
@@ -218,6 +281,52 @@ class Coordinator:
         """Whether every stage device of the current plan has loaded it."""
         return self.plan is not None and self.plan.ready(self.device_status)
 
+    def plan_alive(self) -> bool:
+        """Whether no stage device of the current plan has left or failed."""
+        return self.plan is not None and not any(
+            self.device_status.get(s.device_id, {}).get("state") in GONE_STATES for s in self.plan.stages
+        )
+
+    def planner_gave_up(self) -> bool:
+        """Whether the planner said it cannot plan after the current plan arrived."""
+        return self.planner_error_at > self.plan_at
+
+    def _disturb(self, why: str = "plan") -> None:
+        """Wake every step in flight: ``plan`` (replan or replay) or ``resend`` (send again now)."""
+        if self._disturbance is not None and not self._disturbance.done():
+            self._disturbance.set_result(why)
+        self._disturbance = None
+
+    def _disturbance_future(self) -> asyncio.Future[str]:
+        if self._disturbance is None:
+            self._disturbance = asyncio.get_running_loop().create_future()
+        return self._disturbance
+
+    def _lost_capacity(self) -> RequestError:
+        gone = sorted(s.device_id for s in self.plan.stages
+                      if self.device_status.get(s.device_id, {}).get("state") in GONE_STATES) if self.plan else []
+        return RequestError(
+            "capacity_lost", f"device(s) {', '.join(gone) or '?'} left and the devices still online cannot hold "
+            f"the model: {self.planner_message or 'the planner made no new plan'}"
+        )
+
+    async def _next_plan(self, lost: Plan) -> Plan:
+        """After plan ``lost`` broke: the next plan once its devices are ready, or a clear error."""
+        async with self._changed:
+            try:
+                async with asyncio.timeout(self.replan_timeout_s):
+                    await self._changed.wait_for(
+                        lambda: self.planner_gave_up() or (  # a new plan, or the old one whole again
+                            self.plan is not None and (self.plan.epoch > lost.epoch or self.plan_alive())
+                            and self.plan_ready()
+                        )
+                    )
+            except TimeoutError:
+                raise self._lost_capacity() from None
+            if self.planner_gave_up() or self.plan is None:
+                raise self._lost_capacity()
+            return self.plan
+
     async def _wait_ready(self) -> Plan:
         async with self._changed:
             if self.plan is None:
@@ -225,12 +334,15 @@ class Coordinator:
                 raise RequestError("no_plan", f"no plan yet: {why}")
             try:
                 async with asyncio.timeout(self.ready_timeout_s):
-                    await self._changed.wait_for(self.plan_ready)
+                    await self._changed.wait_for(lambda: self.plan_ready() or self.planner_gave_up())
             except TimeoutError:
                 raise RequestError(
                     "not_ready", f"the devices of plan {self.plan.epoch} did not become ready in "
                     f"{self.ready_timeout_s:.0f} s"
                 ) from None
+            if self.planner_gave_up() and not self.plan_ready():
+                raise RequestError("no_capacity", f"the devices online cannot hold the model: "
+                                   f"{self.planner_message or 'no plan'}")
             assert self.plan is not None
             return self.plan
 
@@ -248,9 +360,34 @@ class Coordinator:
         return ReplyTarget(self.topics.responses(client, request_id))
 
     async def _send(self, target: ReplyTarget, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if isinstance(request_id, str):
+            sent = self.sent.get(request_id)
+            if sent is None or sent.target != target:
+                sent = self.sent[request_id] = _Sent(target)
+            sent.messages.append(message)
+            if message["type"] in ("final", "error"):
+                sent.done = True
+                self.sent.move_to_end(request_id)
+                while len(self.sent) > KEPT_ANSWERS and next(iter(self.sent.values())).done:
+                    self.sent.popitem(last=False)
         await self.transport.publish(
             target.topic, protocol.dumps(message), qos=1, correlation_data=target.correlation_data
         )
+
+    async def _resume(self, resume: protocol.Resume) -> bool:
+        """Send a reconnected client what it missed of a request; ``False`` if this
+        coordinator never heard of the request (then the caller may serve it as new)."""
+        sent = self.sent.get(resume.request_id)
+        if sent is None:
+            return resume.request_id in self.by_client_id  # running, nothing sent yet: nothing missed
+        again = [m for m in list(sent.messages) if m["type"] != "chunk" or m["index"] > resume.after]
+        log.info("request %s: a client asks again after chunk %d: %d messages", resume.request_id, resume.after,
+                 len(again))
+        for message in again:
+            await self.transport.publish(sent.target.topic, protocol.dumps(message), qos=1,
+                                         correlation_data=sent.target.correlation_data)
+        return True
 
     async def _serve(self, message: Message) -> None:
         """Answer one request message: a whole answer or one error, never silence."""
@@ -262,8 +399,19 @@ class Coordinator:
         if (victim := protocol.cancel_target(message.payload)) is not None:
             self._cancel(victim)
             return
+        if (resume := protocol.resume_target(message.payload)) is not None:
+            if await self._resume(resume) or resume.request is None:
+                return
+            # The broker took the request, then lost it (a restart before it was delivered).
+            log.info("request %s: first heard of in a resume; serving it", resume.request_id)
+            raw = {**resume.request, "id": resume.request_id}
+            message = Message(message.topic, json.dumps(raw).encode(), response_topic=message.response_topic,
+                              correlation_data=message.correlation_data)
         client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
         request_id = client_id or uuid.uuid4().hex
+        if request_id in self.by_client_id:
+            log.info("request %s is already being served; ignoring a second copy", request_id)
+            return
         target = self._reply_target(message, raw, request_id)
         task = asyncio.current_task()
         assert task is not None
@@ -353,8 +501,8 @@ class Coordinator:
         self, request: Request, client_id: str, target: ReplyTarget, started: float, prompt_ids: list[int],
         max_new: int, plan: Plan,
     ) -> None:
-        rid = uuid.uuid4().hex
-        active = self.active[rid] = _Active(request)
+        active = _Active(request, uuid.uuid4().hex, plan)
+        self.active[active.rid] = active
         self.peak_active = max(self.peak_active, len(self.active))
         sampling = Sampling(
             temperature=request.temperature,
@@ -368,11 +516,10 @@ class Coordinator:
         steps = 0
         finish_reason = "length"
         chunks = sent_tokens = 0  # chunks sent, and how many token ids they carried
+        pos = 0
         try:
-            pos = await self._prefill_leading_chunks(active, rid, plan, prompt_ids, sampling)
-            inputs = prompt_ids[pos:]
             for step in range(max_new):
-                result = await self._step(active, rid, plan, step, pos, inputs, sampling)
+                result = await self._advance(active, step, pos, prompt_ids + stream.token_ids, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
                 if step == 0:
                     first_at = last_at
@@ -390,16 +537,14 @@ class Coordinator:
                 if stream.stopped:
                     finish_reason = "stop"
                     break
-                pos += len(inputs)
-                inputs = [token]
+                pos = len(prompt_ids) + len(stream.token_ids) - 1  # where the token just chosen goes
             tail = stream.finish()
             if request.stream and (tail or sent_tokens < len(stream.token_ids)):
                 await self._send(target, protocol.chunk_message(client_id, chunks, tail,
                                                                 stream.token_ids[sent_tokens:]))
         finally:
-            del self.active[rid]
-            end = Envelope(kind="end", request_id=rid, step=0, epoch=plan.epoch)
-            await self.transport.publish(self.topics.control, end.encode(), qos=1)
+            self.active.pop(active.rid, None)
+            await self._end_on_devices(active)
         timings = {  # from the request's arrival; tpot: mean time of the steps after the first
             "ttft_ms": round((first_at - started) * 1000, 3),
             "tpot_ms": round((last_at - first_at) * 1000 / max(1, steps - 1), 3),
@@ -411,24 +556,51 @@ class Coordinator:
                                    timings, logits if request.return_logits else None),
         )
 
-    async def _prefill_leading_chunks(
-        self, active: _Active, rid: str, plan: Plan, prompt_ids: list[int], sampling: Sampling
-    ) -> int:
-        """Send all but the last chunk of a long prompt, one after the other, so that the
+    async def _advance(self, active: _Active, step: int, pos: int, history: list[int], sampling: Sampling) -> Envelope:
+        """Run step ``step`` (``history``: every token id of the sequence so far; ``pos`` 0: a
+        prefill of all of them, else a decode step of the last one) and return its result.
+
+        If the plan breaks on the way (a device left, a new plan came), the whole history is
+        replayed as a prefill on the next plan, under a new id on the devices and the same
+        step number, so the token chosen is the one the old plan would have given."""
+        while True:
+            try:
+                if pos:
+                    return await self._step(active, step, pos, history[pos:], sampling)
+                start = await self._prefill_leading_chunks(active, history, sampling)
+                return await self._step(active, step, start, history[start:], sampling)
+            except _PlanLost:
+                lost = active.plan
+                active.plan = await self._next_plan(lost)
+                await self._end_on_devices(active, lost)  # whatever is left of it there
+                self.active.pop(active.rid, None)
+                active.rid = uuid.uuid4().hex
+                self.active[active.rid] = active
+                pos = 0
+                self.replays += 1
+                log.warning("plan %d broke at step %d of a request; replaying its %d tokens on plan %d as %s",
+                            lost.epoch, step, len(history), active.plan.epoch, active.rid)
+
+    async def _end_on_devices(self, active: _Active, plan: Plan | None = None) -> None:
+        """Tell every device to free this request's state (its KV cache)."""
+        end = Envelope(kind="end", request_id=active.rid, step=0, epoch=(plan or active.plan).epoch)
+        await self.transport.publish(self.topics.control, end.encode(), qos=1)
+
+    async def _prefill_leading_chunks(self, active: _Active, ids: list[int], sampling: Sampling) -> int:
+        """Send all but the last chunk of a long prefill, one after the other, so that the
         decode steps of other requests pass between them; returns where the last one starts."""
-        if not self.prefill_chunk or len(prompt_ids) <= self.prefill_chunk:
+        if not self.prefill_chunk or len(ids) <= self.prefill_chunk:
             return 0
-        starts = list(range(0, len(prompt_ids), self.prefill_chunk))[:-1]
+        starts = list(range(0, len(ids), self.prefill_chunk))[:-1]
         for number, start in enumerate(starts):
             step = number - len(starts)  # -n .. -1: no token comes of these
-            await self._step(active, rid, plan, step, start, prompt_ids[start : start + self.prefill_chunk], sampling)
+            await self._step(active, step, start, ids[start : start + self.prefill_chunk], sampling)
         return starts[-1] + self.prefill_chunk
 
-    async def _step(
-        self, active: _Active, rid: str, plan: Plan, step: int, pos: int, inputs: list[int], sampling: Sampling
-    ) -> Envelope:
+    async def _step(self, active: _Active, step: int, pos: int, inputs: list[int], sampling: Sampling) -> Envelope:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         active.pending[step] = future
+        rid, plan = active.rid, active.plan
         envelope = Envelope(
             kind="step", request_id=rid, step=step, epoch=plan.epoch, pos=pos, tokens=inputs,
             sampling=sampling, want_logits=active.request.return_logits, reply=self.results_topic,
@@ -441,11 +613,20 @@ class Coordinator:
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
+                    if self.plan is not plan or not self.plan_alive():
+                        raise _PlanLost()
                     await self.transport.publish(self.topics.stage_in(0), payload, qos=STEP_QOS)
-                    done, _ = await asyncio.wait({future}, timeout=retry_s)
-                    if done:
+                    disturbance = self._disturbance_future()
+                    waits: set[asyncio.Future[Any]] = {future, disturbance}
+                    await asyncio.wait(waits, timeout=retry_s, return_when=asyncio.FIRST_COMPLETED)
+                    if future.done():
                         result = future.result()
                         break
+                    if disturbance.done():
+                        if disturbance.result() == "resend":
+                            log.info("request %s step %d: sending it again after a reconnect", rid, step)
+                            continue
+                        raise _PlanLost()
                     log.warning("request %s step %d: no answer in %.1f s, sending it again", rid, step, retry_s)
         except TimeoutError:
             raise RequestError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.errors import LimeError, WireError
+from lime_mqtt.governor import MemoryGovernor
 from lime_mqtt.memory import (
     anon_rss_bytes,
     peak_rss_bytes,
@@ -44,6 +45,8 @@ STATUS_VERSION = 1
 WORK_QUEUE_SIZE = 256
 # Steps of at most this many tokens run on the event loop; longer prefills in a worker thread.
 INLINE_MAX_TOKENS = 16
+# The broker keeps a device's subscriptions and QoS 1 messages (control) this long while it is away.
+SESSION_EXPIRY_S = 120
 
 
 @dataclass
@@ -53,6 +56,7 @@ class _Sequence:
     cache: Any
     last_used: float
     start: int  # the first layer of the segment it belongs to
+    last_step: int = -(2**31)  # the latest step run: an older one arriving now is a duplicate
 
 
 class DeviceAgent:
@@ -108,6 +112,8 @@ class DeviceAgent:
         elif not fetch_weights:
             raise LimeError(f"{self.model_folder} has no config.json (use --weights-from-broker to fetch it)")
         self.state = "idle"
+        self.leaving = False  # SIGTERM: waiting for a plan without this device before exiting
+        self._left = asyncio.Event()  # a plan without this device has been applied
         self.error: str | None = None
         self.plan: Plan | None = None
         self.stages: list[StagePlan] = []  # this device's segments of the plan (several if interleaved)
@@ -120,13 +126,21 @@ class DeviceAgent:
         self.capabilities: dict[str, Any] = {}
         self.steps_done = 0
         self.batches = 0  # forward passes: steps_done / batches is the mean batch size
+        self.duplicates = 0  # steps dropped as late copies of steps already run
+        self.governor: MemoryGovernor | None = None  # streams more layers when KV caches grow
+        self.adaptations = 0  # changes of what is streamed, made by the governor
+        self.last_adaptation: dict[str, Any] | None = None
+        self._over_budget_said = False
         self.peak_kv_tokens = 0
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
         self._queue: asyncio.Queue[Message | Plan] = asyncio.Queue(WORK_QUEUE_SIZE)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{device_id}")
         will = LastWill(self.topics.device_status(device_id), self._status_payload("offline"))
+        # Reconnects by itself (broker restart, Wi-Fi drop) and then says its state again,
+        # since its last will may have said "offline" meanwhile.
         self.transport = MqttTransport(
-            broker, client_id=f"lime-device-{cluster}-{device_id}", will=will, username=username, password=password
+            broker, client_id=f"lime-device-{cluster}-{device_id}", will=will, username=username, password=password,
+            reconnect=True, session_expiry_s=SESSION_EXPIRY_S, on_reconnect=self._after_reconnect,
         )
 
     def __repr__(self) -> str:
@@ -215,7 +229,8 @@ class DeviceAgent:
             status["plan_epoch"] = self.plan.epoch
             status["stages"] = [s.stage for s in self.stages]
             status["layers"] = [[s.start, s.stop] for s in self.stages]
-            status["streamed"] = [i for s in self.stages for i in s.streamed]
+            status["streamed"] = sorted(i for shard in self.shards.values() for i in shard.spec.streamed)
+            status["streamed_by_plan"] = sorted(i for s in self.stages for i in s.streamed)
         if self.shards:
             status["param_count"] = sum(shard.param_count for shard in self.shards.values())
         if self.capabilities:
@@ -224,7 +239,32 @@ class DeviceAgent:
             status["error"] = self.error
         return json.dumps(status).encode()
 
+    async def _after_reconnect(self) -> None:
+        if self.state != "offline":
+            await self._publish_status(self.state)
+
+    async def leave(self, timeout_s: float = 30.0) -> None:
+        """A clean shutdown (SIGTERM): say "leaving", so that the planner plans without this
+        device and the coordinator moves the requests it serves onto that plan; serve on
+        until a plan without this device arrives (at most ``timeout_s``). With no request
+        in flight here it goes at once. The caller then stops :meth:`run`, which says
+        "offline"."""
+        self.leaving = True
+        if not self.stages or not self.sequences:
+            return  # no work in flight to hand over
+        log.warning("%s: leaving; serving on until the cluster has a plan without this device", self.device_id)
+        await self._publish_status("leaving")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._left.wait()
+            log.info("%s: plan %d does without this device; going", self.device_id,
+                     self.plan.epoch if self.plan else 0)
+        except TimeoutError:
+            log.warning("%s: no plan without this device after %.0f s; going anyway", self.device_id, timeout_s)
+
     async def _publish_status(self, state: str) -> None:
+        if self.leaving and state != "offline":
+            state = "leaving"
         self.state = state
         await self.transport.publish(
             self.topics.device_status(self.device_id), self._status_payload(state), qos=1, retain=True
@@ -248,6 +288,12 @@ class DeviceAgent:
             "queue_depth": self._queue.qsize(),
             "steps_done": self.steps_done,
             "batches": self.batches,
+            "duplicates": self.duplicates,
+            "adaptations": self.adaptations,
+            "last_adaptation": self.last_adaptation,
+            "streamed": sorted(self._streamed_now()),
+            "held_mb": round(self.governor.usage(self._streamed_now(), self._kv_bytes()) / MIB, 2)
+            if self.governor and self.shards else None,
             "compute_s": round(self.compute_s, 4),
             "streamed_mb": round(stream.bytes_read / 1e6, 1) if stream else 0.0,
             "stream_wait_s": round(stream.wait_s, 4) if stream else 0.0,
@@ -344,8 +390,10 @@ class DeviceAgent:
                     await self._apply_plan(item)
                 elif item.topic == self.topics.control:
                     self._handle_control(item)
+                    await self._govern_memory()  # a cache freed: perhaps hold layers again
                 else:
                     await self._handle_step(item)
+                    await self._govern_memory()
             except LimeError as exc:
                 log.error("%s: %s", self.device_id, exc)
             except Exception:  # the supervisor of this device's work: log and keep serving
@@ -370,6 +418,7 @@ class DeviceAgent:
         if not self.stages:
             self._drop_shards()
             await self._publish_status("idle")
+            self._left.set()
             return
         specs = {s.stage: ShardSpec(s.start, s.stop, s.embed, s.head, tuple(s.streamed), max(1, s.slots))
                  for s in self.stages}
@@ -389,9 +438,70 @@ class DeviceAgent:
             self.error = None
         if set(self._stage_by_topic) - old_topics:
             await self.transport.subscribe(*sorted(set(self._stage_by_topic) - old_topics))
+        self.governor = self._new_governor()
         log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
                  [s.stage for s in self.stages], list(self.shards.values()))
         await self._publish_status("ready")
+
+    def _new_governor(self) -> MemoryGovernor:
+        layers = {i: self.checkpoint.layer_bytes(i) for s in self.stages for i in range(s.start, s.stop)}
+        fixed = sum((self.checkpoint.embed_bytes if s.embed else 0) + (self.checkpoint.head_bytes if s.head else 0)
+                    for s in self.stages)
+        planned = frozenset(i for s in self.stages for i in s.streamed)
+        return MemoryGovernor(layers, fixed, int(self.memory_mb * MIB), planned,
+                              slots=max([s.slots for s in self.stages if s.streamed], default=1))
+
+    def _kv_bytes(self) -> int:
+        per_layer = self.checkpoint.kv_bytes_per_token_per_layer()
+        spans = {s.stage: s.stop - s.start for s in self.stages}
+        return sum(seq.cache.get_seq_length(seq.start) * spans.get(stage, 0) * per_layer
+                   for (_, stage), seq in self.sequences.items())
+
+    def _streamed_now(self) -> frozenset[int]:
+        return frozenset(i for shard in self.shards.values() for i in shard.spec.streamed)
+
+    async def _govern_memory(self) -> None:
+        """After a step: as KV caches grow toward the budget, stream more layers from disk;
+        as they shrink, hold them again (lime_mqtt/governor.py). Each change is logged,
+        counted in the telemetry and published in the status."""
+        if self.governor is None or not self.shards:
+            return
+        kv = self._kv_bytes()
+        now = self._streamed_now()
+        wanted = self.governor.decide(now, kv)
+        if wanted == now:
+            if self.governor.usage(now, kv) > self.governor.budget_bytes and not self._over_budget_said:
+                log.error("%s: %.1f MiB of KV cache: over the %.0f MiB budget with every layer streamed",
+                          self.device_id, kv / MIB, self.memory_mb)
+                self._over_budget_said = True
+            return
+        self._over_budget_said = False
+        before = self.governor.usage(now, kv)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._restream, wanted)
+        event = {"ts": time.time(), "kv_mb": round(kv / MIB, 2), "budget_mb": self.memory_mb,
+                 "held_mb_before": round(before / MIB, 2),
+                 "held_mb_after": round(self.governor.usage(wanted, kv) / MIB, 2),
+                 "streamed": sorted(wanted), "action": "stream" if wanted > now else "hold"}
+        self.adaptations, self.last_adaptation = self.adaptations + 1, event
+        log.warning("%s: memory: %s layers %s: %.1f MiB of KV cache, %.1f -> %.1f MiB of %.0f MiB", self.device_id,
+                    "streaming" if wanted > now else "holding again", sorted(wanted ^ now), kv / MIB,
+                    before / MIB, event["held_mb_after"], self.memory_mb)
+        await self._publish_status(self.state)
+        telemetry = json.dumps(self.telemetry()).encode()
+        await self.transport.publish(self.topics.device_telemetry(self.device_id), telemetry)
+
+    def _restream(self, streamed: frozenset[int]) -> None:
+        """Read ``streamed`` from disk from now on (one reader for all segments, ring order)."""
+        if self.stream is not None:
+            self.stream.close()
+        order = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
+                 for s in self.stages for i in range(s.start, s.stop) if i in streamed]
+        slots = self.governor.slots if self.governor else 1
+        self.stream = LayerStream(self.checkpoint, order, slots) if order else None
+        for shard in self.shards.values():
+            shard.set_streamed(tuple(i for i in streamed if shard.spec.start <= i < shard.spec.stop), self.stream,
+                               slots)
+        trim_heap()
 
     def _load_shards(self, specs: dict[int, ShardSpec]) -> dict[int, Shard]:
         """One shard per segment; the streamed layers of all segments share one reader, in
@@ -435,6 +545,13 @@ class DeviceAgent:
         if envelope.epoch != self.plan.epoch or envelope.kind != "step":
             log.debug("%s: dropping %s of epoch %d (current %d)", self.device_id, envelope.request_id,
                       envelope.epoch, self.plan.epoch)
+            return None
+        sequence = self.sequences.get((envelope.request_id, stage.stage))
+        if sequence is not None and envelope.step < sequence.last_step:
+            # A late copy (a redelivery, or a retry overtaken by later steps): running it
+            # would cut the cache back. The latest step itself may run again (a retry).
+            log.debug("%s: dropping a duplicate of %s step %d", self.device_id, envelope.request_id, envelope.step)
+            self.duplicates += 1
             return None
         return envelope, stage
 
@@ -543,8 +660,8 @@ class DeviceAgent:
                 await self._fail(envelope, stage, exc)
             return
         now = time.monotonic()
-        for sequence in sequences:
-            sequence.last_used = now
+        for sequence, envelope in zip(sequences, batch, strict=True):
+            sequence.last_used, sequence.last_step = now, envelope.step
         elapsed = time.perf_counter() - started
         self._batch_compute_s = 0.8 * self._batch_compute_s + 0.2 * elapsed if self._batch_compute_s else elapsed
         self.steps_done += len(batch)
@@ -560,7 +677,7 @@ class DeviceAgent:
         sequence = self.sequences.get(key)
         if sequence is None or envelope.pos == 0:
             sequence = self.sequences[key] = _Sequence(shard.new_cache(), time.monotonic(), stage.start)
-        sequence.last_used = time.monotonic()
+        sequence.last_used, sequence.last_step = time.monotonic(), envelope.step
         width = len(envelope.tokens) if envelope.tokens is not None else (
             envelope.hidden.shape[1] if envelope.hidden is not None and envelope.hidden.dim() == 3 else 1
         )

@@ -22,8 +22,17 @@ log = logging.getLogger(__name__)
 ONLINE_STATES = ("idle", "fetching", "loading", "ready")
 
 
+# A device that joins is adopted only if the plan with it is predicted this much faster.
+JOIN_GAIN = 0.05
+# After the planner's own reconnect (a broker restart), devices take a moment to reconnect
+# and say "ready" again (their last wills said "offline"): no replanning for a loss meanwhile.
+RECONNECT_GRACE_S = 5.0
+
+
 class PlannerService:
-    """Waits for ``quorum`` devices of its model, then plans; replans when a planned device leaves.
+    """Waits for ``quorum`` devices of its model, then plans; replans when a planned device
+    leaves (with whatever devices are left), and when a device joins if the plan with it is
+    predicted at least ``JOIN_GAIN`` faster (always, for the baseline strategies).
 
     Plans are made only after membership has been quiet for ``settle_s`` seconds, so a
     cluster that starts together gets one plan, not one per device.
@@ -60,11 +69,14 @@ class PlannerService:
         self.interleaving = interleaving
         self.devices: dict[str, dict[str, Any]] = {}
         self.plan: Plan | None = None
+        self.considered: set[str] = set()  # the devices online when the current plan was made
         self.last_error: str | None = None
         self._changed = asyncio.Event()
         self.transport = MqttTransport(
-            broker, client_id=f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", username=username, password=password
+            broker, client_id=f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", username=username, password=password,
+            reconnect=True, on_reconnect=self._after_reconnect,
         )
+        self._grace_until = 0.0
 
     def __repr__(self) -> str:
         epoch = self.plan.epoch if self.plan else None
@@ -76,13 +88,27 @@ class PlannerService:
             if s.get("state") in ONLINE_STATES and s.get("model") == self.model_id
         }
 
-    def needs_plan(self) -> bool:
+    def needs_plan(self) -> str | None:
+        """Why a new plan is due (``first``, ``lost`` or ``joined``), or ``None``."""
         online = self.online()
-        if len(online) < self.quorum:
-            return False
         if self.plan is None or self.plan.model != self.model_id:
+            return "first" if len(online) >= self.quorum else None
+        if any(stage.device_id not in online for stage in self.plan.stages):
+            return "lost"
+        if set(online) - self.considered - {s.device_id for s in self.plan.stages}:
+            return "joined"
+        return None
+
+    def worth_adopting(self, candidate: Plan) -> bool:
+        """Whether a plan that includes a device that joined should replace the current one."""
+        assert self.plan is not None
+        if [(s.device_id, s.start, s.stop) for s in candidate.stages] == [
+            (s.device_id, s.start, s.stop) for s in self.plan.stages
+        ]:
+            return False
+        if self.strategy != "optimal" or not self.plan.predicted_ms_per_token:
             return True
-        return any(stage.device_id not in online for stage in self.plan.stages)
+        return (candidate.predicted_ms_per_token or 0) < (1 - JOIN_GAIN) * self.plan.predicted_ms_per_token
 
     def make_plan(self) -> Plan:
         profiles = [DeviceProfile.from_status(device_id, status) for device_id, status in self.online().items()]
@@ -95,6 +121,10 @@ class PlannerService:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive(), name="planner-receive")
                 tasks.create_task(self._plan_when_settled(), name="planner-plan")
+
+    async def _after_reconnect(self) -> None:
+        self._grace_until = time.monotonic() + RECONNECT_GRACE_S
+        self._changed.set()  # look again once the grace is over
 
     async def _publish_status(self, state: str, message: str) -> None:
         """Retained, so an operator or a coordinator can tell why there is no plan."""
@@ -137,17 +167,37 @@ class PlannerService:
                     self._changed.clear()
                 except TimeoutError:
                     break
-            if not self.needs_plan():
+            if not self.transport.connected:
+                # What it saw last may be the broker going down (it sends every last will
+                # then): look again once reconnected, after the grace below.
+                await self.transport.wait_connected()
+                self._changed.set()
+                continue
+            reason = self.needs_plan()
+            if reason == "lost" and (grace := self._grace_until - time.monotonic()) > 0:
+                log.info("a device of plan %d is offline just after a reconnect; looking again in %.1f s",
+                         self.plan.epoch if self.plan else 0, grace)
+                await asyncio.sleep(grace)
+                self._changed.set()
+                continue
+            if reason is None:
                 if self.plan is None:
                     await self._publish_status("waiting", f"{len(self.online())} of {self.quorum} devices "
                                                f"of model {self.model_id} have registered")
                 continue
             try:
                 plan = self.make_plan()
+                if reason == "joined" and not self.worth_adopting(plan):
+                    log.info("device(s) %s joined; keeping plan %d (predicted %.1f against %.1f ms per token)",
+                             sorted(set(self.online()) - self.considered), self.plan.epoch if self.plan else 0,
+                             self.plan.predicted_ms_per_token or 0 if self.plan else 0,
+                             plan.predicted_ms_per_token or 0)
+                    self.considered = set(self.online())
+                    continue
             except PlanError as exc:
                 if str(exc) != self.last_error:
                     log.error("cannot plan: %s", exc)
-                    await self._publish_status("error", str(exc))
+                await self._publish_status("error", str(exc))  # every time: a coordinator waits for it
                 self.last_error = str(exc)
                 continue
             self.last_error = None
@@ -156,7 +206,7 @@ class PlannerService:
                 "planned", f"plan {plan.epoch} with {len(plan.stages)} stages, predicted "
                 f"{plan.predicted_ms_per_token:.1f} ms per token{left_out}"
             )
-            self.plan = plan
-            log.info("publishing plan %d: %s", plan.epoch,
+            self.plan, self.considered = plan, set(self.online())
+            log.info("publishing plan %d (%s): %s", plan.epoch, reason,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))
             await self.transport.publish(self.topics.plan, plan.to_json(), qos=1, retain=True)

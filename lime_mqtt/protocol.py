@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -67,6 +68,32 @@ def cancel_target(payload: bytes) -> str | None:
     if isinstance(data, dict) and set(data) <= {"cancel", "v"} and isinstance(data.get("cancel"), str):
         return str(data["cancel"]) or None
     return None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """``{"resume": "<id>", "after": n, "request": {...}}``: a client that lost its connection
+    asks for the messages of request ``id`` after chunk ``n`` again (-1: all of them);
+    ``request``, if given, is served as new when the coordinator never received it."""
+
+    request_id: str
+    after: int
+    request: dict[str, Any] | None
+
+
+def resume_target(payload: bytes) -> Resume | None:
+    """A resume message, or ``None`` for anything else."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("resume"), str) or not data["resume"]:
+        return None
+    after = data.get("after", -1)
+    request = data.get("request")
+    if not isinstance(after, int) or isinstance(after, bool) or (request is not None and not isinstance(request, dict)):
+        return None
+    return Resume(data["resume"], after, request)
 
 
 def parse_request(payload: bytes) -> Request:

@@ -7,9 +7,11 @@ Everything aiomqtt/paho-specific lives here, and its errors become
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import socket
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -23,7 +25,13 @@ from paho.mqtt.properties import Properties
 from lime_mqtt.errors import ConfigError, TransportError
 
 CONNECT_TIMEOUT_S = 10.0
+# Reconnecting: the first retry after about RECONNECT_MIN_S, doubling to RECONNECT_MAX_S,
+# each delay jittered by +-50% so that a whole cluster does not knock at once.
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
 _DISCONNECTED = object()
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,13 @@ class MqttTransport:
 
     TCP_NODELAY is set on the socket: without it each small round trip costs tens of
     milliseconds of Nagle delay (see docs/operations.md).
+
+    With ``reconnect``, a lost connection is made again in the background (jittered
+    exponential backoff), the subscriptions are restored, and ``on_reconnect`` runs (to
+    publish a status again, say); meanwhile ``publish`` and ``subscribe`` wait for the
+    connection, and ``messages`` simply goes on. With ``session_expiry_s`` the broker keeps
+    this client's subscriptions, and the QoS 1 messages sent to them, that long while it
+    is away (and, with Mosquitto's persistence, across a broker restart).
     """
 
     def __init__(
@@ -84,6 +99,10 @@ class MqttTransport:
         will: LastWill | None = None,
         username: str | None = None,
         password: str | None = None,
+        *,
+        reconnect: bool = False,
+        session_expiry_s: int = 0,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.client_id = client_id or f"lime-{uuid.uuid4().hex[:12]}"
@@ -91,10 +110,21 @@ class MqttTransport:
         self._username = username
         self._password = password
         self._connected = False
+        self.reconnect = reconnect
+        self.session_expiry_s = session_expiry_s
+        self.on_reconnect = on_reconnect
+        self.reconnects = 0  # connections made again after a loss
+        self._subscriptions: dict[str, int] = {}  # topic -> QoS, restored on reconnect
+        self._closing = False
 
-    def _new_client(self) -> aiomqtt.Client:
-        """aiomqtt binds a client to the running loop, so it is made on entry, not in __init__."""
+    def _new_client(self, first: bool) -> aiomqtt.Client:
+        """aiomqtt binds a client to the running loop, so it is made on entry, not in __init__.
+        A reconnection with a session asks the broker to resume it (clean start off)."""
         will = self._will
+        properties = None
+        if self.session_expiry_s:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.session_expiry_s
         return aiomqtt.Client(
             self.address.host,
             self.address.port,
@@ -107,6 +137,8 @@ class MqttTransport:
             keepalive=30,
             tls_params=aiomqtt.TLSParameters() if self.address.tls else None,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            clean_start=first or not self.session_expiry_s,
+            properties=properties,
         )
 
     def __repr__(self) -> str:
@@ -114,25 +146,95 @@ class MqttTransport:
         return f"MqttTransport({self.client_id!r}, {self.address}, {state})"
 
     async def __aenter__(self) -> MqttTransport:
-        self._client = self._new_client()
+        # Received messages of every connection go to one queue (aiomqtt's own iterator
+        # starts a task per message; see messages()). A lost connection puts a sentinel
+        # there instead, unless this transport reconnects.
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        await self._connect(first=True)
+        self._keeper = asyncio.create_task(self._keep_connected(), name=f"{self.client_id}-reconnect") \
+            if self.reconnect else None
+        return self
+
+    async def _connect(self, first: bool) -> None:
+        client = self._new_client(first)
+        client._queue = self._inbox  # private, aiomqtt is pinned < 3: one queue outlives connections
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
-                await self._client.__aenter__()
+                await client.__aenter__()
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
             raise TransportError(f"cannot connect to broker {self.address}: {exc}") from exc
+        self._client = client
         self._connected = True
-        # Fast path (see messages()): aiomqtt's own iterator starts a task per message.
-        # A disconnect puts a sentinel into the incoming queue instead.
-        self._inbox: asyncio.Queue[Any] = self._client._queue  # private, aiomqtt is pinned < 3
-        self._client._disconnected.add_done_callback(
-            lambda _: self._inbox.put_nowait(_DISCONNECTED)
-        )
-        return self
+        self._up.set()
+        client._disconnected.add_done_callback(lambda _: self._on_disconnect(client))
+
+    def _on_disconnect(self, client: aiomqtt.Client) -> None:
+        if client is not self._client or self._closing:
+            return
+        self._connected = False
+        self._up.clear()
+        if self.reconnect:
+            self._lost.set()
+        else:
+            self._inbox.put_nowait(_DISCONNECTED)
+
+    async def _keep_connected(self) -> None:
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            log.warning("%s: connection to %s lost; reconnecting", self.client_id, self.address)
+            try:
+                await self._client.__aexit__(None, None, None)
+            except aiomqtt.MqttError:
+                pass
+            delay = RECONNECT_MIN_S
+            while True:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                try:
+                    await self._connect(first=False)
+                    if self._subscriptions:
+                        await self._client.subscribe(list(self._subscriptions.items()))
+                    break
+                except (TransportError, aiomqtt.MqttError) as exc:
+                    log.info("%s: reconnect failed (%s); next try in about %.1f s", self.client_id, exc, delay)
+                    self._connected = False
+                    self._up.clear()
+                    delay = min(2 * delay, RECONNECT_MAX_S)
+            self.reconnects += 1
+            log.warning("%s: reconnected to %s", self.client_id, self.address)
+            if self.on_reconnect is not None:
+                try:
+                    await self.on_reconnect()
+                except Exception:  # the hook's failure must not stop reconnecting
+                    log.exception("%s: after reconnecting", self.client_id)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Until the connection is up (at once when it is); TransportError after ``timeout_s``."""
+        if self._up.is_set():
+            return
+        if not self.reconnect:
+            raise TransportError(f"not connected to {self.address}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+        except TimeoutError:
+            raise TransportError(f"no connection to {self.address} for {timeout_s:.0f} s") from None
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closing = True
         self._connected = False
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         try:
             await self._client.__aexit__(exc_type, exc, tb)
         except aiomqtt.MqttError:
@@ -151,10 +253,11 @@ class MqttTransport:
         if qos == 0 and correlation_data is None and response_topic is None:
             # QoS 0 has no acknowledgement to wait for: hand it to paho and go on (aiomqtt
             # would wait for the socket write, a few event-loop turns per message).
+            await self.wait_connected()
             info = self._client._client.publish(topic, payload, 0, retain)
-            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS and not self.reconnect:
                 raise TransportError(f"publish to {topic} failed: {paho_mqtt.error_string(info.rc)}")
-            return
+            return  # reconnecting: at most once, as QoS 0 promises
         properties = None
         if correlation_data is not None or response_topic is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -162,22 +265,37 @@ class MqttTransport:
                 properties.CorrelationData = correlation_data
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
-        try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        while True:
+            await self.wait_connected()
+            try:
+                await self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+                return
+            except aiomqtt.MqttError as exc:
+                if not self.reconnect or self._closing:
+                    raise TransportError(f"publish to {topic} failed: {exc}") from exc
+                # At least once: send it again on the next connection.
+                log.info("%s: publish to %s failed (%s); again once reconnected", self.client_id, topic, exc)
+                await asyncio.sleep(0.05)  # let the disconnect be noticed before waiting for the next one
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
+        self._subscriptions.update({t: qos for t in topics})
+        await self.wait_connected()
         try:
             await self._client.subscribe([(t, qos) for t in topics])
         except aiomqtt.MqttError as exc:
-            raise TransportError(f"subscribe to {topics} failed: {exc}") from exc
+            if not self.reconnect:
+                raise TransportError(f"subscribe to {topics} failed: {exc}") from exc
+            # made again, with every recorded subscription, on reconnect
 
     async def unsubscribe(self, *topics: str) -> None:
+        for topic in topics:
+            self._subscriptions.pop(topic, None)
+        await self.wait_connected()
         try:
             await self._client.unsubscribe(list(topics))
         except aiomqtt.MqttError as exc:
-            raise TransportError(f"unsubscribe from {topics} failed: {exc}") from exc
+            if not self.reconnect:
+                raise TransportError(f"unsubscribe from {topics} failed: {exc}") from exc
 
     async def messages(self) -> AsyncGenerator[Message, None]:
         """Received messages, in order, until the connection ends (then TransportError)."""

@@ -12,7 +12,7 @@ import torch
 
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.client import ask
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 
 LONG_PROMPT = (
     "Shift report for line 2: pump P-3 ran hot after the filter change, valve V-17 was closed for "
@@ -37,7 +37,8 @@ async def test_a_chunked_prefill_answers_as_transformers_does(
     # Not the same bits as one whole prefill (chunks attend through a mask to the cache, a
     # different kernel path), but close; a prompt within one chunk stays bit-identical.
     reference = reference_logits(tiny_model, ids, len(final["logits"]))
-    gap = max(float((torch.tensor(got) - want).abs().max()) for got, want in zip(final["logits"], reference, strict=True))
+    gap = max(float((torch.tensor(got) - want).abs().max())
+              for got, want in zip(final["logits"], reference, strict=True))
     print(f"largest logit difference from one whole prefill: {gap:.2e}")
     assert gap < 5e-4
     chunks = -(-len(ids) // CHUNK)
@@ -61,8 +62,7 @@ async def test_decode_steps_of_other_requests_run_between_the_chunks(
             raise AssertionError("no final message")
 
         first = asyncio.create_task(answering())
-        while len(arrivals) < 3:  # it is decoding
-            await asyncio.sleep(0.01)  # noqa: ASYNC110  (a condition polled on the loop)
+        await wait_until(lambda: len(arrivals) >= 3, timeout_s=60)  # it is decoding
         sent = time.perf_counter()
         long = await cluster.final({"prompt": LONG_PROMPT, "max_tokens": 1, "stream": False})
         prefilled = time.perf_counter()

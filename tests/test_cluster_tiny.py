@@ -138,6 +138,44 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
     assert final["type"] == "final"
 
 
+async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_rerun(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path
+) -> None:
+    """A device runs each step once: a late copy of an older step (a QoS 1 redelivery)
+    would cut the sequence's cache back, so it is dropped, as is a step of another epoch;
+    the latest step sent again (a retry) runs again and gives the same token."""
+    ids = prompt_ids(tiny_model, PROMPT)
+    expected = reference_greedy(tiny_model, ids, 3)
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
+        topics = Topics(cluster_name)
+        reply = f"{topics.root}/test-replies"
+        epoch = cluster.plan.epoch
+
+        def step(number: int, pos: int, tokens: list[int], epoch: int = epoch) -> bytes:
+            return Envelope(kind="step", request_id="dup", step=number, epoch=epoch, pos=pos, tokens=tokens,
+                            sampling=Sampling(), reply=reply).encode()
+
+        async with MqttTransport(broker.url) as conn:
+            await conn.subscribe(reply)
+            messages = conn.messages()
+
+            async def token_of(payload: bytes) -> int | None:
+                await conn.publish(topics.stage_in(0), payload, qos=1)
+                async with asyncio.timeout(10):
+                    return Envelope.decode((await anext(messages)).payload).token
+
+            first = await token_of(step(0, 0, ids))
+            second = await token_of(step(1, len(ids), [first]))
+            assert await token_of(step(1, len(ids), [first])) == second  # a retry: run again, same token
+            device = cluster.devices[0]
+            dropped = device.duplicates
+            await conn.publish(topics.stage_in(0), step(0, 0, ids), qos=1)  # late copy of the prefill
+            await conn.publish(topics.stage_in(0), step(2, len(ids) + 1, [second], epoch=epoch + 7), qos=1)
+            third = await token_of(step(2, len(ids) + 1, [second]))
+    assert [first, second, third] == expected
+    assert device.duplicates == dropped + 1
+
+
 # stage layer ranges, the layers each stage streams from disk, its slots, and (for an
 # interleaved plan, where a device has several segments) the device of each stage
 STREAMED_SPLITS = {

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -208,6 +208,26 @@ class Shard:
             f"Shard(layers=[{s.start}, {s.stop}), embed={s.embed}, head={s.head}, "
             f"streamed={len(s.streamed)}, params={self.param_count}, device={self.device})"
         )
+
+    def set_streamed(self, streamed: tuple[int, ...], stream: LayerStream | None, slots: int) -> None:
+        """Change, in place and between steps, which layers are read from disk (through
+        ``stream``, the device's reader) and which are held; a layer no longer held gives
+        its memory back. Results are the same bits either way."""
+        old, new = set(self.spec.streamed), set(streamed)
+        for index in sorted(new - old):
+            offset = index - self.spec.start
+            self.param_count -= sum(p.numel() for p in self.layers[offset].parameters())
+            with torch.device("meta"):
+                self.layers[offset] = self.adapter.build_layer(self.config, index).eval()
+        for index in sorted(old - new):
+            offset = index - self.spec.start
+            self.param_count += _load_module(self.layers[offset], self.checkpoint, self.adapter.layer_prefix(index))
+            self.layers[offset].to(self.device).eval()
+        if self.stream is not None and self._own_stream:
+            self.stream.close()
+        self.spec = replace(self.spec, streamed=tuple(sorted(new)), slots=max(1, slots))
+        self._prefixes = {i: self.adapter.layer_prefix(i) for i in self.spec.streamed}
+        self.stream, self._own_stream = (stream if new else None), False
 
     def close(self) -> None:
         """Stop reading streamed layers (the shard is being replaced)."""
