@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--quorum", type=int, default=1, help="devices to wait for before the first plan")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet membership before planning")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0,
+                   help="take a planned device that sends no status or telemetry for this many seconds for "
+                   "lost (0: only its last will counts)")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="KV cache to reserve per sequence, in tokens (default 512)")
     p.add_argument("--sequences", type=int, default=1, help="sequences served at once (default 1)")
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "process baseline (or memory_mb in the settings file)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
+    p.add_argument("--telemetry-interval", type=float, default=5.0,
+                   help="seconds between telemetry reports (also the device's heartbeat)")
     p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
     p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
     p.add_argument("--weights-from-broker", action="store_true",
@@ -175,7 +180,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
         settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
-        interleaving=not args.no_interleave,
+        interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
         username=settings.username, password=settings.password,
     )
     return _run_service(service.run)
@@ -218,7 +223,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
-            kv_ttl_s=args.kv_ttl, threads=args.threads or settings.threads, torch_device=args.torch_device,
+            kv_ttl_s=args.kv_ttl, telemetry_s=args.telemetry_interval, threads=args.threads or settings.threads, torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             username=settings.username, password=settings.password,

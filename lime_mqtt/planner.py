@@ -52,6 +52,7 @@ class PlannerService:
         strategy: Strategy = "optimal",
         reserve_mb: float = 32.0,
         interleaving: bool = True,
+        heartbeat_timeout_s: float = 15.0,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
@@ -70,6 +71,11 @@ class PlannerService:
         self.devices: dict[str, dict[str, Any]] = {}
         self.plan: Plan | None = None
         self.considered: set[str] = set()  # the devices online when the current plan was made
+        # A device of the plan not heard from (status or telemetry) for this long is taken
+        # for lost, as if its last will had come (a hung process, a link that died silently).
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heard: dict[str, float] = {}  # device id -> when it was last heard from (monotonic)
+        self.silent: set[str] = set()  # devices of the plan that missed their heartbeats
         self.last_error: str | None = None
         self._changed = asyncio.Event()
         self.transport = MqttTransport(
@@ -85,7 +91,7 @@ class PlannerService:
     def online(self) -> dict[str, dict[str, Any]]:
         return {
             d: s for d, s in self.devices.items()
-            if s.get("state") in ONLINE_STATES and s.get("model") == self.model_id
+            if s.get("state") in ONLINE_STATES and s.get("model") == self.model_id and d not in self.silent
         }
 
     def needs_plan(self) -> str | None:
@@ -118,12 +124,17 @@ class PlannerService:
     async def run(self) -> None:
         async with self.transport:
             await self.transport.subscribe(self.topics.plan, self.topics.all_device_status)
+            if self.heartbeat_timeout_s:
+                await self.transport.subscribe(f"{self.topics.root}/devices/+/telemetry", qos=0)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive(), name="planner-receive")
                 tasks.create_task(self._plan_when_settled(), name="planner-plan")
+                if self.heartbeat_timeout_s:
+                    tasks.create_task(self._watch_heartbeats(), name="planner-heartbeats")
 
     async def _after_reconnect(self) -> None:
         self._grace_until = time.monotonic() + RECONNECT_GRACE_S
+        self.heard = dict.fromkeys(self.heard, self._grace_until)  # no heartbeats came while away
         self._changed.set()  # look again once the grace is over
 
     async def _publish_status(self, state: str, message: str) -> None:
@@ -132,9 +143,36 @@ class PlannerService:
                   "devices": sorted(self.online()), "ts": time.time()}
         await self.transport.publish(self.topics.planner_status, json.dumps(status).encode(), qos=1, retain=True)
 
+    def _heard_from(self, device_id: str) -> None:
+        self.heard[device_id] = time.monotonic()
+        if device_id in self.silent:
+            self.silent.discard(device_id)
+            log.warning("device %s is heard from again", device_id)
+            self._changed.set()
+
+    async def _watch_heartbeats(self) -> None:
+        """Take a device of the plan that has gone silent for lost."""
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat_timeout_s / 4))
+            if self.plan is None or not self.transport.connected:
+                continue
+            now = time.monotonic()
+            for stage in self.plan.stages:
+                device = stage.device_id
+                if device in self.silent or device not in self.online():
+                    continue
+                if now - self.heard.get(device, now) > self.heartbeat_timeout_s:
+                    log.warning("device %s of plan %d missed its heartbeats (silent for %.1f s): taken for lost",
+                                device, self.plan.epoch, now - self.heard[device])
+                    self.silent.add(device)
+                    self._changed.set()
+
     async def _receive(self) -> None:
         async for message in self.transport.messages():
-            if message.topic == self.topics.plan:
+            if message.topic.endswith("/telemetry"):
+                if (sender := message.topic.split("/")[-2]) in self.devices:
+                    self._heard_from(sender)
+            elif message.topic == self.topics.plan:
                 if not message.payload:
                     continue
                 try:
@@ -151,6 +189,8 @@ class PlannerService:
                     continue
                 before = self.devices.get(device_id, {}).get("state") in ONLINE_STATES
                 self.devices[device_id] = status
+                if not message.retain:
+                    self._heard_from(device_id)
                 if before != (status.get("state") in ONLINE_STATES):
                     log.info("device %s is %s", device_id, status.get("state"))
                 self._changed.set()

@@ -281,3 +281,54 @@ def test_sigterm_on_a_device_hands_its_work_over_and_it_leaves(
     assert process.returncode == 0
     assert "leaving" in states and states[-1] == "offline", states
     assert leaver not in {s.device_id for s in after.stages} and after.epoch > plan.epoch
+
+
+def test_a_device_that_hangs_is_taken_for_lost_by_its_missed_heartbeats(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """SIGSTOP: the process hangs with its connection open, so no last will comes. Its
+    telemetry (every 0.5 s here) stops; after 2 s the planner takes it for lost and plans
+    without it, and the answer completes, token-identical. After SIGCONT it is heard from
+    again and planned back in."""
+    import signal
+
+    devices = [DeviceSpec(f"s{i}", 10, 1, ("--emulate-layer-delay-ms", "4", "--telemetry-interval", "0.5"))
+               for i in range(3)]
+    prompt, max_tokens = "Valve V-17 is", 120
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path,
+                        planner_args=("--strategy", "equal", "--reserve-mb", "0", "--heartbeat-timeout", "2")) as procs:
+        plan = procs.wait_ready(timeout_s=180)
+        hung = plan.stages[1].device_id
+
+        plans: list[Plan] = []
+
+        async def follow_plans() -> None:
+            async with MqttTransport(broker.url) as conn:
+                await conn.subscribe(Topics(cluster_name).plan)
+                async for message in conn.messages():
+                    plans.append(Plan.from_json(message.payload))
+
+        async def run() -> tuple[dict, list, float]:
+            follower = asyncio.create_task(follow_plans())
+            log: list[tuple[float, dict]] = []
+            answer = asyncio.create_task(watch(broker.url, cluster_name, {"prompt": prompt, "max_tokens": max_tokens,
+                                                                          "stream": True}, log))
+            await wait_until(lambda: tokens_so_far(log) >= 10 or answer.done(), timeout_s=60)
+            stopped = time.perf_counter()
+            procs.processes[hung].send_signal(signal.SIGSTOP)
+            try:
+                final = await answer
+            finally:
+                procs.processes[hung].send_signal(signal.SIGCONT)
+                follower.cancel()
+            return final, log, stopped
+
+        final, log, stopped = asyncio.run(run())
+        back = asyncio.run(wait_for_ready_plan(broker.url, cluster_name, timeout_s=60, quorum=3))
+    assert final["type"] == "final", final
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, prompt), max_tokens)
+    assert_stream_is_the_answer(log, final)
+    assert any(p.epoch > plan.epoch and hung not in {s.device_id for s in p.stages} for p in plans), plans
+    assert hung in {s.device_id for s in back.stages}
+    resumed = min(t for t, m in log if t > stopped and m["type"] == "chunk")
+    print(f"hung device: the next token came {resumed - stopped:.2f} s after SIGSTOP")
