@@ -223,7 +223,8 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> None:
         agent = DeviceAgent(
             settings.broker, settings.cluster, device_id, memory_mb, folder,
-            kv_ttl_s=args.kv_ttl, telemetry_s=args.telemetry_interval, threads=args.threads or settings.threads, torch_device=args.torch_device,
+            kv_ttl_s=args.kv_ttl, telemetry_s=args.telemetry_interval, threads=args.threads or settings.threads,
+            torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             username=settings.username, password=settings.password,

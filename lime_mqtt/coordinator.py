@@ -43,6 +43,11 @@ SESSION_EXPIRY_S = 600
 KEPT_ANSWERS = 128
 
 
+def _deadline_exceeded(request: Request) -> RequestError:
+    return RequestError("deadline_exceeded",
+                        f"no complete answer within the request's deadline of {request.deadline_s} s")
+
+
 class _PlanLost(Exception):
     """The plan a step was sent under changed, or one of its devices left: replay on the next."""
 
@@ -433,9 +438,7 @@ class Coordinator:
                     finally:
                         self._slots.release()
             except TimeoutError:
-                raise RequestError(
-                    "deadline_exceeded", f"no complete answer within the request's deadline of {request.deadline_s} s"
-                ) from None
+                raise _deadline_exceeded(request) from None
         except asyncio.CancelledError:
             if not running.cancelled:
                 raise  # the coordinator is stopping
@@ -519,6 +522,10 @@ class Coordinator:
         pos = 0
         try:
             for step in range(max_new):
+                if request.deadline_s is not None and time.perf_counter() - started > request.deadline_s:
+                    # Also checked here: on Python 3.11 a cancellation that lands just as an
+                    # awaited publish completes can be lost, and with it the deadline's.
+                    raise _deadline_exceeded(request)
                 result = await self._advance(active, step, pos, prompt_ids + stream.token_ids, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
                 if step == 0:

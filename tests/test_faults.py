@@ -59,7 +59,7 @@ QUESTION = [{"role": "user", "content": "What does a pressure relief valve do? A
 
 @pytest.mark.slow
 def test_sigkill_of_one_of_four_devices_mid_answer_loses_nothing(
-    broker: LocalBroker, cluster_name: str, smollm2_model: Path, tmp_path: Path
+    broker: LocalBroker, cluster_name: str, smollm2_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     devices = [DeviceSpec(f"k{i}", 300, 1) for i in range(4)]
     with ProcessCluster(broker.url, cluster_name, str(smollm2_model), devices, tmp_path,
@@ -90,8 +90,9 @@ def test_sigkill_of_one_of_four_devices_mid_answer_loses_nothing(
     assert plan.stages[2].device_id not in {s.device_id for s in after.stages}
     assert "replaying" in coordinator_log
     next_token = min(t for t, m in log if t > killed_at and m["type"] == "chunk")
-    print(f"from the SIGKILL to the next token: {(next_token - killed_at) * 1000:.0f} ms; "
-          f"plan {plan.epoch} -> {after.epoch}; {len(final['token_ids'])} tokens")
+    with capsys.disabled():  # in the test run's output, not only on failure
+        print(f"\nfrom the SIGKILL to the next token: {(next_token - killed_at) * 1000:.0f} ms; "
+              f"plan {plan.epoch} -> {after.epoch}; {len(final['token_ids'])} tokens")
 
 
 CHAOS_REQUESTS = [
@@ -103,7 +104,7 @@ CHAOS_REQUESTS = [
 
 
 def test_chaos_ten_runs_each_killing_a_random_device_with_four_requests_in_flight(
-    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each run: 4 requests in flight, a random device SIGKILLed at a random step of the
     first; all answers complete and equal the fault-free ones; then the device comes back
@@ -154,7 +155,9 @@ def test_chaos_ten_runs_each_killing_a_random_device_with_four_requests_in_fligh
             procs.start_device(devices[victim])  # it comes back; the planner adopts it
             back = asyncio.run(wait_for_ready_plan(broker.url, cluster_name, timeout_s=120, quorum=4))
             assert victim in {s.device_id for s in back.stages}
-    print(f"chaos seed {seed}: {len(kills)} kills {kills}, {4 * len(kills)} answers all correct")
+    with capsys.disabled():  # in the test run's output, not only on failure
+        print(f"\nchaos seed {seed}: {len(kills)} kills (device, at token) {kills}, "
+              f"{4 * len(kills)} answers all correct")
 
 
 def test_when_the_rest_cannot_hold_the_model_the_client_gets_a_clear_error(
