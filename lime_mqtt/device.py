@@ -483,7 +483,7 @@ class DeviceAgent:
                  "held_mb_after": round(self.governor.usage(wanted, kv) / MIB, 2),
                  "streamed": sorted(wanted), "action": "stream" if wanted > now else "hold"}
         self.adaptations, self.last_adaptation = self.adaptations + 1, event
-        log.warning("%s: memory: %s layers %s: %.1f MiB of KV cache, %.1f -> %.1f MiB of %.0f MiB", self.device_id,
+        log.warning("%s: memory: %s layers %s: %.2f MiB of KV cache, %.2f -> %.2f MiB of %.2f MiB", self.device_id,
                     "streaming" if wanted > now else "holding again", sorted(wanted ^ now), kv / MIB,
                     before / MIB, event["held_mb_after"], self.memory_mb)
         await self._publish_status(self.state)
