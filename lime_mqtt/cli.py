@@ -236,11 +236,21 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             serving.cancel()
 
         # SIGTERM: leave cleanly (hand the work over, then go); SIGINT (Ctrl-C): go now.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.create_task(leave()))
+        leaving: list[asyncio.Task[None]] = []
+
+        def on_sigterm() -> None:
+            if not leaving:  # a second SIGTERM does not start a second leave
+                leaving.append(asyncio.create_task(leave()))
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
             await serving
         except asyncio.CancelledError:
             log.info("%s stopped", device_id)
+        finally:
+            for task in leaving:
+                task.cancel()
+            await asyncio.gather(*leaving, return_exceptions=True)
 
     return _run_service(main)
 

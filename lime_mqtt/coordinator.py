@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ GONE_STATES = ("offline", "error")
 
 SESSION_EXPIRY_S = 600
 # Answers kept for clients that reconnect and ask again (resume): the most recent ones.
-KEPT_ANSWERS = 128
+KEPT_ANSWERS = 32
 
 
 def _deadline_exceeded(request: Request) -> RequestError:
@@ -526,7 +527,7 @@ class Coordinator:
                     # Also checked here: on Python 3.11 a cancellation that lands just as an
                     # awaited publish completes can be lost, and with it the deadline's.
                     raise _deadline_exceeded(request)
-                result = await self._advance(active, step, pos, prompt_ids + stream.token_ids, sampling)
+                result = await self._advance(active, step, pos, lambda: prompt_ids + stream.token_ids, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
                 if step == 0:
                     first_at = last_at
@@ -563,19 +564,22 @@ class Coordinator:
                                    timings, logits if request.return_logits else None),
         )
 
-    async def _advance(self, active: _Active, step: int, pos: int, history: list[int], sampling: Sampling) -> Envelope:
-        """Run step ``step`` (``history``: every token id of the sequence so far; ``pos`` 0: a
-        prefill of all of them, else a decode step of the last one) and return its result.
+    async def _advance(
+        self, active: _Active, step: int, pos: int, history: Callable[[], list[int]], sampling: Sampling
+    ) -> Envelope:
+        """Run step ``step`` (``history()``: every token id of the sequence so far; ``pos`` 0:
+        a prefill of all of them, else a decode step of the last one) and return its result.
 
         If the plan breaks on the way (a device left, a new plan came), the whole history is
         replayed as a prefill on the next plan, under a new id on the devices and the same
         step number, so the token chosen is the one the old plan would have given."""
         while True:
             try:
+                ids = history()[pos:] if pos else history()
                 if pos:
-                    return await self._step(active, step, pos, history[pos:], sampling)
-                start = await self._prefill_leading_chunks(active, history, sampling)
-                return await self._step(active, step, start, history[start:], sampling)
+                    return await self._step(active, step, pos, ids, sampling)
+                start = await self._prefill_leading_chunks(active, ids, sampling)
+                return await self._step(active, step, start, ids[start:], sampling)
             except _PlanLost:
                 lost = active.plan
                 active.plan = await self._next_plan(lost)
@@ -586,7 +590,7 @@ class Coordinator:
                 pos = 0
                 self.replays += 1
                 log.warning("plan %d broke at step %d of a request; replaying its %d tokens on plan %d as %s",
-                            lost.epoch, step, len(history), active.plan.epoch, active.rid)
+                            lost.epoch, step, len(history()), active.plan.epoch, active.rid)
 
     async def _end_on_devices(self, active: _Active, plan: Plan | None = None) -> None:
         """Tell every device to free this request's state (its KV cache)."""

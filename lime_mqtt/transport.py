@@ -169,9 +169,11 @@ class MqttTransport:
         self._client = client
         self._connected = True
         self._up.set()
-        client._disconnected.add_done_callback(lambda _: self._on_disconnect(client))
+        client._disconnected.add_done_callback(lambda done: self._on_disconnect(client, done))
 
-    def _on_disconnect(self, client: aiomqtt.Client) -> None:
+    def _on_disconnect(self, client: aiomqtt.Client, done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            done.exception()  # seen here: no "exception was never retrieved" for a dropped connection
         if client is not self._client or self._closing:
             return
         self._connected = False
