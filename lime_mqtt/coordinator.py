@@ -527,7 +527,8 @@ class Coordinator:
                     # Also checked here: on Python 3.11 a cancellation that lands just as an
                     # awaited publish completes can be lost, and with it the deadline's.
                     raise _deadline_exceeded(request)
-                result = await self._advance(active, step, pos, lambda: prompt_ids + stream.token_ids, sampling)
+                result = await self._advance(active, step, pos, stream.token_ids[-1:],
+                                             lambda: prompt_ids + stream.token_ids, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
                 if step == 0:
                     first_at = last_at
@@ -565,19 +566,20 @@ class Coordinator:
         )
 
     async def _advance(
-        self, active: _Active, step: int, pos: int, history: Callable[[], list[int]], sampling: Sampling
+        self, active: _Active, step: int, pos: int, inputs: list[int], history: Callable[[], list[int]],
+        sampling: Sampling,
     ) -> Envelope:
-        """Run step ``step`` (``history()``: every token id of the sequence so far; ``pos`` 0:
-        a prefill of all of them, else a decode step of the last one) and return its result.
+        """Run step ``step`` and return its result: with ``pos`` 0 a prefill of ``history()``
+        (every token id of the sequence so far), else a decode step of ``inputs`` at ``pos``.
 
         If the plan breaks on the way (a device left, a new plan came), the whole history is
         replayed as a prefill on the next plan, under a new id on the devices and the same
         step number, so the token chosen is the one the old plan would have given."""
         while True:
             try:
-                ids = history()[pos:] if pos else history()
                 if pos:
-                    return await self._step(active, step, pos, ids, sampling)
+                    return await self._step(active, step, pos, inputs, sampling)
+                ids = history()
                 start = await self._prefill_leading_chunks(active, ids, sampling)
                 return await self._step(active, step, start, ids[start:], sampling)
             except _PlanLost:
