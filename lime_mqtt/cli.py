@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add each stage's memory and predicted milliseconds per token, and the total")
     p.add_argument("--timeout", type=float, default=5.0)
 
+    p = sub.add_parser("status", help="the plan, the planner's word, coordinators and each device's state")
+    _common(p)
+    p.add_argument("--wait", type=float, default=6.0,
+                   help="seconds to collect telemetry (devices report every 5 s by default; 0: status only)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+
     p = sub.add_parser("demo", help="broker, planner, coordinator and devices in one go; asks one question")
     _common(p)
     p.add_argument("--devices", type=int, default=3)
@@ -336,6 +342,22 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return _run_service(main)
 
 
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.status import format_status, gather_status
+
+    async def main() -> int:
+        view = await gather_status(settings.broker, settings.cluster, args.wait)
+        if args.json:
+            print(json.dumps({"cluster": view.cluster, "plan": view.plan.model_dump() if view.plan else None,
+                              "planner": view.planner, "coordinators": sorted(view.coordinators),
+                              "devices": view.devices, "telemetry": view.telemetry}, indent=2))
+        else:
+            print(format_status(view))
+        return 0
+
+    return _run_service(main)
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.cli_demo import run_demo
 
@@ -344,6 +366,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "broker": _cmd_broker,
+    "status": _cmd_status,
     "planner": _cmd_planner,
     "coordinator": _cmd_coordinator,
     "device": _cmd_device,
