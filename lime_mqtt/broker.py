@@ -42,10 +42,18 @@ def write_config(folder: Path, port: int, bind: str = "127.0.0.1") -> Path:
     # Mosquitto drops root privileges to the user 'mosquitto': let it read and write here.
     for path in (folder, data):
         path.chmod(0o777)
+    if os.geteuid() == 0 and not _reachable_by_others(data):
+        log.warning("Mosquitto drops root and runs as 'mosquitto', which cannot reach %s (a parent folder is not "
+                    "o+x): it cannot save retained messages there, so they will not survive a restart", data)
     conf = folder / "mosquitto.conf"
     conf.write_text(f"{base}\nlistener {port} {bind}\npersistence_location {data}/\n")
     conf.chmod(0o644)
     return conf
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether every folder above ``path`` lets other users through (the x bit for others)."""
+    return all(parent.stat().st_mode & 0o001 for parent in path.resolve().parents)
 
 
 def wait_for_port(

@@ -1,10 +1,13 @@
-"""`lime-mqtt status`: what an operator sees of a running cluster."""
+"""What an operator sees: `lime-mqtt status` of a running cluster, and the broker's warning
+about a data folder Mosquitto cannot use."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from lime_mqtt.broker import LocalBroker
 from lime_mqtt.status import format_status, gather_status
@@ -38,3 +41,28 @@ def test_status_of_an_empty_cluster_says_so(broker: LocalBroker, cluster_name: s
                           cluster_name, "--wait", "0.5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "no plan" in out.stdout and "no devices have registered" in out.stdout
+
+
+def test_a_broker_folder_mosquitto_cannot_reach_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Run as root, Mosquitto becomes the user 'mosquitto': a data folder under a private
+    folder (like pytest's own) cannot take its persistence file, and the broker says so;
+    a folder of its own in /tmp (what LocalBroker makes by default) is fine."""
+    import os
+    import shutil
+    import tempfile
+
+    from lime_mqtt.broker import write_config
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with caplog.at_level("WARNING"):
+        write_config(private / "broker", 1883)
+    assert ("cannot reach" in caplog.text) == (os.geteuid() == 0), caplog.text
+    caplog.clear()
+    own = Path(tempfile.mkdtemp(prefix="lime-broker-test-"))
+    try:
+        with caplog.at_level("WARNING"):
+            write_config(own, 1883)
+    finally:
+        shutil.rmtree(own)
+    assert "cannot reach" not in caplog.text
