@@ -130,7 +130,6 @@ class Coordinator:
         self.planner_message: str | None = None  # the planner's word on why there is no plan
         self.planner_error_at = 0.0  # when the planner last said it cannot plan (monotonic)
         self.plan_at = 0.0  # when the current plan arrived (monotonic)
-        self.replays = 0  # requests moved onto a new plan by replaying their tokens
         # Resolved (and replaced) when the plan changes or one of its devices leaves.
         self._disturbance: asyncio.Future[str] | None = None
         self.active: dict[str, _Active] = {}
@@ -590,7 +589,6 @@ class Coordinator:
                 active.rid = uuid.uuid4().hex
                 self.active[active.rid] = active
                 pos = 0
-                self.replays += 1
                 log.warning("plan %d broke at step %d of a request; replaying its %d tokens on plan %d as %s",
                             lost.epoch, step, len(history()), active.plan.epoch, active.rid)
 

@@ -113,7 +113,6 @@ class MqttTransport:
         self.reconnect = reconnect
         self.session_expiry_s = session_expiry_s
         self.on_reconnect = on_reconnect
-        self.reconnects = 0  # connections made again after a loss
         self._subscriptions: dict[str, int] = {}  # topic -> QoS, restored on reconnect
         self._closing = False
 
@@ -205,7 +204,6 @@ class MqttTransport:
                     self._connected = False
                     self._up.clear()
                     delay = min(2 * delay, RECONNECT_MAX_S)
-            self.reconnects += 1
             log.warning("%s: reconnected to %s", self.client_id, self.address)
             if self.on_reconnect is not None:
                 try:
