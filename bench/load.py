@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask_final
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.model.builtin import resolve_model
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 
 PROMPTS = [
     "Explain why a pump in a cooling loop might lose pressure.",

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask_final
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.model.builtin import resolve_model
 
 PROMPT = "Explain in a few sentences why a pump in a cooling loop might lose pressure."
@@ -117,7 +117,7 @@ def interleaved_rounds(
 
 
 def main() -> int:
-    # The same process settings as every lime-mqtt process (see lime_mqtt/cli.py), so that
+    # The same process settings as every lime-mqtt process (see lime_mqtt/cli/main.py), so that
     # the single-process engine is measured at its best too.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

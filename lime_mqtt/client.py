@@ -12,9 +12,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lime_mqtt.errors import LimeError, TransportError
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.core.errors import LimeError, TransportError
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 
 
 async def ask(

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.client import ask
-from lime_mqtt.cluster import wait_for_ready_plan
-from lime_mqtt.coordinator import Coordinator
-from lime_mqtt.device import DeviceAgent
-from lime_mqtt.plan import Plan
-from lime_mqtt.planner import PlannerService
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.cli.cluster import wait_for_ready_plan
+from lime_mqtt.coordinator.service import Coordinator
+from lime_mqtt.device.agent import DeviceAgent
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.planner.service import PlannerService
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 
 
 @dataclass
@@ -146,7 +146,7 @@ class AnonPeakSampler:
         self._thread.start()
 
     def _sample(self) -> None:
-        from lime_mqtt.memory import anon_rss_bytes
+        from lime_mqtt.device.memory import anon_rss_bytes
 
         while not self._stop.wait(self._period_s):  # a sampling period, not a synchronisation
             for pid in self.peaks:

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from lime_mqtt.admission import KvAdmission
-from lime_mqtt.errors import RequestError
+from lime_mqtt.coordinator.admission import KvAdmission
+from lime_mqtt.core.errors import RequestError
 from tests.helpers import wait_until
 
 

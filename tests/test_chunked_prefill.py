@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 

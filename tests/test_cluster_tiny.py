@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.plan import Plan, StagePlan
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
-from lime_mqtt.wire import Envelope, Sampling
+from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.core.wire import Envelope, Sampling
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 
 PROMPT = "Close valve V-17 before starting the maintenance"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask, ask_final, cancel
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster
-from lime_mqtt.plan import Plan, StagePlan
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import AnonPeakSampler, in_process_cluster, prompt_ids, reference_greedy, wait_until
 
 REQUESTS = [

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster
-from lime_mqtt.memory import peak_rss_bytes
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.device.memory import peak_rss_bytes
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.plan import MIB
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.planning.plan import MIB
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import AnonPeakSampler, prompt_ids, reference_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

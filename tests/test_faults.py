@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask, ask_final
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster, wait_for_ready_plan
-from lime_mqtt.plan import Plan
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, wait_for_ready_plan
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import prompt_ids, reference_greedy, wait_until
 
 

@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from lime_mqtt.broker import LocalBroker
-from lime_mqtt.device import DeviceAgent
-from lime_mqtt.measure import cache_file, measure_capabilities
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.device.agent import DeviceAgent
+from lime_mqtt.model.measure import cache_file, measure_capabilities
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.topics import Topics, parse_status
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.core.topics import Topics, parse_status
+from lime_mqtt.transport.mqtt import MqttTransport
 
 
 def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name
 def test_an_emulated_slow_device_is_seen_by_its_measurement(tiny_model: Path, tmp_path: Path) -> None:
     """The benchmark's slow device: its delay shows up in the measured layer time, which
     is all the planner sees (DeviceProfile.from_status reads the measured numbers)."""
-    from lime_mqtt.cost import DeviceProfile
+    from lime_mqtt.planning.cost import DeviceProfile
 
     checkpoint = Checkpoint(tiny_model)
     normal = measure_capabilities(checkpoint, "m2", tmp_path)

@@ -7,12 +7,12 @@ import asyncio
 import json
 from pathlib import Path
 
-from lime_mqtt.broker import LocalBroker
-from lime_mqtt.governor import HIGH, LOW, MemoryGovernor
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.planning.governor import HIGH, LOW, MemoryGovernor
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.plan import Plan, StagePlan
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, wait_until
 
 MIB = 1024 * 1024

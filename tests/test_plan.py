@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lime_mqtt.errors import PlanError
-from lime_mqtt.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, make_plan
+from lime_mqtt.core.errors import PlanError
+from lime_mqtt.planning.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, make_plan
 
 MODEL = ModelSize("m", layer_bytes=(10 * MIB,) * 12, embed_bytes=20 * MIB, head_bytes=20 * MIB,
                   kv_bytes_per_token_per_layer=1024, hidden_bytes_per_token=256)

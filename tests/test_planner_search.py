@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from lime_mqtt.cost import evaluate, layout_stage
-from lime_mqtt.errors import PlanError
-from lime_mqtt.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, interleave, make_plan
+from lime_mqtt.planning.cost import evaluate, layout_stage
+from lime_mqtt.core.errors import PlanError
+from lime_mqtt.planning.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, interleave, make_plan
 
 
 def brute_force(model: ModelSize, devices: list[DeviceProfile], workload: Workload) -> float:
@@ -198,7 +198,7 @@ def test_a_plan_with_neighbouring_segments_on_one_device_is_rejected() -> None:
 
 
 def test_prefill_prediction_grows_with_the_prompt_and_counts_the_head_once() -> None:
-    from lime_mqtt.cost import head_ms, predict_prefill_ms
+    from lime_mqtt.planning.cost import head_ms, predict_prefill_ms
 
     devices = same_speed(2, 200, layer_decode_ms=2.0, layer_prefill_ms_per_token=0.25)
     workload = Workload(context_tokens=64, reserve_bytes=0)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.settings import load_settings
-from lime_mqtt.topics import valid_device_id
+from lime_mqtt.cli.settings import load_settings
+from lime_mqtt.core.topics import valid_device_id
 
 PROFILES = sorted((Path(__file__).resolve().parent.parent / "devices").glob("*.toml"))
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.broker import LocalBroker
-from lime_mqtt.coordinator import Coordinator
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.coordinator.service import Coordinator
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy
 
 GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
@@ -156,7 +156,7 @@ async def test_malformed_messages_crash_no_component(broker: LocalBroker, cluste
 
 async def test_asking_a_cluster_without_coordinator_fails_fast(broker: LocalBroker, cluster_name: str) -> None:
     from lime_mqtt.client import ask_final
-    from lime_mqtt.errors import LimeError
+    from lime_mqtt.core.errors import LimeError
 
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -211,8 +211,8 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
     broker: LocalBroker, cluster_name: str, tiny_model: Path
 ) -> None:
     """The planner publishes its reason (retained), and a request's no_plan error carries it."""
-    from lime_mqtt.device import DeviceAgent
-    from lime_mqtt.planner import PlannerService
+    from lime_mqtt.device.agent import DeviceAgent
+    from lime_mqtt.planner.service import PlannerService
 
     topics = Topics(cluster_name)
     planner = PlannerService(broker.url, cluster_name, tiny_model, quorum=1, settle_s=0.1, context_tokens=64)

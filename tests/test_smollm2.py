@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.broker import LocalBroker
-from lime_mqtt.status import format_status, gather_status
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.cli.status import format_status, gather_status
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 from tests.helpers import in_process_cluster
 
 
@@ -51,7 +51,7 @@ def test_a_broker_folder_mosquitto_cannot_reach_is_named(tmp_path: Path, caplog:
     import shutil
     import tempfile
 
-    from lime_mqtt.broker import write_config
+    from lime_mqtt.transport.mosquitto import write_config
 
     private = tmp_path / "private"
     private.mkdir(mode=0o700)

@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lime_mqtt.broker import LocalBroker
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
-from lime_mqtt.weights import (
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.weights.service import (
     MANIFEST_CACHE,
     WeightsError,
     WeightSource,

@@ -6,8 +6,8 @@ import cbor2
 import pytest
 import torch
 
-from lime_mqtt.errors import WireError
-from lime_mqtt.wire import WIRE_VERSION, Envelope, Sampling, tensor_from_wire, tensor_to_wire
+from lime_mqtt.core.errors import WireError
+from lime_mqtt.core.wire import WIRE_VERSION, Envelope, Sampling, tensor_from_wire, tensor_to_wire
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

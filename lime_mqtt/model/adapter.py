@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lime_mqtt.errors import ModelError
+from lime_mqtt.core.errors import ModelError
 
 # model_type -> class-name prefix in transformers.models.<model_type>.modeling_<model_type>
 _FAMILIES: dict[str, str] = {

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lime_mqtt.errors import ModelError
+from lime_mqtt.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.errors import ModelError
+from lime_mqtt.core.errors import ModelError
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
                  "I64": "int64", "I32": "int32", "U8": "uint8", "I8": "int8"}
@@ -202,7 +202,7 @@ class Checkpoint:
 
 def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.cost.ModelSize
     """The byte sizes the planner needs, from the safetensors headers alone."""
-    from lime_mqtt.cost import ModelSize
+    from lime_mqtt.planning.cost import ModelSize
 
     itemsize = _DTYPE_BYTES.get(next(iter(checkpoint.tensors.values())).dtype, 4)
     return ModelSize(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lime_mqtt.wire import Sampling
+from lime_mqtt.core.wire import Sampling
 
 _MASK64 = (1 << 63) - 1
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lime_mqtt.errors import ModelError
+from lime_mqtt.core.errors import ModelError
 from lime_mqtt.model.adapter import DecoderAdapter, adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.errors import ConfigError, LimeError
-from lime_mqtt.settings import Settings, load_settings
+from lime_mqtt.core.errors import ConfigError, LimeError
+from lime_mqtt.cli.settings import Settings, load_settings
 
 log = logging.getLogger("lime_mqtt")
 
@@ -163,7 +163,7 @@ def _run_service(main: Callable[[], Awaitable[Any]]) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.broker import LocalBroker
+    from lime_mqtt.transport.mosquitto import LocalBroker
 
     broker = LocalBroker(args.port, Path(args.data) if args.data else None, args.bind).start()
     print(f"mosquitto listening on {broker.url} (config in {broker.folder})", flush=True)
@@ -180,7 +180,7 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.model.builtin import resolve_model
-    from lime_mqtt.planner import PlannerService
+    from lime_mqtt.planner.service import PlannerService
 
     service = PlannerService(
         settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
@@ -193,7 +193,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.coordinator import Coordinator
+    from lime_mqtt.coordinator.service import Coordinator
     from lime_mqtt.model.builtin import resolve_model
 
     folder = resolve_model(settings.model)
@@ -212,7 +212,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.device import DeviceAgent
+    from lime_mqtt.device.agent import DeviceAgent
     from lime_mqtt.model.builtin import resolve_model
 
     device_id = args.device_id or settings.device_id
@@ -320,9 +320,9 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.plan import Plan, format_plan
-    from lime_mqtt.topics import Topics
-    from lime_mqtt.transport import MqttTransport
+    from lime_mqtt.planning.plan import Plan, format_plan
+    from lime_mqtt.core.topics import Topics
+    from lime_mqtt.transport.mqtt import MqttTransport
 
     async def main() -> int:
         topics = Topics(settings.cluster)
@@ -343,7 +343,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.status import format_status, gather_status
+    from lime_mqtt.cli.status import format_status, gather_status
 
     async def main() -> int:
         view = await gather_status(settings.broker, settings.cluster, args.wait)
@@ -359,7 +359,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.cli_demo import run_demo
+    from lime_mqtt.cli.demo import run_demo
 
     return run_demo(settings, devices=args.devices, question=args.question, max_tokens=args.max_tokens)
 

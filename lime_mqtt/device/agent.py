@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.errors import LimeError, WireError
-from lime_mqtt.governor import MemoryGovernor
-from lime_mqtt.memory import (
+from lime_mqtt.core.errors import LimeError, WireError
+from lime_mqtt.planning.governor import MemoryGovernor
+from lime_mqtt.device.memory import (
     anon_rss_bytes,
     peak_rss_bytes,
     return_freed_memory_promptly,
@@ -34,10 +34,10 @@ from lime_mqtt.memory import (
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.model.shard import LayerStream, Shard, ShardSpec, import_runtime
-from lime_mqtt.plan import MIB, Plan, StagePlan
-from lime_mqtt.topics import STEP_QOS, Topics, valid_device_id
-from lime_mqtt.transport import LastWill, Message, MqttTransport
-from lime_mqtt.wire import Envelope
+from lime_mqtt.planning.plan import MIB, Plan, StagePlan
+from lime_mqtt.core.topics import STEP_QOS, Topics, valid_device_id
+from lime_mqtt.transport.mqtt import LastWill, Message, MqttTransport
+from lime_mqtt.core.wire import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class DeviceAgent:
 
     async def _fetch_manifest(self) -> None:
         """The model's config and tensor list from a weight source (waits for one)."""
-        from lime_mqtt.weights import WeightsError, fetch_manifest, write_config
+        from lime_mqtt.weights.service import WeightsError, fetch_manifest, write_config
 
         while True:
             try:
@@ -191,7 +191,7 @@ class DeviceAgent:
         return list(dict.fromkeys(wanted))
 
     async def _fetch_stages(self, stages: list[StagePlan]) -> None:
-        from lime_mqtt.weights import fetch_tensors
+        from lime_mqtt.weights.service import fetch_tensors
 
         await self._publish_status("fetching")
         started = time.perf_counter()
@@ -322,7 +322,7 @@ class DeviceAgent:
                     tasks.create_task(self._work(), name=f"{self.device_id}-work")
                     tasks.create_task(self._housekeeping(), name=f"{self.device_id}-housekeeping")
                     if self.serve_weights:
-                        from lime_mqtt.weights import WeightSource
+                        from lime_mqtt.weights.service import WeightSource
 
                         source = WeightSource(self.broker, self.topics.cluster, self.model_folder,
                                               model_id=self.model_id, username=self.username,
@@ -335,7 +335,7 @@ class DeviceAgent:
 
     async def _measure(self) -> None:
         """Measure compute and disk (cached per device and model) and the link to the broker."""
-        from lime_mqtt.measure import measure_capabilities, measure_link
+        from lime_mqtt.model.measure import measure_capabilities, measure_link
         from lime_mqtt.model.builtin import cache_dir
 
         loop = asyncio.get_running_loop()
@@ -462,7 +462,7 @@ class DeviceAgent:
 
     async def _govern_memory(self) -> None:
         """After a step: as KV caches grow toward the budget, stream more layers from disk;
-        as they shrink, hold them again (lime_mqtt/governor.py). Each change is logged,
+        as they shrink, hold them again (lime_mqtt/planning/governor.py). Each change is logged,
         counted in the telemetry and published in the status."""
         if self.governor is None or not self.shards:
             return

@@ -31,10 +31,10 @@ from typing import Any, Literal
 import cbor2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lime_mqtt.errors import ConfigError, LimeError
+from lime_mqtt.core.errors import ConfigError, LimeError
 from lime_mqtt.model.checkpoint import _DTYPE_BYTES, Checkpoint
-from lime_mqtt.topics import Topics
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.cost import DeviceProfile, Objective, Workload
-from lime_mqtt.errors import PlanError
+from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
+from lime_mqtt.core.errors import PlanError
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
-from lime_mqtt.plan import Plan, Strategy, make_plan
-from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.planning.plan import Plan, Strategy, make_plan
+from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 

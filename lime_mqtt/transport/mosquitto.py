@@ -11,11 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lime_mqtt.errors import ConfigError, TransportError
+from lime_mqtt.core.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
-_PACKAGED_CONF = Path(__file__).resolve().parent.parent / "broker" / "mosquitto.conf"
+_PACKAGED_CONF = Path(__file__).resolve().parents[2] / "broker" / "mosquitto.conf"
 
 
 def mosquitto_binary() -> str:

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lime_mqtt.errors import LimeError
-from lime_mqtt.plan import Plan
-from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.core.errors import LimeError
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Pure arithmetic, no I/O. A *placement* is an ordered list of (device, first layer, stop
 layer) stages; :func:`layout_stage` decides which of a stage's layers stay resident and
 which are streamed from local disk, and :func:`evaluate` predicts the milliseconds per
-output token of the whole pipeline. The planner's search (lime_mqtt/plan.py) and the
+output token of the whole pipeline. The planner's search (lime_mqtt/planning/plan.py) and the
 brute-force check of its optimality (tests/test_planner_search.py) both call these.
 """
 

@@ -15,7 +15,7 @@ import cbor2
 import numpy
 import torch
 
-from lime_mqtt.errors import WireError
+from lime_mqtt.core.errors import WireError
 
 WIRE_VERSION = 1
 

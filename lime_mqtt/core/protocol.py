@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lime_mqtt.errors import RequestError
+from lime_mqtt.core.errors import RequestError
 
 MAX_STOP_STRINGS = 8
 

@@ -22,7 +22,7 @@ import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from lime_mqtt.errors import ConfigError, TransportError
+from lime_mqtt.core.errors import ConfigError, TransportError
 
 CONNECT_TIMEOUT_S = 10.0
 # Reconnecting: the first retry after about RECONNECT_MIN_S, doubling to RECONNECT_MAX_S,

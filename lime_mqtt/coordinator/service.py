@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt import protocol
-from lime_mqtt.admission import KvAdmission
-from lime_mqtt.errors import LimeError, RequestError, WireError
+from lime_mqtt.core import protocol
+from lime_mqtt.coordinator.admission import KvAdmission
+from lime_mqtt.core.errors import LimeError, RequestError, WireError
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.plan import Plan
-from lime_mqtt.protocol import Request
-from lime_mqtt.textstream import TextStream
-from lime_mqtt.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport import LastWill, Message, MqttTransport
-from lime_mqtt.weights import WeightSource
-from lime_mqtt.wire import Envelope, Sampling
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.core.protocol import Request
+from lime_mqtt.coordinator.textstream import TextStream
+from lime_mqtt.core.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.transport.mqtt import LastWill, Message, MqttTransport
+from lime_mqtt.weights.service import WeightSource
+from lime_mqtt.core.wire import Envelope, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lime_mqtt.errors import ConfigError
+from lime_mqtt.core.errors import ConfigError
 
 
 class Settings(BaseSettings):

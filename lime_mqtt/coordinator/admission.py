@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from lime_mqtt.errors import RequestError
+from lime_mqtt.core.errors import RequestError
 
 PositionCallback = Callable[[int], Awaitable[None]]
 

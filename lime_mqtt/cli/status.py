@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lime_mqtt.plan import Plan
-from lime_mqtt.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport import MqttTransport
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.transport.mqtt import MqttTransport
 
 
 @dataclass

@@ -2,7 +2,7 @@
 KV cache it owns (docs/planner.md).
 
 Pure functions and models, no I/O. The search for the fastest placement under the cost
-model of :mod:`lime_mqtt.cost` is :func:`make_plan`. A plan is published as retained
+model of :mod:`lime_mqtt.planning.cost` is :func:`make_plan`. A plan is published as retained
 JSON with an epoch that grows by one with every new plan.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from lime_mqtt.cost import (
+from lime_mqtt.planning.cost import (
     MIB,
     DeviceProfile,
     ModelSize,
@@ -31,7 +31,7 @@ from lime_mqtt.cost import (
     link_ms,
     stall_lower_bound,
 )
-from lime_mqtt.errors import PlanError
+from lime_mqtt.core.errors import PlanError
 
 __all__ = ["MIB", "DeviceProfile", "ModelSize", "Plan", "StagePlan", "Workload", "format_plan", "make_plan"]
 

@@ -8,17 +8,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from lime_mqtt.broker import LocalBroker
-from lime_mqtt.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.model.builtin import resolve_model
-from lime_mqtt.plan import format_plan
-from lime_mqtt.settings import Settings
+from lime_mqtt.planning.plan import format_plan
+from lime_mqtt.cli.settings import Settings
 
 DEMO_MEMORY_MB = (320, 256, 256, 224, 224, 192)
 
 
 def run_demo(settings: Settings, devices: int, question: str, max_tokens: int) -> int:
-    from lime_mqtt.cli import stream_answer
+    from lime_mqtt.cli.main import stream_answer
 
     if not 1 <= devices <= len(DEMO_MEMORY_MB):
         print(f"--devices must be between 1 and {len(DEMO_MEMORY_MB)}")

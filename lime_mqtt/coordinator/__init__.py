@@ -1,0 +1,1 @@
+"""The coordinator: request intake, generation, KV admission, text streaming."""

@@ -1,0 +1,1 @@
+"""The device agent: lifetime and status, plans and shards, scheduling, compute."""

@@ -1,0 +1,1 @@
+"""The planner service: watches devices, publishes the retained plan."""

@@ -1,0 +1,1 @@
+"""Planning (pure): the cost model, plans and their search, interleaving, the memory governor."""

@@ -1,0 +1,1 @@
+"""The broker connection behind one interface: MQTT, an in-memory twin, a local Mosquitto."""
