@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tpot import cluster_runner, interleaved_rounds
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.model.builtin import resolve_model
 from lime_mqtt.planning.plan import format_plan
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 
 def main() -> int:
@@ -61,9 +61,9 @@ def main() -> int:
         # one by one on a quiet machine first, they start from these (cached) numbers.
         import torch
 
-        from lime_mqtt.model.measure import measure_capabilities
         from lime_mqtt.model.builtin import cache_dir
         from lime_mqtt.model.checkpoint import Checkpoint
+        from lime_mqtt.model.measure import measure_capabilities
 
         torch.set_num_threads(1)
         specs = {d.device_id: d for devices, _ in configs.values() for d in devices}

@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.client import ask_final
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
-from lime_mqtt.model.builtin import resolve_model
+from lime_mqtt.client import ask_final
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.model.builtin import resolve_model
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 PROMPTS = [
     "Explain why a pump in a cooling loop might lose pressure.",
@@ -65,7 +65,7 @@ class Telemetry:
         self.updated = asyncio.Event()
 
     async def listen(self) -> None:
-        async with MqttTransport(self.broker) as conn:
+        async with connect(self.broker) as conn:
             await conn.subscribe(f"{self.topics.root}/devices/+/telemetry", qos=0)
             async for message in conn.messages():
                 data = json.loads(message.payload)

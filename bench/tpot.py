@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.client import ask_final
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.client import ask_final
 from lime_mqtt.model.builtin import resolve_model
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 PROMPT = "Explain in a few sentences why a pump in a cooling loop might lose pressure."
 

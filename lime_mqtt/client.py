@@ -14,16 +14,18 @@ from typing import Any
 
 from lime_mqtt.core.errors import LimeError, TransportError
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
+
+Broker = str | BrokerAddress | Transport  # a URL, or a transport with credentials
 
 
 async def ask(
-    broker: str,
+    broker: Broker,
     cluster: str,
     request: dict[str, Any],
     *,
     timeout_s: float = 300.0,
-    transport: MqttTransport | None = None,
+    connection: Connection | None = None,
     wait_for_coordinator_s: float = 5.0,
 ) -> AsyncIterator[dict[str, Any]]:
     """Send one request; yield each chunk, then the final (or error) message, then stop.
@@ -44,11 +46,11 @@ async def ask(
     last_chunk = -1
     asked = False
 
-    async def publish(conn: MqttTransport, body: dict[str, Any]) -> None:
+    async def publish(conn: Connection, body: dict[str, Any]) -> None:
         await conn.publish(topics.requests, json.dumps(body).encode(), qos=1, response_topic=reply_topic,
                            correlation_data=correlation)
 
-    async def exchange(conn: MqttTransport) -> AsyncIterator[dict[str, Any]]:
+    async def exchange(conn: Connection) -> AsyncIterator[dict[str, Any]]:
         nonlocal last_chunk, asked
         await conn.subscribe(reply_topic, qos=1)
         if wait_for_coordinator_s > 0:
@@ -76,8 +78,8 @@ async def ask(
             if answer.get("type") in ("final", "error"):
                 return
 
-    if transport is not None:
-        async for answer in exchange(transport):
+    if connection is not None:
+        async for answer in exchange(connection):
             yield answer
         return
 
@@ -85,12 +87,12 @@ async def ask(
         if asked:
             await publish(conn, {"resume": request["id"], "after": last_chunk, "request": request})
 
-    async with MqttTransport(broker, reconnect=True, on_reconnect=resume) as conn:
+    async with transport_for(broker).connection(reconnect=True, on_reconnect=resume) as conn:
         async for answer in exchange(conn):
             yield answer
 
 
-async def _coordinator_serving(conn: MqttTransport, topics: Topics, wait_s: float) -> None:
+async def _coordinator_serving(conn: Connection, topics: Topics, wait_s: float) -> None:
     await conn.subscribe(topics.all_coordinator_status, qos=1)
     messages = conn.messages()
     try:
@@ -106,7 +108,7 @@ async def _coordinator_serving(conn: MqttTransport, topics: Topics, wait_s: floa
         await conn.unsubscribe(topics.all_coordinator_status)
 
 
-async def ask_final(broker: str, cluster: str, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+async def ask_final(broker: Broker, cluster: str, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """The final (or error) message of one request, skipping the streamed chunks."""
     last: dict[str, Any] = {}
     async for answer in ask(broker, cluster, request, **kwargs):
@@ -114,13 +116,13 @@ async def ask_final(broker: str, cluster: str, request: dict[str, Any], **kwargs
     return last
 
 
-async def cancel(broker: str, cluster: str, request_id: str, transport: MqttTransport | None = None) -> None:
+async def cancel(broker: Broker, cluster: str, request_id: str, connection: Connection | None = None) -> None:
     """Ask the coordinator to stop request ``request_id`` (the ``id`` every answer message
     carries). Its client then gets an error with code ``cancelled``, and every device frees
     the request's KV cache."""
     payload = json.dumps({"cancel": request_id}).encode()
-    if transport is not None:
-        await transport.publish(Topics(cluster).requests, payload, qos=1)
+    if connection is not None:
+        await connection.publish(Topics(cluster).requests, payload, qos=1)
         return
-    async with MqttTransport(broker) as conn:
+    async with transport_for(broker).connection() as conn:
         await conn.publish(Topics(cluster).requests, payload, qos=1)

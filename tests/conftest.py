@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.model.builtin import smollm2_folder, tiny_folder
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,16 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     return smollm2_folder()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tier of each test, from what it uses: a test that needs the real broker is an
+    integration test, one that needs neither it nor processes (e2e) nor SmolLM2 is a unit test."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if item.get_closest_marker("e2e"):
+            continue
+        if "broker" in fixtures or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        elif not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.unit)

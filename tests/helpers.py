@@ -8,21 +8,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from lime_mqtt.client import ask
 from lime_mqtt.cli.cluster import wait_for_ready_plan
+from lime_mqtt.client import ask
 from lime_mqtt.coordinator.service import Coordinator
-from lime_mqtt.device.agent import DeviceAgent
-from lime_mqtt.planning.plan import Plan
-from lime_mqtt.planner.service import PlannerService
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.device.agent import DeviceAgent
+from lime_mqtt.planner.service import PlannerService
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.transport import Transport, connect, transport_for
 
 
 @dataclass
 class RunningCluster:
-    broker: str
+    broker: str | Transport
     name: str
     plan: Plan
     coordinator: Coordinator
@@ -35,36 +35,54 @@ class RunningCluster:
         return (await self.ask(request, timeout_s))[-1]
 
 
+class Service(Protocol):
+    async def run(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running(services: dict[str, Service]) -> AsyncIterator[None]:
+    """Run each service as a named task of one task group for the body of the ``with``.
+
+    A service that crashes cancels the body, and its exception (in an ExceptionGroup) is
+    the test's failure, not a timeout of whatever the test was waiting for. On the way
+    out every service is cancelled and awaited."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(service.run(), name=name) for name, service in services.items()]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
 @contextlib.asynccontextmanager
 async def in_process_cluster(
-    broker: str, name: str, model: Path, memory_mb: list[int],
+    broker: str | Transport, name: str, model: Path, memory_mb: list[int],
     device_options: dict[str, Any] | None = None, planner_options: dict[str, Any] | None = None,
     plan: Plan | None = None, **coordinator_options: Any,
 ) -> AsyncIterator[RunningCluster]:
-    """Planner, coordinator and devices as tasks of this event loop, on a real broker.
+    """Planner, coordinator and devices as tasks of this event loop, on a broker: a real
+    one (a URL) or the in-memory twin (a ``MemoryBroker``).
 
     The planner splits by memory unless ``planner_options`` say otherwise; with ``plan``
-    there is no planner and that plan is published as the retained plan instead.
+    there is no planner and that plan is published as the retained plan instead. A
+    service that crashes fails the test with its own exception (see :func:`running`).
     """
-    coordinator = Coordinator(broker, name, model, **coordinator_options)
-    devices = [DeviceAgent(broker, name, f"dev{i}", mb, model, **(device_options or {}))
+    transport = transport_for(broker)
+    coordinator = Coordinator(transport, name, model, **coordinator_options)
+    devices = [DeviceAgent(transport, name, f"dev{i}", mb, model, **(device_options or {}))
                for i, mb in enumerate(memory_mb)]
-    tasks = [asyncio.create_task(coordinator.run(), name="coordinator")]
+    services: dict[str, Service] = {"coordinator": coordinator}
     if plan is None:
         options = {"strategy": "memory", "reserve_mb": 0, "context_tokens": 64, **(planner_options or {})}
-        planner = PlannerService(broker, name, model, quorum=len(memory_mb), settle_s=0.2, **options)
-        tasks.append(asyncio.create_task(planner.run(), name="planner"))
+        services["planner"] = PlannerService(transport, name, model, quorum=len(memory_mb), settle_s=0.2, **options)
     else:
-        async with MqttTransport(broker) as conn:
+        async with connect(transport) as conn:
             await conn.publish(Topics(name).plan, plan.to_json(), qos=1, retain=True)
-    tasks += [asyncio.create_task(d.run(), name=d.device_id) for d in devices]
-    try:
-        plan = await wait_for_ready_plan(broker, name, timeout_s=60)
-        yield RunningCluster(broker, name, plan, coordinator, devices)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    services.update({d.device_id: d for d in devices})
+    async with running(services):
+        plan = await wait_for_ready_plan(transport, name, timeout_s=60)
+        yield RunningCluster(transport, name, plan, coordinator, devices)
 
 
 async def wait_until(condition: Any, timeout_s: float = 10.0) -> None:

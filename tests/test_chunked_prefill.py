@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.client import ask
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 
 LONG_PROMPT = (

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.wire import Envelope, Sampling
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import Plan, StagePlan
-from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
-from lime_mqtt.core.wire import Envelope, Sampling
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
 
 PROMPT = "Close valve V-17 before starting the maintenance"
@@ -112,7 +112,7 @@ async def test_kv_cache_of_an_abandoned_request_expires(
         device = cluster.devices[0]
         step = Envelope(kind="step", request_id="orphan", step=0, epoch=cluster.plan.epoch, pos=0,
                         tokens=[5, 6, 7], sampling=Sampling(), reply=f"{Topics(cluster_name).root}/nowhere")
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
         await wait_until(lambda: ("orphan", 0) in device.sequences)
         await wait_until(lambda: ("orphan", 0) not in device.sequences, timeout_s=5)
@@ -127,7 +127,7 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
         reply = f"{topics.root}/test-replies"
         bad = Envelope(kind="step", request_id="bad", step=0, epoch=cluster.plan.epoch, pos=0,
                        tokens=[10**6], sampling=Sampling(), reply=reply)
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.subscribe(reply)
             await conn.publish(topics.stage_in(0), bad.encode(), qos=1)
             async with asyncio.timeout(10):
@@ -155,7 +155,7 @@ async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_re
             return Envelope(kind="step", request_id="dup", step=number, epoch=epoch, pos=pos, tokens=tokens,
                             sampling=Sampling(), reply=reply).encode()
 
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.subscribe(reply)
             messages = conn.messages()
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
-from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import AnonPeakSampler, in_process_cluster, prompt_ids, reference_greedy, wait_until
 
 REQUESTS = [
@@ -51,6 +51,7 @@ def check_alone_and_together(model: Path, alone: dict[str, dict], together: list
             assert answer["token_ids"] == reference_greedy(model, ids, request["max_tokens"])
 
 
+@pytest.mark.e2e
 def test_devices_batch_concurrent_decode_steps_and_answers_stay_the_same(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -84,7 +85,7 @@ async def _telemetry(broker: str, cluster: str, ids: list[str],
                      newer_than: dict[str, dict] | None = None) -> dict[str, dict]:
     """Each device's next telemetry report (after ``newer_than``'s, if given)."""
     found: dict[str, dict] = {}
-    async with MqttTransport(broker) as conn:
+    async with connect(broker) as conn:
         await conn.subscribe(f"{Topics(cluster).root}/devices/+/telemetry", qos=0)
         async with asyncio.timeout(30):
             async for message in conn.messages():
@@ -126,6 +127,7 @@ async def test_a_tiny_deadline_gets_a_timeout_error(broker: LocalBroker, cluster
     assert in_time["type"] == "final"
 
 
+@pytest.mark.e2e
 def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -141,7 +143,7 @@ def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
     devices = [DeviceSpec("d0", 10), DeviceSpec("d1", 10)]
 
     async def publish_plan() -> None:
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.publish(topics.plan, plan.to_json(), qos=1, retain=True)
 
     asyncio.run(publish_plan())
@@ -156,7 +158,7 @@ def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
             first_seen: list[str] = []
             finals: dict[str, dict] = {}
             after_eight: dict[int, int] = {}
-            async with MqttTransport(broker.url) as conn:
+            async with connect(broker.url) as conn:
                 await conn.subscribe(reply)
                 for n in range(200):
                     request = {"id": f"q{n:03d}", "prompt": prompt, "max_tokens": max_tokens, "reply_to": reply}
@@ -195,7 +197,7 @@ async def test_a_cancel_for_nothing_harms_nothing(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, bad: bytes
 ) -> None:
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.publish(Topics(cluster_name).requests, bad, qos=1)
         answer = await cluster.final({"prompt": "Report", "max_tokens": 3})
     assert answer["type"] == "final"

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.client import ask
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.client import ask
+from lime_mqtt.core.topics import Topics
 from lime_mqtt.device.memory import peak_rss_bytes
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import MIB
-from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import AnonPeakSampler, prompt_ids, reference_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -32,7 +32,7 @@ QUESTION = [{"role": "user", "content": "Name two ways to save energy in a facto
 async def _statuses(broker: str, cluster: str, ids: list[str]) -> dict[str, dict]:
     topics = Topics(cluster)
     found: dict[str, dict] = {}
-    async with MqttTransport(broker) as conn:
+    async with connect(broker) as conn:
         await conn.subscribe(topics.all_device_status)
         async with asyncio.timeout(10):
             async for message in conn.messages():

@@ -15,17 +15,19 @@ from typing import Any
 
 import pytest
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.client import ask, ask_final
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, wait_for_ready_plan
-from lime_mqtt.planning.plan import Plan
+from lime_mqtt.client import ask, ask_final
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import prompt_ids, reference_greedy, wait_until
+
+pytestmark = pytest.mark.e2e  # every test here runs device agents as separate processes
 
 
 async def retained_plan(broker: str, cluster: str) -> Plan:
-    async with MqttTransport(broker) as conn:
+    async with connect(broker) as conn:
         await conn.subscribe(Topics(cluster).plan)
         async with asyncio.timeout(10):
             async for message in conn.messages():
@@ -216,7 +218,7 @@ def test_a_broker_restart_mid_answer_loses_nothing(tiny_model: Path, tmp_path: P
                 answer = asyncio.create_task(watch(own_broker.url, cluster, request, log))
                 await wait_until(lambda: tokens_so_far(log) >= 10 or answer.done(), timeout_s=60)
                 topics = Topics(cluster)
-                async with MqttTransport(own_broker.url) as observer:  # sees what the broker accepted
+                async with connect(own_broker.url) as observer:  # sees what the broker accepted
                     await observer.subscribe(topics.requests, qos=1)
                     other = asyncio.create_task(ask_final(own_broker.url, cluster, {"prompt": "Pump", "max_tokens": 8},
                                                           timeout_s=120))
@@ -259,7 +261,7 @@ def test_sigterm_on_a_device_hands_its_work_over_and_it_leaves(
 
         async def run() -> tuple[dict, list]:
             async def follow_status() -> None:
-                async with MqttTransport(broker.url) as conn:
+                async with connect(broker.url) as conn:
                     await conn.subscribe(Topics(cluster_name).device_status(leaver))
                     async for message in conn.messages():
                         states.append(json.loads(message.payload)["state"] if message.payload else "gone")
@@ -306,7 +308,7 @@ def test_a_device_that_hangs_is_taken_for_lost_by_its_missed_heartbeats(
         plans: list[Plan] = []
 
         async def follow_plans() -> None:
-            async with MqttTransport(broker.url) as conn:
+            async with connect(broker.url) as conn:
                 await conn.subscribe(Topics(cluster_name).plan)
                 async for message in conn.messages():
                     plans.append(Plan.from_json(message.payload))

@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.device.agent import DeviceAgent
-from lime_mqtt.model.measure import cache_file, measure_capabilities
-from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.core.topics import Topics, parse_status
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.device.agent import DeviceAgent
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.model.measure import cache_file, measure_capabilities
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 
 def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) -> None:
@@ -29,10 +29,10 @@ def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) 
 
 
 async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
-    agent = DeviceAgent(broker.url, cluster_name, "meter", 10, tiny_model)
+    agent = DeviceAgent(broker.transport(), cluster_name, "meter", 10, tiny_model)
     task = asyncio.create_task(agent.run())
     try:
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.subscribe(Topics(cluster_name).device_status("meter"))
             async with asyncio.timeout(30):
                 async for message in conn.messages():

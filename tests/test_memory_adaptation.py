@@ -7,12 +7,12 @@ import asyncio
 import json
 from pathlib import Path
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.planning.governor import HIGH, LOW, MemoryGovernor
-from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.planning.plan import Plan, StagePlan
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.planning.governor import HIGH, LOW, MemoryGovernor
+from lime_mqtt.planning.plan import Plan, StagePlan
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, wait_until
 
 MIB = 1024 * 1024
@@ -57,7 +57,7 @@ async def test_a_device_near_its_budget_streams_layers_and_the_answer_stays_righ
     reports: list[dict] = []
 
     async def listen() -> None:
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.subscribe(f"{Topics(cluster_name).root}/devices/+/telemetry", qos=0)
             async for message in conn.messages():
                 reports.append(json.loads(message.payload))

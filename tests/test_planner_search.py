@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from lime_mqtt.planning.cost import evaluate, layout_stage
 from lime_mqtt.core.errors import PlanError
+from lime_mqtt.planning.cost import evaluate, layout_stage
 from lime_mqtt.planning.plan import MIB, DeviceProfile, ModelSize, Plan, Workload, format_plan, interleave, make_plan
 
 

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from lime_mqtt.core.errors import ConfigError, RequestError
-from lime_mqtt.model.sampling import choose_token
-from lime_mqtt.core.protocol import parse_request
 from lime_mqtt.cli.settings import load_settings
 from lime_mqtt.coordinator.textstream import TextStream
+from lime_mqtt.core.errors import ConfigError, RequestError
+from lime_mqtt.core.protocol import parse_request
 from lime_mqtt.core.topics import Topics, device_id_from_status_topic
-from lime_mqtt.transport.mqtt import BrokerAddress
 from lime_mqtt.core.wire import Sampling
+from lime_mqtt.model.sampling import choose_token
+from lime_mqtt.transport.mqtt import BrokerAddress
 
 
 def test_request_defaults_and_stop_string() -> None:

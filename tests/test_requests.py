@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster, prompt_ids, reference_greedy
 
 GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
@@ -20,7 +20,7 @@ GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
 
 async def _send_raw(broker: str, cluster: str, payload: bytes, reply_to: str) -> dict:
     """Publish raw bytes as a request (MQTT 3.1.1 style reply_to) and wait for one answer."""
-    async with MqttTransport(broker) as conn:
+    async with connect(broker) as conn:
         await conn.subscribe(reply_to)
         await conn.publish(Topics(cluster).requests, payload, qos=1)
         async with asyncio.timeout(30):
@@ -66,7 +66,7 @@ async def test_bad_requests_get_errors_and_the_next_good_one_is_answered(
 
 
 async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
-    coordinator = Coordinator(broker.url, cluster_name, tiny_model)
+    coordinator = Coordinator(broker.transport(), cluster_name, tiny_model)
     task = asyncio.create_task(coordinator.run())
     try:
         await asyncio.wait_for(coordinator.serving.wait(), 30)
@@ -124,7 +124,7 @@ async def test_plain_mosquitto_clients_can_ask(broker: LocalBroker, cluster_name
 async def _wait_for_subscription(sub: asyncio.subprocess.Process, broker: str, topic: str) -> None:
     """mosquitto_sub says nothing when it has subscribed: publish probes until one comes out."""
     assert sub.stdout is not None
-    async with MqttTransport(broker) as conn, asyncio.timeout(30):
+    async with connect(broker) as conn, asyncio.timeout(30):
         while True:
             await conn.publish(topic, json.dumps({"type": "probe"}).encode(), qos=1)
             try:
@@ -142,7 +142,7 @@ async def test_malformed_messages_crash_no_component(broker: LocalBroker, cluste
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
         before = await cluster.final(GOOD)
         garbage = [b"", b"\x00\xff\x13", b'{"v": 1}', json.dumps({"stages": "many"}).encode()]
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             for payload in garbage:
                 for topic in (topics.stage_in(0), topics.stage_in(1), topics.control, topics.plan,
                               f"{topics.results}/{cluster.coordinator.name}", topics.device_status("ghost")):
@@ -215,12 +215,12 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
     from lime_mqtt.planner.service import PlannerService
 
     topics = Topics(cluster_name)
-    planner = PlannerService(broker.url, cluster_name, tiny_model, quorum=1, settle_s=0.1, context_tokens=64)
-    coordinator = Coordinator(broker.url, cluster_name, tiny_model)
-    device = DeviceAgent(broker.url, cluster_name, "too-small", 1, tiny_model, measure=False)
+    planner = PlannerService(broker.transport(), cluster_name, tiny_model, quorum=1, settle_s=0.1, context_tokens=64)
+    coordinator = Coordinator(broker.transport(), cluster_name, tiny_model)
+    device = DeviceAgent(broker.transport(), cluster_name, "too-small", 1, tiny_model, measure=False)
     tasks = [asyncio.create_task(x.run()) for x in (planner, coordinator, device)]
     try:
-        async with MqttTransport(broker.url) as conn:
+        async with connect(broker.url) as conn:
             await conn.subscribe(topics.planner_status)
             async with asyncio.timeout(30):
                 async for message in conn.messages():

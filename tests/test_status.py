@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.cli.status import format_status, gather_status
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.transport import connect
+from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import in_process_cluster
 
 
@@ -22,7 +22,7 @@ async def test_status_shows_the_plan_the_devices_and_their_telemetry(
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10],
                                   device_options={"telemetry_s": 0.2}) as cluster:
         await cluster.final({"prompt": "Valve", "max_tokens": 5})
-        async with MqttTransport(broker.url) as conn:  # garbage on a watched topic changes nothing
+        async with connect(broker.url) as conn:  # garbage on a watched topic changes nothing
             await conn.publish(f"{Topics(cluster_name).root}/devices/dev9/telemetry", b"\xff not json")
         view = await gather_status(broker.url, cluster_name, wait_s=10)
     assert view.plan is not None and view.plan.epoch == cluster.plan.epoch

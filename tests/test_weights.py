@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.transport import connect, transport_for
+from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.weights.service import (
     MANIFEST_CACHE,
     WeightsError,
@@ -37,7 +37,7 @@ from lime_mqtt.weights.service import (
     tensor_path,
     valid_reply_topic,
 )
-from tests.helpers import wait_until
+from tests.helpers import running, wait_until
 
 MODEL = "tiny-llama"  # the tiny model's folder name, which a source serves it as
 EMBED = "model.embed_tokens.weight"
@@ -45,18 +45,11 @@ EMBED = "model.embed_tokens.weight"
 
 @contextlib.asynccontextmanager
 async def serving(broker: str, cluster: str, folder: Path, **options: Any) -> AsyncIterator[WeightSource]:
-    """A WeightSource running as a task; checks on the way out that it never crashed."""
-    source = WeightSource(broker, cluster, folder, **options)
-    task = asyncio.create_task(source.run(), name="weights-source")
-    try:
-        await wait_until(lambda: source.serving.is_set() or task.done(), timeout_s=30)
-        if task.done():
-            task.result()  # raises what stopped it
+    """A WeightSource running as a task; if it crashes, its exception fails the test."""
+    source = WeightSource(transport_for(broker), cluster, folder, **options)
+    async with running({"weights-source": source}):
+        await wait_until(source.serving.is_set, timeout_s=30)
         yield source
-        assert not task.done(), "the weight source stopped"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def _copy_model(source: Path, target: Path) -> Path:
@@ -129,9 +122,9 @@ async def test_a_device_fetches_exactly_its_layer(
 ) -> None:
     folder = tmp_path / "device"
     async with serving(broker.url, cluster_name, tiny_model) as source:
-        manifest = await fetch_manifest(broker.url, cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
         names = [name for name in manifest["tensors"] if name.startswith("model.layers.1.")]
-        stats = await fetch_tensors(broker.url, cluster_name, manifest, names, folder, client="dev1-a1b2")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder, client="dev1-a1b2")
 
     original, received = Checkpoint(tiny_model), Checkpoint(folder)
     assert len(names) == 9 and sorted(received.tensors) == sorted(names)  # its layer, nothing else
@@ -145,7 +138,7 @@ async def test_a_device_fetches_exactly_its_layer(
     assert list((folder / ".partial").iterdir()) == []
 
     # Everything is on disk now: a second fetch needs no source at all.
-    again = await fetch_tensors(broker.url, cluster_name, manifest, names, folder, client="dev1-a1b2",
+    again = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder, client="dev1-a1b2",
                                 chunk_timeout_s=0.2, max_retries=0)
     assert (again.tensors_skipped, again.tensors_fetched, again.bytes_received) == (len(names), 0, 0)
 
@@ -167,11 +160,11 @@ async def test_an_interrupted_fetch_resumes_where_it_stopped(
             raise Interrupted
 
     async with serving(broker.url, cluster_name, tiny_model, chunk_bytes=chunk) as source:
-        manifest = await fetch_manifest(broker.url, cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
         total = manifest["tensors"][EMBED]["nbytes"]
         assert total > 10 * chunk
         with pytest.raises(Interrupted):
-            await fetch_tensors(broker.url, cluster_name, manifest, [EMBED], folder, client="dev0-r1",
+            await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-r1",
                                 progress=stop_after_three_chunks)
         assert seen == [chunk, 2 * chunk, 3 * chunk]
         assert partial_path(folder, EMBED).stat().st_size == 3 * chunk
@@ -180,7 +173,7 @@ async def test_an_interrupted_fetch_resumes_where_it_stopped(
         # The source sends the rest of that request to nobody; then the device comes back.
         await wait_until(lambda: source.bytes_served == total)
         before = source.bytes_served
-        stats = await fetch_tensors(broker.url, cluster_name, manifest, [EMBED], folder, client="dev0-r2")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-r2")
         served_again = source.bytes_served - before
 
     assert stats.resumed_from == {EMBED: 3 * chunk}
@@ -197,18 +190,19 @@ async def test_a_damaged_partial_file_fails_the_hash_and_is_fetched_again(
     folder = tmp_path / "device"
     chunk = 4096
     async with serving(broker.url, cluster_name, tiny_model, chunk_bytes=chunk):
-        manifest = await fetch_manifest(broker.url, cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
         total = manifest["tensors"][EMBED]["nbytes"]
         part = partial_path(folder, EMBED)
         part.parent.mkdir(parents=True)
         part.write_bytes(b"\xa5" * (total - chunk))  # the right length but one chunk, wrong bytes
-        stats = await fetch_tensors(broker.url, cluster_name, manifest, [EMBED], folder, client="dev0-h1")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-h1")
 
         # A source whose bytes never match the manifest: the second mismatch is an error.
         wrong = json.loads(json.dumps(manifest))
         wrong["tensors"]["model.norm.weight"]["sha256"] = "0" * 64
         with pytest.raises(WeightsError, match=r"'model\.norm\.weight'.*sha256 check twice"):
-            await fetch_tensors(broker.url, cluster_name, wrong, ["model.norm.weight"], folder, client="dev0-h2")
+            await fetch_tensors(broker.transport(), cluster_name, wrong, ["model.norm.weight"], folder,
+                                client="dev0-h2")
 
     assert stats.hash_failures == 1
     assert stats.resumed_from == {EMBED: total - chunk}
@@ -243,7 +237,7 @@ async def test_bad_requests_never_stop_the_source(
         request(op="manifest", id="other-model", model="another-model"),  # for another source
         request(op="manifest", id="good"),
     ]
-    async with serving(broker.url, cluster_name, tiny_model) as source, MqttTransport(broker.url) as probe:
+    async with serving(broker.url, cluster_name, tiny_model) as source, connect(broker.url) as probe:
         await probe.subscribe(reply, outside, qos=1)
         for payload in requests:
             await probe.publish(topics.weights_requests, payload, qos=1)
@@ -270,17 +264,18 @@ async def test_bad_requests_never_stop_the_source(
         assert "out of range" in errors["past-end"]
 
         # Still serving: a real fetch works, and unknown names fail clearly on either side.
-        manifest = await fetch_manifest(broker.url, cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
         folder = tmp_path / "device"
-        stats = await fetch_tensors(broker.url, cluster_name, manifest, [layer], folder, client="dev0-g1")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [layer], folder, client="dev0-g1")
         assert stats.tensors_fetched == 1
         with pytest.raises(WeightsError, match=r"has no tensor 'model\.layers\.99\.weight' \(not in its manifest\)"):
-            await fetch_tensors(broker.url, cluster_name, manifest, ["model.layers.99.weight"], folder,
+            await fetch_tensors(broker.transport(), cluster_name, manifest, ["model.layers.99.weight"], folder,
                                 client="dev0-g2")
         stale = json.loads(json.dumps(manifest))
         stale["tensors"]["model.layers.9.extra"] = stale["tensors"][layer]
         with pytest.raises(WeightsError, match=r"cannot send tensor 'model\.layers\.9\.extra'.*has no tensor"):
-            await fetch_tensors(broker.url, cluster_name, stale, ["model.layers.9.extra"], folder, client="dev0-g3")
+            await fetch_tensors(broker.transport(), cluster_name, stale, ["model.layers.9.extra"], folder,
+                                client="dev0-g3")
     assert source.requests_answered >= 9
 
 
@@ -288,8 +283,8 @@ async def test_without_a_source_fetches_fail_clearly(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(WeightsError, match="no weight source answered for model 'tiny-llama'"):
-        await fetch_manifest(broker.url, cluster_name, MODEL, timeout_s=0.3)
+        await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=0.3)
     manifest = build_manifest(Checkpoint(tiny_model), MODEL)
     with pytest.raises(WeightsError, match=r"no data for tensor 'model\.norm\.weight'.*2 waits of 0\.2 s"):
-        await fetch_tensors(broker.url, cluster_name, manifest, ["model.norm.weight"], tmp_path, client="lonely",
-                            chunk_timeout_s=0.2, max_retries=1)
+        await fetch_tensors(broker.transport(), cluster_name, manifest, ["model.norm.weight"], tmp_path,
+                            client="lonely", chunk_timeout_s=0.2, max_retries=1)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lime_mqtt.core.errors import LimeError
-from lime_mqtt.planning.plan import Plan
 from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.transport import BrokerAddress, Transport, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class DeviceSpec:
 
 
 async def wait_for_ready_plan(
-    broker: str, cluster: str, timeout_s: float, quorum: int = 1, coordinator: bool = True,
+    broker: str | BrokerAddress | Transport, cluster: str, timeout_s: float, quorum: int = 1, coordinator: bool = True,
     planner_errors: bool = True,
 ) -> Plan:
     """Wait until a plan exists with at least ``quorum`` stages, all of whose devices report
@@ -45,7 +45,7 @@ async def wait_for_ready_plan(
     plan: Plan | None = None
     status: dict[str, dict[str, object]] = {}
     coordinators: set[str] = set()
-    async with MqttTransport(broker) as conn:
+    async with transport_for(broker).connection() as conn:
         await conn.subscribe(topics.plan, topics.all_device_status, topics.all_coordinator_status,
                              topics.planner_status)
         try:

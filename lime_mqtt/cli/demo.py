@@ -8,11 +8,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lime_mqtt.transport.mosquitto import LocalBroker
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.settings import Settings
 from lime_mqtt.model.builtin import resolve_model
 from lime_mqtt.planning.plan import format_plan
-from lime_mqtt.cli.settings import Settings
+from lime_mqtt.transport.mosquitto import LocalBroker
 
 DEMO_MEMORY_MB = (320, 256, 256, 224, 224, 192)
 

@@ -12,10 +12,13 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lime_mqtt.core.errors import ConfigError, LimeError
 from lime_mqtt.cli.settings import Settings, load_settings
+from lime_mqtt.core.errors import ConfigError, LimeError
+
+if TYPE_CHECKING:
+    from lime_mqtt.client import Broker
 
 log = logging.getLogger("lime_mqtt")
 
@@ -183,11 +186,10 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.planner.service import PlannerService
 
     service = PlannerService(
-        settings.broker, settings.cluster, resolve_model(settings.model), quorum=args.quorum,
+        settings.transport(), settings.cluster, resolve_model(settings.model), quorum=args.quorum,
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
-        username=settings.username, password=settings.password,
     )
     return _run_service(service.run)
 
@@ -200,11 +202,11 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> None:
         coordinator = Coordinator(
-            settings.broker, settings.cluster, folder, step_timeout_s=args.step_timeout, step_retry_s=args.step_retry,
+            settings.transport(), settings.cluster, folder, step_timeout_s=args.step_timeout,
+            step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, replan_timeout_s=args.replan_timeout,
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
             serve_weights=not args.no_weight_source,
-            username=settings.username, password=settings.password,
         )
         await coordinator.run()
 
@@ -228,12 +230,11 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> None:
         agent = DeviceAgent(
-            settings.broker, settings.cluster, device_id, memory_mb, folder,
+            settings.transport(), settings.cluster, device_id, memory_mb, folder,
             kv_ttl_s=args.kv_ttl, telemetry_s=args.telemetry_interval, threads=args.threads or settings.threads,
             torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
-            username=settings.username, password=settings.password,
         )
         serving = asyncio.create_task(agent.run())
 
@@ -275,7 +276,7 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
-async def stream_answer(broker: str, cluster: str, request: dict[str, Any], timeout_s: float,
+async def stream_answer(broker: Broker, cluster: str, request: dict[str, Any], timeout_s: float,
                         as_json: bool = False) -> int:
     """Print an answer as it streams; return 0 on success, 1 on an error message. Stopped
     (Ctrl-C), it cancels the request, so the devices free its KV cache at once."""
@@ -315,18 +316,16 @@ async def _print_answer(messages: AsyncIterator[dict[str, Any]], as_json: bool) 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     return _run_service(
-        lambda: stream_answer(settings.broker, settings.cluster, _request_from_args(args), args.timeout, args.json)
+        lambda: stream_answer(settings.transport(), settings.cluster, _request_from_args(args), args.timeout, args.json)
     )
 
 
 def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.planning.plan import Plan, format_plan
     from lime_mqtt.core.topics import Topics
-    from lime_mqtt.transport.mqtt import MqttTransport
-
+    from lime_mqtt.planning.plan import Plan, format_plan
     async def main() -> int:
         topics = Topics(settings.cluster)
-        async with MqttTransport(settings.broker) as conn:
+        async with settings.transport().connection() as conn:
             await conn.subscribe(topics.plan)
             try:
                 async with asyncio.timeout(args.timeout):
@@ -346,7 +345,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.cli.status import format_status, gather_status
 
     async def main() -> int:
-        view = await gather_status(settings.broker, settings.cluster, args.wait)
+        view = await gather_status(settings.transport(), settings.cluster, args.wait)
         if args.json:
             print(json.dumps({"cluster": view.cluster, "plan": view.plan.model_dump() if view.plan else None,
                               "planner": view.planner, "coordinators": sorted(view.coordinators),

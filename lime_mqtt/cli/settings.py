@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lime_mqtt.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lime_mqtt.transport.mqtt import MqttTransport
 
 
 class Settings(BaseSettings):
@@ -30,6 +33,12 @@ class Settings(BaseSettings):
     device_id: str | None = None
     memory_mb: int | None = None
     threads: int | None = None
+
+    def transport(self) -> MqttTransport:
+        """The broker these settings name, with their credentials: what every service is given."""
+        from lime_mqtt.transport.mqtt import MqttTransport
+
+        return MqttTransport(self.broker, self.username, self.password)
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lime_mqtt.planning.plan import Plan
 from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.planning.plan import Plan
+from lime_mqtt.transport import BrokerAddress, Transport, transport_for
 
 
 @dataclass
@@ -23,12 +23,12 @@ class ClusterView:
     telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> latest telemetry
 
 
-async def gather_status(broker: str, cluster: str, wait_s: float = 6.0) -> ClusterView:
+async def gather_status(broker: str | BrokerAddress | Transport, cluster: str, wait_s: float = 6.0) -> ClusterView:
     """The retained plan, planner, coordinator and device statuses, and the telemetry that
     arrives within ``wait_s`` seconds (devices report every 5 s by default)."""
     topics = Topics(cluster)
     view = ClusterView(cluster)
-    async with MqttTransport(broker) as conn:
+    async with transport_for(broker).connection() as conn:
         await conn.subscribe(topics.plan, topics.planner_status, topics.all_coordinator_status,
                              topics.all_device_status)
         await conn.subscribe(f"{topics.root}/devices/+/telemetry", qos=0)

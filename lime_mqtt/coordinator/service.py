@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.core import protocol
 from lime_mqtt.coordinator.admission import KvAdmission
+from lime_mqtt.coordinator.textstream import TextStream
+from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import LimeError, RequestError, WireError
+from lime_mqtt.core.protocol import Request
+from lime_mqtt.core.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.core.wire import Envelope, Sampling
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import Plan
-from lime_mqtt.core.protocol import Request
-from lime_mqtt.coordinator.textstream import TextStream
-from lime_mqtt.core.topics import STEP_QOS, Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport.mqtt import LastWill, Message, MqttTransport
+from lime_mqtt.transport.base import LastWill, Message, Transport
 from lime_mqtt.weights.service import WeightSource
-from lime_mqtt.core.wire import Envelope, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _Active:
 class Coordinator:
     def __init__(
         self,
-        broker: str,
+        transport: Transport,
         cluster: str,
         model_folder: Path,
         *,
@@ -103,8 +103,6 @@ class Coordinator:
         max_waiting: int = 1024,
         prefill_chunk: int = 256,
         serve_weights: bool = False,
-        username: str | None = None,
-        password: str | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -115,8 +113,7 @@ class Coordinator:
         self.admission = KvAdmission()
         self.weight_source: WeightSource | None = None
         if serve_weights:
-            self.weight_source = WeightSource(broker, cluster, self.checkpoint.folder, model_id=self.model_id,
-                                              username=username, password=password)
+            self.weight_source = WeightSource(transport, cluster, self.checkpoint.folder, model_id=self.model_id)
         self.context_length = int(self.checkpoint.config_dict.get("max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
         self.step_timeout_s = step_timeout_s
@@ -149,8 +146,8 @@ class Coordinator:
         will = LastWill(self.topics.coordinator_status(self.name), b"")
         # Reconnects by itself; its session keeps the request subscription, so requests
         # accepted by the broker (QoS 1) while it is away wait for it.
-        self.transport = MqttTransport(
-            broker, client_id=f"lime-{self.name}", will=will, username=username, password=password,
+        self.transport = transport.connection(
+            f"lime-{self.name}", will=will,
             reconnect=True, session_expiry_s=SESSION_EXPIRY_S, on_reconnect=self._after_reconnect,
         )
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError, WireError
-from lime_mqtt.planning.governor import MemoryGovernor
+from lime_mqtt.core.topics import STEP_QOS, Topics, valid_device_id
+from lime_mqtt.core.wire import Envelope
 from lime_mqtt.device.memory import (
     anon_rss_bytes,
     peak_rss_bytes,
@@ -34,10 +35,9 @@ from lime_mqtt.device.memory import (
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.model.shard import LayerStream, Shard, ShardSpec, import_runtime
+from lime_mqtt.planning.governor import MemoryGovernor
 from lime_mqtt.planning.plan import MIB, Plan, StagePlan
-from lime_mqtt.core.topics import STEP_QOS, Topics, valid_device_id
-from lime_mqtt.transport.mqtt import LastWill, Message, MqttTransport
-from lime_mqtt.core.wire import Envelope
+from lime_mqtt.transport.base import LastWill, Message, Transport
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class DeviceAgent:
 
     def __init__(
         self,
-        broker: str,
+        transport: Transport,
         cluster: str,
         device_id: str,
         memory_mb: int,
@@ -79,22 +79,19 @@ class DeviceAgent:
         max_batch: int = 1,
         fetch_weights: bool = False,
         serve_weights: bool = False,
-        username: str | None = None,
-        password: str | None = None,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
         if memory_mb <= 0:
             raise LimeError("--memory-mb must be positive")
         self.topics = Topics(cluster)
-        self.broker = broker
+        self.network = transport  # opens this agent's connection, and those of weight fetches
         self.device_id = device_id
         self.memory_mb = memory_mb
         self.model_folder = Path(model_folder)
         self.model_id = self.model_folder.name
         self.fetch_weights = fetch_weights  # model files come over MQTT from a weight source
         self.serve_weights = serve_weights  # this device is a weight source for others
-        self.username, self.password = username, password
         self.manifest: dict[str, Any] | None = None
         if not 1 <= max_batch <= 256:
             raise LimeError("--max-batch must be between 1 and 256")
@@ -138,8 +135,8 @@ class DeviceAgent:
         will = LastWill(self.topics.device_status(device_id), self._status_payload("offline"))
         # Reconnects by itself (broker restart, Wi-Fi drop) and then says its state again,
         # since its last will may have said "offline" meanwhile.
-        self.transport = MqttTransport(
-            broker, client_id=f"lime-device-{cluster}-{device_id}", will=will, username=username, password=password,
+        self.transport = transport.connection(
+            f"lime-device-{cluster}-{device_id}", will=will,
             reconnect=True, session_expiry_s=SESSION_EXPIRY_S, on_reconnect=self._after_reconnect,
         )
 
@@ -163,8 +160,8 @@ class DeviceAgent:
         while True:
             try:
                 self.manifest = await fetch_manifest(
-                    self.broker, self.topics.cluster, self.model_id, timeout_s=3,
-                    client=f"{self.device_id}-{uuid.uuid4().hex[:8]}", username=self.username, password=self.password,
+                    self.network, self.topics.cluster, self.model_id, timeout_s=3,
+                    client=f"{self.device_id}-{uuid.uuid4().hex[:8]}",
                 )
                 break
             except WeightsError as exc:
@@ -196,8 +193,8 @@ class DeviceAgent:
         await self._publish_status("fetching")
         started = time.perf_counter()
         stats = await fetch_tensors(
-            self.broker, self.topics.cluster, self.manifest or {}, self._tensor_names(stages), self.model_folder,
-            client=f"{self.device_id}-{uuid.uuid4().hex[:8]}", username=self.username, password=self.password,
+            self.network, self.topics.cluster, self.manifest or {}, self._tensor_names(stages), self.model_folder,
+            client=f"{self.device_id}-{uuid.uuid4().hex[:8]}",
         )
         log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.device_id,
                  stats.tensors_fetched, stats.bytes_received / 1e6, time.perf_counter() - started,
@@ -324,9 +321,8 @@ class DeviceAgent:
                     if self.serve_weights:
                         from lime_mqtt.weights.service import WeightSource
 
-                        source = WeightSource(self.broker, self.topics.cluster, self.model_folder,
-                                              model_id=self.model_id, username=self.username,
-                                              password=self.password)
+                        source = WeightSource(self.network, self.topics.cluster, self.model_folder,
+                                              model_id=self.model_id)
                         tasks.create_task(source.run(), name=f"{self.device_id}-weights")
             finally:
                 await asyncio.shield(self._say_offline())
@@ -335,8 +331,8 @@ class DeviceAgent:
 
     async def _measure(self) -> None:
         """Measure compute and disk (cached per device and model) and the link to the broker."""
-        from lime_mqtt.model.measure import measure_capabilities, measure_link
         from lime_mqtt.model.builtin import cache_dir
+        from lime_mqtt.model.measure import measure_capabilities, measure_link
 
         loop = asyncio.get_running_loop()
         measured = await loop.run_in_executor(

@@ -10,12 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
 from lime_mqtt.core.errors import PlanError
-from lime_mqtt.model.checkpoint import Checkpoint, model_size
-from lime_mqtt.planning.plan import Plan, Strategy, make_plan
 from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.model.checkpoint import Checkpoint, model_size
+from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
+from lime_mqtt.planning.plan import Plan, Strategy, make_plan
+from lime_mqtt.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class PlannerService:
 
     def __init__(
         self,
-        broker: str,
+        transport: Transport,
         cluster: str,
         model_folder: Path,
         *,
@@ -53,8 +53,6 @@ class PlannerService:
         reserve_mb: float = 32.0,
         interleaving: bool = True,
         heartbeat_timeout_s: float = 15.0,
-        username: str | None = None,
-        password: str | None = None,
     ) -> None:
         if quorum < 1:
             raise PlanError("quorum must be at least 1")
@@ -78,9 +76,8 @@ class PlannerService:
         self.silent: set[str] = set()  # devices of the plan that missed their heartbeats
         self.last_error: str | None = None
         self._changed = asyncio.Event()
-        self.transport = MqttTransport(
-            broker, client_id=f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", username=username, password=password,
-            reconnect=True, on_reconnect=self._after_reconnect,
+        self.transport = transport.connection(
+            f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", reconnect=True, on_reconnect=self._after_reconnect,
         )
         self._grace_until = 0.0
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from lime_mqtt.core.errors import PlanError
 from lime_mqtt.planning.cost import (
     MIB,
     DeviceProfile,
@@ -31,7 +32,6 @@ from lime_mqtt.planning.cost import (
     link_ms,
     stall_lower_bound,
 )
-from lime_mqtt.core.errors import PlanError
 
 __all__ = ["MIB", "DeviceProfile", "ModelSize", "Plan", "StagePlan", "Workload", "format_plan", "make_plan"]
 

@@ -10,8 +10,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lime_mqtt.core.errors import ConfigError, TransportError
+
+if TYPE_CHECKING:
+    from lime_mqtt.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,12 @@ class LocalBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.bind}:{self.port}"
+
+    def transport(self) -> MqttTransport:
+        """The transport that reaches this broker (anonymous, as it is configured)."""
+        from lime_mqtt.transport.mqtt import MqttTransport
+
+        return MqttTransport(self.url)
 
     def start(self) -> LocalBroker:
         conf = write_config(self.folder, self.port, self.bind)

@@ -1,7 +1,7 @@
-"""The MQTT client behind a small interface: connect, publish, subscribe, receive.
+"""The MQTT implementation of the transport interface (lime_mqtt/transport/base.py).
 
-Everything aiomqtt/paho-specific lives here, and its errors become
-:class:`~lime_mqtt.errors.TransportError` at this boundary.
+The only module that imports aiomqtt or paho: their types stay here, and their errors
+become :class:`~lime_mqtt.core.errors.TransportError` at this boundary.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ import logging
 import random
 import socket
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from lime_mqtt.core.errors import ConfigError, TransportError
+from lime_mqtt.core.errors import TransportError
+from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook
 
 CONNECT_TIMEOUT_S = 10.0
 # Reconnecting: the first retry after about RECONNECT_MIN_S, doubling to RECONNECT_MAX_S,
@@ -34,51 +33,7 @@ _DISCONNECTED = object()
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt://host:port`` (default port 1883) or ``mqtts://host:port`` (8883)."""
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {url!r} has no host")
-        tls = parts.scheme == "mqtts"
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise ConfigError(f"broker URL {url!r}: {exc}") from exc
-        return cls(parts.hostname, port, tls)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Message:
-    """A received message, free of paho types."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class LastWill:
-    topic: str
-    payload: bytes
-    retain: bool = True
-    qos: int = 1
-
-
-class MqttTransport:
+class MqttConnection:
     """One MQTT 5 connection; an async context manager that owns it.
 
     TCP_NODELAY is set on the socket: without it each small round trip costs tens of
@@ -102,7 +57,7 @@ class MqttTransport:
         *,
         reconnect: bool = False,
         session_expiry_s: int = 0,
-        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        on_reconnect: ReconnectHook | None = None,
     ) -> None:
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.client_id = client_id or f"lime-{uuid.uuid4().hex[:12]}"
@@ -142,9 +97,9 @@ class MqttTransport:
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "closed"
-        return f"MqttTransport({self.client_id!r}, {self.address}, {state})"
+        return f"MqttConnection({self.client_id!r}, {self.address}, {state})"
 
-    async def __aenter__(self) -> MqttTransport:
+    async def __aenter__(self) -> MqttConnection:
         # Received messages of every connection go to one queue (aiomqtt's own iterator
         # starts a task per message; see messages()). A lost connection puts a sentinel
         # there instead, unless this transport reconnects.
@@ -312,3 +267,33 @@ class MqttTransport:
                 response_topic=getattr(props, "ResponseTopic", None) if props else None,
                 correlation_data=getattr(props, "CorrelationData", None) if props else None,
             )
+
+
+class MqttTransport:
+    """How to reach one MQTT broker: its address and this process's credentials.
+
+    ``connection(...)`` opens an :class:`MqttConnection` with a client id, last will and
+    reconnect policy of the caller's choosing.
+    """
+
+    def __init__(self, broker: str | BrokerAddress, username: str | None = None, password: str | None = None) -> None:
+        self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+        self._username = username
+        self._password = password
+
+    def __repr__(self) -> str:
+        return f"MqttTransport({self.address}, user={self._username!r})"
+
+    def connection(
+        self,
+        client_id: str | None = None,
+        *,
+        will: LastWill | None = None,
+        reconnect: bool = False,
+        session_expiry_s: int = 0,
+        on_reconnect: ReconnectHook | None = None,
+    ) -> MqttConnection:
+        return MqttConnection(
+            self.address, client_id, will, self._username, self._password,
+            reconnect=reconnect, session_expiry_s=session_expiry_s, on_reconnect=on_reconnect,
+        )

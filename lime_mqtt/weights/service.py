@@ -32,9 +32,9 @@ import cbor2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lime_mqtt.core.errors import ConfigError, LimeError
-from lime_mqtt.model.checkpoint import _DTYPE_BYTES, Checkpoint
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.model.checkpoint import _DTYPE_BYTES, Checkpoint
+from lime_mqtt.transport.base import Connection, Transport
 
 log = logging.getLogger(__name__)
 
@@ -379,14 +379,12 @@ class WeightSource:
 
     def __init__(
         self,
-        broker: str,
+        transport: Transport,
         cluster: str,
         model_folder: Path,
         *,
         model_id: str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
-        username: str | None = None,
-        password: str | None = None,
     ) -> None:
         if chunk_bytes <= 0:
             raise ConfigError(f"chunk_bytes must be positive, not {chunk_bytes}")
@@ -398,10 +396,9 @@ class WeightSource:
         self.bytes_served = 0  # tensor bytes published
         self.requests_answered = 0  # requests that got a reply (manifest, chunks or error)
         self.serving = asyncio.Event()  # set once requests are subscribed to
-        self.transport = MqttTransport(
-            broker, client_id=f"lime-weights-{cluster}-{uuid.uuid4().hex[:8]}",
-            username=username, password=password,
-        )
+        # Reconnects by itself (a broker restart): its subscription is restored, and a
+        # fetcher asks again for what it did not get.
+        self.transport = transport.connection(f"lime-weights-{cluster}-{uuid.uuid4().hex[:8]}", reconnect=True)
 
     def __repr__(self) -> str:
         return (f"WeightSource({self.model_id!r}, cluster={self.topics.cluster!r}, "
@@ -500,7 +497,7 @@ class FetchStats:
 class _Replies:
     """Replies to this client, one request id at a time, each wait with a deadline."""
 
-    def __init__(self, conn: MqttTransport) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._messages = conn.messages()
 
@@ -526,14 +523,12 @@ def _check_client(client: str) -> None:
 
 
 async def fetch_manifest(
-    broker: str,
+    transport: Transport,
     cluster: str,
     model_id: str,
     *,
     timeout_s: float = 30.0,
     client: str | None = None,
-    username: str | None = None,
-    password: str | None = None,
 ) -> dict[str, Any]:
     """The manifest of ``model_id`` from the first weight source that answers."""
     client = client or f"manifest-{uuid.uuid4().hex[:12]}"
@@ -542,8 +537,7 @@ async def fetch_manifest(
     request_id = uuid.uuid4().hex
     request = {"v": WEIGHTS_VERSION, "op": "manifest", "model": model_id,
                "reply": topics.weights_reply(client), "id": request_id}
-    async with MqttTransport(broker, client_id=f"lime-weights-{client}-{uuid.uuid4().hex[:8]}",
-                             username=username, password=password) as conn:
+    async with transport.connection(f"lime-weights-{client}-{uuid.uuid4().hex[:8]}", reconnect=True) as conn:
         await conn.subscribe(topics.weights_reply(client), qos=1)
         await conn.publish(topics.weights_requests, json.dumps(request).encode(), qos=1)
         replies = _Replies(conn)
@@ -569,7 +563,7 @@ class _Fetcher:
     """Fetches tensors one by one over one connection into ``folder``."""
 
     def __init__(
-        self, conn: MqttTransport, topics: Topics, manifest: dict[str, Any], folder: Path, client: str,
+        self, conn: Connection, topics: Topics, manifest: dict[str, Any], folder: Path, client: str,
         stats: FetchStats, chunk_timeout_s: float, max_retries: int, window_bytes: int, progress: Progress | None,
     ) -> None:
         self.conn = conn
@@ -668,7 +662,7 @@ class _Fetcher:
 
 
 async def fetch_tensors(
-    broker: str,
+    transport: Transport,
     cluster: str,
     manifest: dict[str, Any],
     names: Iterable[str],
@@ -679,8 +673,6 @@ async def fetch_tensors(
     max_retries: int = 5,
     window_bytes: int = WINDOW_BYTES,
     progress: Progress | None = None,
-    username: str | None = None,
-    password: str | None = None,
 ) -> FetchStats:
     """Fetch ``names`` of ``manifest`` into ``folder``: one verified safetensors file each.
 
@@ -712,8 +704,8 @@ async def fetch_tensors(
             todo.append(name)
     if todo:
         topics = Topics(cluster)
-        async with MqttTransport(broker, client_id=f"lime-weights-{client}-{uuid.uuid4().hex[:8]}",
-                                 username=username, password=password) as conn:
+        # Reconnecting: after a broker restart, a chunk that does not come is asked for again.
+        async with transport.connection(f"lime-weights-{client}-{uuid.uuid4().hex[:8]}", reconnect=True) as conn:
             await conn.subscribe(topics.weights_reply(client), qos=1)
             fetcher = _Fetcher(conn, topics, manifest, folder, client, stats,
                                chunk_timeout_s, max_retries, window_bytes, progress)

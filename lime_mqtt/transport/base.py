@@ -1,0 +1,122 @@
+"""The transport interface every service is given: what a broker connection can do.
+
+A :class:`Transport` knows how to reach one broker (address, credentials) and opens
+:class:`Connection` objects, one per client identity. Services receive a Transport and
+open the connections they need (with their own client id, last will and reconnect
+policy); they never build an MQTT client themselves. Two implementations exist:
+:class:`lime_mqtt.transport.mqtt.MqttTransport` (the only code that imports an MQTT
+library) and :class:`lime_mqtt.transport.memory.MemoryBroker`, an in-memory twin for
+logic tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+from urllib.parse import urlsplit
+
+from lime_mqtt.core.errors import ConfigError
+
+ReconnectHook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """``mqtt://host:port`` (default port 1883) or ``mqtts://host:port`` (8883)."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} has no host")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r}: {exc}") from exc
+        return cls(parts.hostname, port, tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A received message, free of any MQTT library's types."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LastWill:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """One client's connection to the broker; an async context manager that owns it.
+
+    With ``reconnect``, a lost connection is made again in the background, the
+    subscriptions are restored and the reconnect hook runs; meanwhile ``publish`` and
+    ``subscribe`` wait, and ``messages`` goes on. Without it, ``messages`` ends with
+    :class:`~lime_mqtt.core.errors.TransportError` when the connection is lost.
+    """
+
+    client_id: str
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+    ) -> None: ...
+
+    async def subscribe(self, *topics: str, qos: int = 1) -> None: ...
+
+    async def unsubscribe(self, *topics: str) -> None: ...
+
+    def messages(self) -> AsyncIterator[Message]: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """How to reach one broker: opens connections for the services that are given it."""
+
+    def connection(
+        self,
+        client_id: str | None = None,
+        *,
+        will: LastWill | None = None,
+        reconnect: bool = False,
+        session_expiry_s: int = 0,
+        on_reconnect: ReconnectHook | None = None,
+    ) -> Connection: ...
