@@ -36,12 +36,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The unit tier only: no broker, no processes (tests/conftest.py marks it).
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lime_mqtt tests bench
 	$(VENV)/bin/mypy lime_mqtt
+	$(VENV)/bin/lint-imports --no-logo
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'

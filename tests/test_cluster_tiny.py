@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lime_mqtt.core.topics import Topics
-from lime_mqtt.core.wire import Envelope, Sampling
+from lime_mqtt.core.wire import Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import Plan, StagePlan
 from lime_mqtt.transport import connect
@@ -110,8 +110,8 @@ async def test_kv_cache_of_an_abandoned_request_expires(
     short_ttl = {"kv_ttl_s": 0.5}
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10], device_options=short_ttl) as cluster:
         device = cluster.devices[0]
-        step = Envelope(kind="step", request_id="orphan", step=0, epoch=cluster.plan.epoch, pos=0,
-                        tokens=[5, 6, 7], sampling=Sampling(), reply=f"{Topics(cluster_name).root}/nowhere")
+        step = Step("orphan", 0, cluster.plan.epoch, 0, tokens=[5, 6, 7], sampling=Sampling(),
+                    reply=f"{Topics(cluster_name).root}/nowhere")
         async with connect(broker.url) as conn:
             await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
         await wait_until(lambda: ("orphan", 0) in device.sequences)
@@ -125,15 +125,14 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
         topics = Topics(cluster_name)
         reply = f"{topics.root}/test-replies"
-        bad = Envelope(kind="step", request_id="bad", step=0, epoch=cluster.plan.epoch, pos=0,
-                       tokens=[10**6], sampling=Sampling(), reply=reply)
+        bad = Step("bad", 0, cluster.plan.epoch, 0, tokens=[10**6], sampling=Sampling(), reply=reply)
         async with connect(broker.url) as conn:
             await conn.subscribe(reply)
             await conn.publish(topics.stage_in(0), bad.encode(), qos=1)
             async with asyncio.timeout(10):
-                answer = Envelope.decode((await anext(conn.messages())).payload)
-        assert answer.kind == "token" and answer.token is None
-        assert answer.meta["error"]["code"] == "stage_error" and answer.meta["error"]["device_id"] == "dev0"
+                answer = decode_envelope((await anext(conn.messages())).payload)
+        assert isinstance(answer, StageError) and answer.kind == "error"  # a kind of its own, not a token
+        assert answer.request_id == "bad" and answer.device_id == "dev0" and answer.message
         final = await cluster.final({"prompt": PROMPT, "max_tokens": 4})
     assert final["type"] == "final"
 
@@ -152,8 +151,7 @@ async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_re
         epoch = cluster.plan.epoch
 
         def step(number: int, pos: int, tokens: list[int], epoch: int = epoch) -> bytes:
-            return Envelope(kind="step", request_id="dup", step=number, epoch=epoch, pos=pos, tokens=tokens,
-                            sampling=Sampling(), reply=reply).encode()
+            return Step("dup", number, epoch, pos, tokens=tokens, sampling=Sampling(), reply=reply).encode()
 
         async with connect(broker.url) as conn:
             await conn.subscribe(reply)
@@ -162,7 +160,9 @@ async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_re
             async def token_of(payload: bytes) -> int | None:
                 await conn.publish(topics.stage_in(0), payload, qos=1)
                 async with asyncio.timeout(10):
-                    return Envelope.decode((await anext(messages)).payload).token
+                    answer = decode_envelope((await anext(messages)).payload)
+                    assert isinstance(answer, Token)
+                    return answer.token
 
             first = await token_of(step(0, 0, ids))
             second = await token_of(step(1, len(ids), [first]))

@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from lime_mqtt.core.topics import Topics, parse_status
+from lime_mqtt.core.messages import decode_device_status
+from lime_mqtt.core.topics import Topics
 from lime_mqtt.device.agent import DeviceAgent
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.measure import cache_file, measure_capabilities
@@ -36,13 +37,13 @@ async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name
             await conn.subscribe(Topics(cluster_name).device_status("meter"))
             async with asyncio.timeout(30):
                 async for message in conn.messages():
-                    status = parse_status(message.payload)
-                    if status and status["state"] == "idle":
+                    status = decode_device_status(message.payload, "meter")
+                    if status.state == "idle":
                         break
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    caps = status["capabilities"]
+    caps = status.capabilities
     for key in ("layer_decode_ms", "layer_prefill_ms_per_token", "disk_mb_s", "link_rtt_ms", "link_mb_s"):
         assert caps[key] > 0, (key, json.dumps(caps))
     assert caps["link_rtt_ms"] < 1000

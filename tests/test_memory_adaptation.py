@@ -67,8 +67,8 @@ async def test_a_device_near_its_budget_streams_layers_and_the_answer_stays_righ
         async with in_process_cluster(broker.url, cluster_name, tiny_model, budgets, plan=plan) as cluster:
             final = await cluster.final({"prompt": prompt, "max_tokens": max_tokens, "stream": False})
             # The request's end frees its cache; the devices then hold every layer again.
-            await wait_until(lambda: all(d.last_adaptation and d.last_adaptation["action"] == "hold"
-                                         and not d._streamed_now() for d in cluster.devices), timeout_s=10)
+            await wait_until(lambda: all(d.last_adaptation and d.last_adaptation.action == "hold"
+                                         and not d.host.streamed_now() for d in cluster.devices), timeout_s=10)
             changes = [d.adaptations for d in cluster.devices]
     finally:
         listener.cancel()

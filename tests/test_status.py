@@ -26,7 +26,7 @@ async def test_status_shows_the_plan_the_devices_and_their_telemetry(
             await conn.publish(f"{Topics(cluster_name).root}/devices/dev9/telemetry", b"\xff not json")
         view = await gather_status(broker.url, cluster_name, wait_s=10)
     assert view.plan is not None and view.plan.epoch == cluster.plan.epoch
-    assert set(view.devices) == {"dev0", "dev1"} and {s["state"] for s in view.devices.values()} == {"ready"}
+    assert set(view.devices) == {"dev0", "dev1"} and {s.state for s in view.devices.values()} == {"ready"}
     assert set(view.telemetry) >= {"dev0", "dev1"}
     assert all(view.telemetry[d]["steps_done"] >= 5 for d in ("dev0", "dev1"))
     assert len(view.coordinators) == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lime_mqtt.core.errors import WireError
-from lime_mqtt.core.wire import WIRE_VERSION, Envelope, Sampling, tensor_from_wire, tensor_to_wire
+from lime_mqtt.core.wire import WIRE_VERSION, Sampling, Step, decode_envelope, tensor_from_wire, tensor_to_wire
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -28,9 +28,10 @@ def test_wire_bytes_are_little_endian_raw() -> None:
 
 def test_envelope_round_trip() -> None:
     hidden = torch.randn(1, 3, 8)
-    env = Envelope(kind="step", request_id="r1", step=4, epoch=2, pos=17, hidden=hidden,
-                   sampling=Sampling(0.7, 40, 0.9, 123), reply="lime/v1/c/coordinator/results/x")
-    back = Envelope.decode(env.encode())
+    env = Step("r1", 4, 2, 17, hidden=hidden, sampling=Sampling(0.7, 40, 0.9, 123),
+               reply="lime/v1/c/coordinator/results/x")
+    back = decode_envelope(env.encode())
+    assert isinstance(back, Step)
     assert (back.kind, back.request_id, back.step, back.epoch, back.pos) == ("step", "r1", 4, 2, 17)
     assert torch.equal(back.hidden, hidden)
     assert back.sampling == Sampling(0.7, 40, 0.9, 123)
@@ -59,4 +60,4 @@ def test_envelope_round_trip() -> None:
 )
 def test_malformed_envelopes_raise_wire_error(payload: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
-        Envelope.decode(payload)
+        decode_envelope(payload)

@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lime_mqtt.core.errors import LimeError
-from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.core.errors import LimeError, MessageError
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.view import ClusterView
 from lime_mqtt.planning.plan import Plan
 from lime_mqtt.transport import BrokerAddress, Transport, transport_for
 
@@ -41,33 +42,30 @@ async def wait_for_ready_plan(
     With ``planner_errors``, a planner that says it cannot plan ends the wait at once
     with its reason (a retained error from before this call counts only if no plan is
     out either)."""
-    topics = Topics(cluster)
-    plan: Plan | None = None
-    status: dict[str, dict[str, object]] = {}
-    coordinators: set[str] = set()
+    view = ClusterView(Topics(cluster))
     async with transport_for(broker).connection() as conn:
-        await conn.subscribe(topics.plan, topics.all_device_status, topics.all_coordinator_status,
-                             topics.planner_status)
+        await conn.subscribe(*view.subscriptions())
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in conn.messages():
-                    if message.topic == topics.plan and message.payload:
-                        plan = Plan.from_json(message.payload)
-                    elif (device_id := device_id_from_status_topic(message.topic)) is not None:
-                        status[device_id] = parse_status(message.payload) or status.get(device_id, {})
-                    elif message.topic == topics.planner_status and message.payload and planner_errors:
-                        said = parse_status(message.payload) or {}
-                        if said.get("state") == "error" and not message.retain:
-                            raise LimeError(f"the planner cannot plan: {said.get('message')}")
-                    elif message.topic.startswith(f"{topics.root}/coordinators/"):
-                        (coordinators.add if message.payload else coordinators.discard)(message.topic)
-                    if coordinator and not coordinators:
+                    try:
+                        update = view.take(message.topic, message.payload, message.retain)
+                    except MessageError as exc:
+                        log.warning("ignoring a message on %s: %s", message.topic, exc)
                         continue
-                    if plan is not None and len(plan.stages) >= quorum and plan.ready(status):
+                    said = view.planner
+                    if (update is not None and update.kind == "planner" and planner_errors and not update.retained
+                            and said is not None and said.state == "error"):
+                        raise LimeError(f"the planner cannot plan: {said.message}")
+                    if coordinator and not view.coordinators:
+                        continue
+                    plan = view.plan
+                    if plan is not None and len(plan.stages) >= quorum and view.plan_ready():
                         return plan
         except TimeoutError:
             pass
-    raise LimeError(f"no ready plan on cluster {cluster!r} after {timeout_s:.0f} s (devices: {status})")
+    states = {d: s.state for d, s in view.devices.items()}
+    raise LimeError(f"no ready plan on cluster {cluster!r} after {timeout_s:.0f} s (devices: {states})")
 
 
 class ProcessCluster:

@@ -347,7 +347,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> int:
         view = await gather_status(settings.transport(), settings.cluster, args.wait)
         if args.json:
-            print(json.dumps({"cluster": view.cluster, "plan": view.plan.model_dump() if view.plan else None,
+            print(json.dumps({"cluster": view.topics.cluster, "plan": view.plan.model_dump() if view.plan else None,
                               "planner": view.planner, "coordinators": sorted(view.coordinators),
                               "devices": view.devices, "telemetry": view.telemetry}, indent=2))
         else:

@@ -4,39 +4,28 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass, field
+import contextlib
 from typing import Any
 
-from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
-from lime_mqtt.planning.plan import Plan
+from lime_mqtt.core.errors import MessageError
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Transport, transport_for
-
-
-@dataclass
-class ClusterView:
-    cluster: str
-    plan: Plan | None = None
-    planner: dict[str, Any] = field(default_factory=dict)
-    coordinators: set[str] = field(default_factory=set)
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> status
-    telemetry: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> latest telemetry
 
 
 async def gather_status(broker: str | BrokerAddress | Transport, cluster: str, wait_s: float = 6.0) -> ClusterView:
     """The retained plan, planner, coordinator and device statuses, and the telemetry that
     arrives within ``wait_s`` seconds (devices report every 5 s by default)."""
-    topics = Topics(cluster)
-    view = ClusterView(cluster)
+    view = ClusterView(Topics(cluster))
     async with transport_for(broker).connection() as conn:
-        await conn.subscribe(topics.plan, topics.planner_status, topics.all_coordinator_status,
-                             topics.all_device_status)
-        await conn.subscribe(f"{topics.root}/devices/+/telemetry", qos=0)
+        await conn.subscribe(*view.subscriptions())
+        await conn.subscribe(view.topics.all_device_telemetry, qos=0)
         try:
             async with asyncio.timeout(wait_s):
                 async for message in conn.messages():
-                    _take(view, topics, message.topic, message.payload)
-                    reported = {d for d, s in view.devices.items() if s.get("state") != "offline"}
+                    with contextlib.suppress(MessageError):  # a malformed message says nothing of the cluster
+                        view.take(message.topic, message.payload, message.retain)
+                    reported = {d for d, s in view.devices.items() if s.state != "offline"}
                     if reported and reported <= set(view.telemetry):
                         break  # every device that is up has reported: no need to wait longer
         except TimeoutError:
@@ -44,29 +33,8 @@ async def gather_status(broker: str | BrokerAddress | Transport, cluster: str, w
     return view
 
 
-def _take(view: ClusterView, topics: Topics, topic: str, payload: bytes) -> None:
-    try:
-        if topic == topics.plan and payload:
-            view.plan = Plan.from_json(payload)
-        elif topic == topics.planner_status and payload:
-            view.planner = json.loads(payload)
-        elif topic.startswith(f"{topics.root}/coordinators/"):
-            name = topic.split("/")[-2]
-            (view.coordinators.add if payload else view.coordinators.discard)(name)
-        elif (device_id := device_id_from_status_topic(topic)) is not None:
-            status = parse_status(payload)
-            if status is not None:
-                view.devices[device_id] = status
-        elif topic.endswith("/telemetry"):
-            data = json.loads(payload)
-            if isinstance(data, dict):
-                view.telemetry[topic.split("/")[-2]] = data
-    except ValueError:
-        pass  # a malformed message says nothing about the cluster
-
-
 def format_status(view: ClusterView) -> str:
-    lines = [f"cluster {view.cluster}"]
+    lines = [f"cluster {view.topics.cluster}"]
     if view.plan is not None:
         predicted = f", predicted {view.plan.predicted_ms_per_token:.1f} ms/token" \
             if view.plan.predicted_ms_per_token else ""
@@ -74,20 +42,20 @@ def format_status(view: ClusterView) -> str:
     else:
         lines.append("no plan")
     if view.planner:
-        lines.append(f"planner: {view.planner.get('state')}: {view.planner.get('message')}")
-    lines.append(f"coordinators: {', '.join(sorted(view.coordinators)) or 'none'}")
+        lines.append(f"planner: {view.planner.state}: {view.planner.message}")
+    lines.append(f"coordinators: {', '.join(view.serving_coordinators()) or 'none'}")
     headers = ("device", "state", "stages", "layers", "streamed", "budget MB", "RSS MB", "KV tokens", "steps",
                "adaptations")
     rows = []
     for device_id in sorted(view.devices):
-        status, telemetry = view.devices[device_id], view.telemetry.get(device_id, {})
-        layers = ", ".join(f"[{a}, {b})" for a, b in status.get("layers", []))
-        streamed = status.get("streamed") or []
+        status, telemetry = view.devices[device_id], view.telemetry.get(device_id)
+        layers = ", ".join(f"[{a}, {b})" for a, b in status.layers)
         rows.append((
-            device_id, status.get("state", "?"), ",".join(str(s) for s in status.get("stages", [])) or "-",
-            layers or "-", f"{len(streamed)} layers" if streamed else "-", _number(status.get("memory_mb")),
-            _number(telemetry.get("rss_mb", status.get("rss_mb"))), _number(telemetry.get("kv_tokens")),
-            _number(telemetry.get("steps_done")), _number(telemetry.get("adaptations")),
+            device_id, status.state, ",".join(str(s) for s in status.stages) or "-",
+            layers or "-", f"{len(status.streamed)} layers" if status.streamed else "-", _number(status.memory_mb),
+            _number(telemetry.rss_mb if telemetry else status.rss_mb),
+            _number(telemetry.kv_tokens if telemetry else None),
+            _number(telemetry.steps_done if telemetry else None), _number(telemetry.adaptations if telemetry else None),
         ))
     if not rows:
         lines.append("no devices have registered")

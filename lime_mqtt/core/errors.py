@@ -25,8 +25,15 @@ class ModelError(LimeError):
     code = "model_error"
 
 
-class WireError(LimeError):
-    """A stage message that cannot be decoded."""
+class MessageError(LimeError):
+    """A received message that does not decode: too large, not the format, a wrong
+    version, a field of the wrong type or out of range. Nothing of it is used."""
+
+    code = "bad_message"
+
+
+class WireError(MessageError):
+    """A stage message (CBOR envelope) that cannot be decoded."""
 
     code = "wire_error"
 

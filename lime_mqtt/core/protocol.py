@@ -11,30 +11,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lime_mqtt.core.errors import RequestError
 
 MAX_STOP_STRINGS = 8
+REQUEST_VERSION: Literal[1] = 1
+# The largest request message: a long chat fits many times over; a broker's own limit may be lower.
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_PROMPT_CHARS = 512 * 1024
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class Request(BaseModel):
     """What a factory system sends on the request topic."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
+    v: Literal[1] = REQUEST_VERSION  # optional for clients; another version is refused
     id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^/+#\s]+$")
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int = Field(128, ge=1)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, max_length=4096)
+    max_tokens: int = Field(128, ge=1, le=1 << 20)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=1 << 24)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list)
     stream: bool = True
-    reply_to: str | None = Field(None, min_length=1, pattern=r"^[^+#]+$")
+    reply_to: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^[^+#]+$")
     client: str = Field("default", min_length=1, max_length=64, pattern=r"^[^/+#\s]+$")
     return_logits: bool = False
     deadline_s: float | None = Field(None, gt=0.0, le=86400.0)  # a whole answer within this, or a timeout error
@@ -98,6 +103,9 @@ def resume_target(payload: bytes) -> Resume | None:
 
 def parse_request(payload: bytes) -> Request:
     """Parse and validate a request, or raise :class:`RequestError` with a client-facing code."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise RequestError("request_too_large",
+                           f"the request has {len(payload)} bytes; at most {MAX_REQUEST_BYTES} are accepted")
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

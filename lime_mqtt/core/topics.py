@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 PREFIX = "lime/v1"
 
@@ -37,6 +36,28 @@ class Topics:
 
     def device_telemetry(self, device_id: str) -> str:
         return f"{self.root}/devices/{device_id}/telemetry"
+
+    @property
+    def all_device_telemetry(self) -> str:
+        return f"{self.root}/devices/+/telemetry"
+
+    def parse(self, topic: str) -> tuple[Literal["device", "telemetry", "coordinator"], str] | None:
+        """``devices/{id}/status`` -> ("device", id), ``devices/{id}/telemetry`` ->
+        ("telemetry", id), ``coordinators/{name}/status`` -> ("coordinator", name); None
+        for any other topic (or another cluster's)."""
+        prefix = f"{self.root}/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 3 or not parts[1]:
+            return None
+        if parts[0] == "devices" and parts[2] == "status":
+            return "device", parts[1]
+        if parts[0] == "devices" and parts[2] == "telemetry":
+            return "telemetry", parts[1]
+        if parts[0] == "coordinators" and parts[2] == "status":
+            return "coordinator", parts[1]
+        return None
 
     def coordinator_status(self, name: str) -> str:
         return f"{self.root}/coordinators/{name}/status"
@@ -89,20 +110,6 @@ def device_id_from_status_topic(topic: str) -> str | None:
     if len(parts) == 6 and parts[3] == "devices" and parts[5] == "status":
         return parts[4]
     return None
-
-
-def parse_status(payload: bytes) -> dict[str, Any] | None:
-    """A device status message, or ``None`` if malformed. An empty payload (a cleared
-    retained message) means the device is gone: ``{"state": "offline"}``."""
-    if not payload:
-        return {"state": "offline"}
-    try:
-        status = json.loads(payload)
-    except ValueError:
-        return None
-    if not isinstance(status, dict) or not isinstance(status.get("state"), str):
-        return None
-    return status
 
 
 def valid_device_id(device_id: str) -> bool:

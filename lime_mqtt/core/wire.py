@@ -8,8 +8,8 @@ Received bytes are only ever parsed as CBOR: never pickled, never ``torch.load``
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import cbor2
 import numpy
@@ -17,7 +17,13 @@ import torch
 
 from lime_mqtt.core.errors import WireError
 
-WIRE_VERSION = 1
+# Version 2: a stage error is an envelope kind of its own ("error"), no longer a token
+# with an error in a "meta" map.
+WIRE_VERSION = 2
+MAX_ENVELOPE_BYTES = 256 * 1024 * 1024  # the MQTT maximum; the broker may set a lower one
+MAX_STEP_TOKENS = 1 << 20
+MAX_POSITION = 1 << 24
+MAX_ID_LENGTH = 128
 
 _DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32,
@@ -28,7 +34,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
-KINDS = ("step", "token", "end")
 # A prompt cut into n chunks is sent as steps -(n-1) .. -1 (no token comes of them), then
 # step 0 (the last chunk, whose token is the first of the answer).
 MAX_CHUNKS = 2**20
@@ -87,111 +92,202 @@ class Sampling:
 
     @classmethod
     def from_wire(cls, obj: Any) -> Sampling:
-        if not isinstance(obj, dict):
-            raise WireError("sampling must be a map")
-        try:
-            return cls(float(obj["t"]), int(obj["k"]), float(obj["p"]), int(obj["s"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WireError(f"bad sampling parameters: {exc}") from exc
+        if not isinstance(obj, dict) or set(obj) != {"t", "k", "p", "s"}:
+            raise WireError("sampling must be a map of t, k, p and s")
+        t, k, p, seed = obj["t"], obj["k"], obj["p"], obj["s"]
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (t, p))
+        integers = all(isinstance(x, int) and not isinstance(x, bool) for x in (k, seed))
+        if not (numbers and integers and 0.0 <= t <= 10.0 and 0.0 < p <= 1.0 and k >= 0 and 0 <= seed < 2**64):
+            raise WireError(f"bad sampling parameters {obj!r}")
+        return cls(float(t), k, float(p), seed)
 
 
 @dataclass(frozen=True)
-class Envelope:
-    """One message between pipeline parts.
+class Step:
+    """Tokens (first stage) or hidden states (the others) moving forward through the stages.
 
-    ``kind``: ``step`` (tokens or hidden states moving forward through the stages),
-    ``token`` (the last stage's sampled token, to the coordinator) or ``end`` (free a
-    request's state). ``pos`` is the position of the first token of this step.
+    ``pos`` is the position of the step's first token; ``step`` numbers the request's
+    outputs (0 gives the first token; negative: a leading chunk of a prefill, which gives
+    none). The last stage needs ``sampling`` and ``reply``.
     """
 
-    kind: str
     request_id: str
     step: int
     epoch: int
     pos: int = 0
     tokens: list[int] | None = None
-    hidden: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # [1, S, H]
     sampling: Sampling | None = None
-    token: int | None = None
-    logits: torch.Tensor | None = None
     want_logits: bool = False
     reply: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "step"
+
+    @property
+    def width(self) -> int:
+        """How many positions this step carries."""
+        if self.tokens is not None:
+            return len(self.tokens)
+        return self.hidden.shape[1] if self.hidden is not None and self.hidden.dim() == 3 else 1
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "v": WIRE_VERSION,
-            "kind": self.kind,
-            "rid": self.request_id,
-            "step": self.step,
-            "epoch": self.epoch,
-            "pos": self.pos,
-        }
+        body = _head(self, self.step, self.epoch, self.pos)
         if self.tokens is not None:
             body["tokens"] = list(self.tokens)
         if self.hidden is not None:
             body["hidden"] = tensor_to_wire(self.hidden)
         if self.sampling is not None:
             body["sampling"] = self.sampling.to_wire()
-        if self.token is not None:
-            body["token"] = self.token
-        if self.logits is not None:
-            body["logits"] = tensor_to_wire(self.logits)
         if self.want_logits:
             body["want_logits"] = True
         if self.reply is not None:
             body["reply"] = self.reply
-        if self.meta:
-            body["meta"] = self.meta
         return cbor2.dumps(body)
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Envelope:
-        try:
-            body = cbor2.loads(payload)
-        except Exception as exc:  # cbor2 raises several types for garbage input
-            raise WireError(f"not CBOR: {exc}") from exc
-        if not isinstance(body, dict):
-            raise WireError("envelope must be a CBOR map")
-        if body.get("v") != WIRE_VERSION:
-            raise WireError(f"unsupported wire version {body.get('v')!r}")
-        kind = body.get("kind")
-        if kind not in KINDS:
-            raise WireError(f"unknown envelope kind {kind!r}")
-        rid, step, epoch, pos = body.get("rid"), body.get("step"), body.get("epoch"), body.get("pos", 0)
-        if not isinstance(rid, str) or not rid:
-            raise WireError("envelope needs a request id")
-        if not isinstance(step, int) or isinstance(step, bool) or not -MAX_CHUNKS <= step < 2**31:
-            raise WireError(f"envelope step must be an integer from {-MAX_CHUNKS} (a leading prefill chunk)")
-        for name, value in (("epoch", epoch), ("pos", pos)):
-            if not isinstance(value, int) or value < 0:
-                raise WireError(f"envelope {name} must be a non-negative integer")
-        tokens = body.get("tokens")
-        if tokens is not None and (
-            not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens)
-        ):
-            raise WireError("tokens must be a list of non-negative integers")
+
+@dataclass(frozen=True)
+class Token:
+    """The last stage's answer to a step: the token chosen (``None`` for a leading chunk)."""
+
+    request_id: str
+    step: int
+    epoch: int
+    pos: int = 0
+    token: int | None = None
+    logits: torch.Tensor | None = None  # [V], when the step asked for them
+
+    kind: ClassVar[str] = "token"
+
+    def encode(self) -> bytes:
+        body = _head(self, self.step, self.epoch, self.pos)
+        if self.token is not None:
+            body["token"] = self.token
+        if self.logits is not None:
+            body["logits"] = tensor_to_wire(self.logits)
+        return cbor2.dumps(body)
+
+
+@dataclass(frozen=True)
+class End:
+    """Free a request's state (its KV cache) on every device (the control topic)."""
+
+    request_id: str
+    epoch: int
+
+    kind: ClassVar[str] = "end"
+
+    def encode(self) -> bytes:
+        return cbor2.dumps(_head(self, 0, self.epoch, 0))
+
+
+@dataclass(frozen=True)
+class StageError:
+    """A step a device could not run (a token id past the vocabulary, say), to the reply topic."""
+
+    request_id: str
+    step: int
+    epoch: int
+    device_id: str
+    message: str
+
+    kind: ClassVar[str] = "error"
+
+    def encode(self) -> bytes:
+        body = _head(self, self.step, self.epoch, 0)
+        body["device_id"] = self.device_id
+        body["message"] = self.message
+        return cbor2.dumps(body)
+
+
+Envelope = Step | Token | End | StageError
+KINDS = ("step", "token", "end", "error")
+
+
+def _head(envelope: Envelope, step: int, epoch: int, pos: int) -> dict[str, Any]:
+    return {"v": WIRE_VERSION, "kind": envelope.kind, "rid": envelope.request_id, "step": step, "epoch": epoch,
+            "pos": pos}
+
+
+def _int(body: dict[Any, Any], name: str, low: int, high: int, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+        raise WireError(f"envelope {name} must be an integer in [{low}, {high})")
+    return value
+
+
+def _text(body: dict[Any, Any], name: str, max_length: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise WireError(f"envelope {name} must be a non-empty string of at most {max_length} characters")
+    return value
+
+
+def _hidden(obj: Any, hidden_size: int | None) -> torch.Tensor:
+    """Hidden states ``[1, S, H]`` of a float dtype, with ``H`` the plan's hidden size when known."""
+    hidden = tensor_from_wire(obj)
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1:
+        raise WireError(f"hidden states must have shape [1, S, H], not {list(hidden.shape)}")
+    if not hidden.dtype.is_floating_point:
+        raise WireError(f"hidden states must be floating point, not {hidden.dtype}")
+    if hidden_size is not None and hidden.shape[2] != hidden_size:
+        raise WireError(f"hidden states are {hidden.shape[2]} wide, the model's hidden size is {hidden_size}")
+    return hidden
+
+
+def decode_envelope(payload: bytes, *, hidden_size: int | None = None,
+                    max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
+    """One envelope, every field checked (:class:`WireError` otherwise): its size, the CBOR
+    map, the version, the kind, ids and integer ranges, token ids, tensors (dtype, shape
+    against the byte count, and the hidden size of the model when given), the reply topic."""
+    if len(payload) > max_bytes:
+        raise WireError(f"an envelope of {len(payload)} bytes is larger than the {max_bytes} allowed")
+    try:
+        body = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types for garbage input
+        raise WireError(f"not CBOR: {exc}") from exc
+    if not isinstance(body, dict):
+        raise WireError("envelope must be a CBOR map")
+    if body.get("v") != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {body.get('v')!r} (this is version {WIRE_VERSION})")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"unknown envelope kind {kind!r}")
+    rid = body.get("rid")
+    if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LENGTH:
+        raise WireError("envelope needs a request id")
+    step = _int(body, "step", -MAX_CHUNKS, 2**31)
+    epoch = _int(body, "epoch", 0, 2**63)
+    pos = _int(body, "pos", 0, MAX_POSITION, default=0)
+    if kind == "end":
+        return End(rid, epoch)
+    if kind == "error":
+        return StageError(rid, step, epoch, _text(body, "device_id", 64), _text(body, "message", 4096))
+    if kind == "token":
         token = body.get("token")
-        if token is not None and (not isinstance(token, int) or token < 0):
+        if token is not None and (not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**31):
             raise WireError("token must be a non-negative integer")
-        reply = body.get("reply")
-        if reply is not None and (not isinstance(reply, str) or not reply or "+" in reply or "#" in reply):
-            raise WireError("reply must be a topic name")
-        meta = body.get("meta", {})
-        if not isinstance(meta, dict):
-            raise WireError("meta must be a map")
-        return cls(
-            kind=kind,
-            request_id=rid,
-            step=int(step),  # type: ignore[arg-type]  # checked above
-            epoch=int(epoch),  # type: ignore[arg-type]
-            pos=int(pos),
-            tokens=tokens,
-            hidden=tensor_from_wire(body["hidden"]) if "hidden" in body else None,
-            sampling=Sampling.from_wire(body["sampling"]) if "sampling" in body else None,
-            token=token,
-            logits=tensor_from_wire(body["logits"]) if "logits" in body else None,
-            want_logits=bool(body.get("want_logits", False)),
-            reply=reply,
-            meta=meta,
-        )
+        logits = tensor_from_wire(body["logits"]) if "logits" in body else None
+        if logits is not None and (logits.dim() != 1 or not logits.dtype.is_floating_point):
+            raise WireError(f"logits must be one row of floats, not {list(logits.shape)} of {logits.dtype}")
+        return Token(rid, step, epoch, pos, token, logits)
+    tokens = body.get("tokens")
+    if tokens is not None and (
+        not isinstance(tokens, list) or not tokens or len(tokens) > MAX_STEP_TOKENS
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in tokens)
+    ):
+        raise WireError(f"tokens must be a list of 1 to {MAX_STEP_TOKENS} non-negative integers")
+    hidden = _hidden(body["hidden"], hidden_size) if "hidden" in body else None
+    if tokens is not None and hidden is not None:
+        raise WireError("a step carries tokens or hidden states, not both")
+    width = len(tokens) if tokens is not None else hidden.shape[1] if hidden is not None else 0
+    if pos + width > MAX_POSITION:
+        raise WireError(f"positions {pos} .. {pos + width} pass the limit of {MAX_POSITION}")
+    reply = body.get("reply")
+    if reply is not None and (not isinstance(reply, str) or not reply or "+" in reply or "#" in reply
+                              or len(reply) > 1024):
+        raise WireError("reply must be a topic name")
+    want_logits = body.get("want_logits", False)
+    if not isinstance(want_logits, bool):
+        raise WireError("want_logits must be true or false")
+    sampling = Sampling.from_wire(body["sampling"]) if "sampling" in body else None
+    return Step(rid, step, epoch, pos, tokens, hidden, sampling, want_logits, reply)

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from io import BufferedReader
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lime_mqtt.core.errors import ModelError
+
+if TYPE_CHECKING:
+    from lime_mqtt.planning.cost import ModelSize
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
                  "I64": "int64", "I32": "int32", "U8": "uint8", "I8": "int8"}
@@ -200,7 +203,7 @@ class Checkpoint:
                 fh.close()
         return out
 
-def model_size(checkpoint: Checkpoint, name: str):  # -> lime_mqtt.cost.ModelSize
+def model_size(checkpoint: Checkpoint, name: str) -> ModelSize:
     """The byte sizes the planner needs, from the safetensors headers alone."""
     from lime_mqtt.planning.cost import ModelSize
 

@@ -108,7 +108,7 @@ def measure_stream(checkpoint: Checkpoint, layers: int = 5) -> float | None:
     """MB/s of the streaming path itself: whole layers read the way a streamed layer is
     (fresh aligned buffers, page cache dropped after each read); median over ``layers``
     layers. ``None`` when this device has no layer files (it fetches them over MQTT)."""
-    rates = []
+    rates: list[float] = []
     for index in range(min(layers, checkpoint.num_layers)):
         keys = checkpoint.keys_with_prefix(f"model.layers.{index}.")
         if not checkpoint.has_folder_tensors(keys):
@@ -232,34 +232,3 @@ def _measure_and_cache(
     tmp.write_text(json.dumps({"version": MEASURE_VERSION, "capabilities": asdict(capabilities)}))
     tmp.replace(path)
     return capabilities
-
-
-async def measure_link(transport: Any, topic: str, small: int = 1024, large: int = 1024 * 1024) -> tuple[float, float]:
-    """Round trip of a small message through the broker (ms, median of 9) and the
-    throughput of a large one (MB/s, best of 3), using ``transport`` before it serves.
-
-    ``topic`` must be this device's own: the transport subscribes to it, and every
-    message read here must come from it (nothing else is subscribed yet).
-    """
-    import asyncio
-
-    await transport.subscribe(topic, qos=0)
-    messages = transport.messages()
-
-    async def round_trip(size: int) -> float:
-        payload = os.urandom(size)
-        started = time.perf_counter()
-        await transport.publish(topic, payload, qos=0)
-        async with asyncio.timeout(10):
-            while (await anext(messages)).payload != payload:
-                pass
-        return time.perf_counter() - started
-
-    try:
-        rtt = statistics.median([await round_trip(small) for _ in range(9)])
-        big = min([await round_trip(large) for _ in range(3)])
-    finally:
-        await messages.aclose()
-        await transport.unsubscribe(topic)
-    # A round trip carries the large message twice (to the broker and back).
-    return rtt * 1000, 2 * large / max(big - rtt, 1e-6) / 1e6

@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,10 @@ from torch import nn
 from lime_mqtt.core.errors import ModelError
 from lime_mqtt.model.adapter import DecoderAdapter, adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +250,7 @@ class Shard:
     @torch.inference_mode()
     def forward_batch(
         self,
-        caches: list,  # one transformers.DynamicCache per sequence
+        caches: list[DynamicCache],  # one per sequence
         positions: list[int],
         rows: int,
         tokens: list[int] | None = None,
@@ -302,7 +307,7 @@ class Shard:
             padding = torch.zeros(rows - count, 1, outputs[0].shape[-1], dtype=x.dtype, device=self.device)
             x = residual + attn.o_proj(torch.cat([*outputs, padding]).contiguous())
             residual = x
-            return residual + layer.mlp(layer.post_attention_layernorm(x))
+            return cast(torch.Tensor, residual + layer.mlp(layer.post_attention_layernorm(x)))
 
         for offset, layer in enumerate(self.layers):
             index = self.spec.start + offset
@@ -324,16 +329,17 @@ class Shard:
         logits = self.head(self.norm(x))[:, -1]  # [rows, vocab]
         return [logits[i] for i in range(count)]
 
-    def _align_cache(self, cache, pos: int) -> None:  # cache: transformers.DynamicCache
+    def _align_cache(self, cache: DynamicCache, pos: int) -> None:
         """Before a step at ``pos``: forget what a first attempt of a retried step stored."""
         seen = cache.get_seq_length(self.spec.start) if self.spec.start < self.spec.stop else pos
         if seen > pos:
             for index in range(self.spec.start, self.spec.stop):
-                cache.layers[index].crop(pos - seen)
+                # the layers of a DynamicCache are DynamicLayer; its type says any cache layer
+                cast("DynamicLayer", cache.layers[index]).crop(pos - seen)
         elif seen < pos:
             raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
 
-    def new_cache(self):  # -> transformers.DynamicCache
+    def new_cache(self) -> DynamicCache:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)
@@ -341,7 +347,7 @@ class Shard:
     @torch.inference_mode()
     def forward(
         self,
-        cache,  # transformers.DynamicCache of this request
+        cache: DynamicCache,  # this request's
         pos: int,
         tokens: list[int] | None = None,
         hidden: torch.Tensor | None = None,
@@ -396,13 +402,13 @@ class Shard:
                     del weights
                     self.stream.release()
         if self.norm is None or self.head is None:
-            return x
+            return cast(torch.Tensor, x)  # the layers' output; nn.Module calls are typed Any
         if not logits:
             return None
         # Norm over all positions, then keep the last: the same order of operations as
         # transformers (a norm of the sliced row alone rounds differently).
         last = self.norm(x)[:, -1:, :]  # [1, 1, H]
-        return self.head(last)[0, -1]  # [vocab]
+        return cast(torch.Tensor, self.head(last)[0, -1])  # [vocab]
 
 
 def stable_row_floor(config: Any, max_batch: int, device: torch.device) -> int:
@@ -435,7 +441,7 @@ def stable_row_floor(config: Any, max_batch: int, device: torch.device) -> int:
 class _LayerCall(nn.Module):
     """A streamed layer's batched step, as a module call (for ``functional_call``)."""
 
-    def __init__(self, layer: nn.Module, run: Any) -> None:
+    def __init__(self, layer: nn.Module, run: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.layer = layer
         self._run = run

@@ -7,6 +7,10 @@ template), so it exercises exactly the code paths of a real model in millisecond
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -25,7 +29,7 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
+def _train_tokenizer(vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -46,7 +50,8 @@ def write_tiny_model(folder: Path, *, layers: int = 6, hidden: int = 64, seed: i
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(
+    # transformers' fast tokenizer (TokenizersBackend) has an unannotated __init__
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=_train_tokenizer(vocab_size=384),
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
@@ -68,7 +73,7 @@ def write_tiny_model(folder: Path, *, layers: int = 6, hidden: int = 64, seed: i
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
     # Larger random weights give peaked, varied logits, so greedy text is not one token repeated.
     with torch.no_grad():
         for param in model.parameters():

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from lime_mqtt.core.errors import PlanError
-from lime_mqtt.core.topics import Topics, device_id_from_status_topic, parse_status
+from lime_mqtt.core.errors import MessageError, PlanError
+from lime_mqtt.core.messages import ONLINE_STATES, DeviceStatus, PlannerStatus
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
 from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
 from lime_mqtt.planning.plan import Plan, Strategy, make_plan
 from lime_mqtt.transport.base import Transport
 
 log = logging.getLogger(__name__)
-
-ONLINE_STATES = ("idle", "fetching", "loading", "ready")
-
 
 # A device that joins is adopted only if the plan with it is predicted this much faster.
 JOIN_GAIN = 0.05
@@ -66,7 +63,7 @@ class PlannerService:
                                  reserve_bytes=int(reserve_mb * 1024 * 1024))
         self.strategy: Strategy = strategy
         self.interleaving = interleaving
-        self.devices: dict[str, dict[str, Any]] = {}
+        self.view = ClusterView(self.topics)  # the devices as they say they are, and the retained plan
         self.plan: Plan | None = None
         self.considered: set[str] = set()  # the devices online when the current plan was made
         # A device of the plan not heard from (status or telemetry) for this long is taken
@@ -85,10 +82,14 @@ class PlannerService:
         epoch = self.plan.epoch if self.plan else None
         return f"PlannerService(model={self.model_id!r}, devices={sorted(self.online())}, epoch={epoch})"
 
-    def online(self) -> dict[str, dict[str, Any]]:
+    @property
+    def devices(self) -> dict[str, DeviceStatus]:
+        return self.view.devices
+
+    def online(self) -> dict[str, DeviceStatus]:
         return {
             d: s for d, s in self.devices.items()
-            if s.get("state") in ONLINE_STATES and s.get("model") == self.model_id and d not in self.silent
+            if s.state in ONLINE_STATES and s.model == self.model_id and d not in self.silent
         }
 
     def needs_plan(self) -> str | None:
@@ -114,7 +115,8 @@ class PlannerService:
         return (candidate.predicted_ms_per_token or 0) < (1 - JOIN_GAIN) * self.plan.predicted_ms_per_token
 
     def make_plan(self) -> Plan:
-        profiles = [DeviceProfile.from_status(device_id, status) for device_id, status in self.online().items()]
+        profiles = [DeviceProfile.from_status(device_id, status.model_dump())
+                    for device_id, status in self.online().items()]
         epoch = (self.plan.epoch if self.plan else 0) + 1
         return make_plan(self.size, profiles, epoch, self.workload, self.strategy, interleaving=self.interleaving)
 
@@ -122,7 +124,7 @@ class PlannerService:
         async with self.transport:
             await self.transport.subscribe(self.topics.plan, self.topics.all_device_status)
             if self.heartbeat_timeout_s:
-                await self.transport.subscribe(f"{self.topics.root}/devices/+/telemetry", qos=0)
+                await self.transport.subscribe(self.topics.all_device_telemetry, qos=0)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive(), name="planner-receive")
                 tasks.create_task(self._plan_when_settled(), name="planner-plan")
@@ -136,9 +138,9 @@ class PlannerService:
 
     async def _publish_status(self, state: str, message: str) -> None:
         """Retained, so an operator or a coordinator can tell why there is no plan."""
-        status = {"v": 1, "state": state, "message": message, "model": self.model_id,
-                  "devices": sorted(self.online()), "ts": time.time()}
-        await self.transport.publish(self.topics.planner_status, json.dumps(status).encode(), qos=1, retain=True)
+        status = PlannerStatus(v=1, state=state, message=message, model=self.model_id,  # type: ignore[arg-type]
+                               devices=sorted(self.online()), ts=time.time())
+        await self.transport.publish(self.topics.planner_status, status.encode(), qos=1, retain=True)
 
     def _heard_from(self, device_id: str) -> None:
         self.heard[device_id] = time.monotonic()
@@ -166,30 +168,26 @@ class PlannerService:
 
     async def _receive(self) -> None:
         async for message in self.transport.messages():
-            if message.topic.endswith("/telemetry"):
-                if (sender := message.topic.split("/")[-2]) in self.devices:
-                    self._heard_from(sender)
-            elif message.topic == self.topics.plan:
-                if not message.payload:
-                    continue
-                try:
-                    plan = Plan.from_json(message.payload)
-                except ValueError as exc:
-                    log.warning("ignoring a malformed retained plan: %s", exc)
-                    continue
-                if self.plan is None or plan.epoch > self.plan.epoch:
-                    self.plan = plan  # continue the epoch count of an earlier planner
-            elif (device_id := device_id_from_status_topic(message.topic)) is not None:
-                status = parse_status(message.payload)
-                if status is None:
-                    log.warning("ignoring a malformed status of %s", device_id)
-                    continue
-                before = self.devices.get(device_id, {}).get("state") in ONLINE_STATES
-                self.devices[device_id] = status
-                if not message.retain:
-                    self._heard_from(device_id)
-                if before != (status.get("state") in ONLINE_STATES):
-                    log.info("device %s is %s", device_id, status.get("state"))
+            try:
+                update = self.view.take(message.topic, message.payload, message.retain)
+            except MessageError as exc:
+                log.warning("ignoring a message on %s: %s", message.topic, exc)
+                continue
+            if update is None:
+                continue
+            if update.kind == "telemetry" and update.key is not None:
+                if update.key in self.devices:
+                    self._heard_from(update.key)
+            elif update.kind == "plan" and self.view.plan is not None:
+                if self.plan is None or self.view.plan.epoch > self.plan.epoch:
+                    self.plan = self.view.plan  # continue the epoch count of an earlier planner
+            elif update.kind == "device" and update.key is not None:
+                status = self.devices[update.key]
+                before = update.before is not None and update.before.state in ONLINE_STATES
+                if not update.retained:
+                    self._heard_from(update.key)
+                if before != (status.state in ONLINE_STATES):
+                    log.info("device %s is %s", update.key, status.state)
                 self._changed.set()
 
     async def _plan_when_settled(self) -> None:

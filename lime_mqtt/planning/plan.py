@@ -8,15 +8,12 @@ JSON with an epoch that grows by one with every new plan.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field, model_validator
+from typing import Literal
 
 from lime_mqtt.core.errors import PlanError
+from lime_mqtt.core.plan import Plan, StagePlan
 from lime_mqtt.planning.cost import (
     MIB,
     DeviceProfile,
@@ -35,112 +32,11 @@ from lime_mqtt.planning.cost import (
 
 __all__ = ["MIB", "DeviceProfile", "ModelSize", "Plan", "StagePlan", "Workload", "format_plan", "make_plan"]
 
-PLAN_VERSION = 2
 STRATEGIES = ("optimal", "memory", "equal")
 Strategy = Literal["optimal", "memory", "equal"]
 # The search stops after this many partial placements and keeps the best it found
 # (the plan then says ``optimal: false``); small clusters finish far below it.
 SEARCH_NODE_LIMIT = 400_000
-
-
-class StagePlan(BaseModel):
-    """One stage: its device, its half-open layer range, and the KV cache it owns."""
-
-    stage: int = Field(ge=0)
-    device_id: str
-    start: int = Field(ge=0)
-    stop: int = Field(ge=0)
-    embed: bool
-    head: bool
-    weight_bytes: int = Field(ge=0, description="resident weights: resident layers, embedding, head")
-    kv_tokens: int = Field(ge=0, description="tokens of KV cache (all sequences) this device may hold")
-    streamed: list[int] = Field(default_factory=list, description="layers read from disk for every token")
-    slots: int = Field(default=0, ge=0, description="streamed layers in memory at once")
-    streamed_bytes: int = Field(default=0, ge=0)
-    compute_ms: float | None = None  # predicted, per token
-    link_ms: float | None = None
-    stall_ms: float | None = None
-
-    @property
-    def layers(self) -> range:
-        return range(self.start, self.stop)
-
-    @property
-    def predicted_ms(self) -> float | None:
-        if self.compute_ms is None or self.link_ms is None:
-            return None
-        return self.compute_ms + self.link_ms + (self.stall_ms or 0.0)
-
-
-class Plan(BaseModel):
-    version: int = PLAN_VERSION
-    epoch: int = Field(ge=1)
-    model: str
-    num_layers: int = Field(ge=1)
-    created: float = Field(default_factory=time.time)
-    stages: list[StagePlan]
-    strategy: str = "optimal"
-    objective: str = "latency"
-    optimal: bool | None = None  # the search finished (None: not a searched plan)
-    context_tokens: int = 0
-    sequences: int = 1
-    predicted_ms_per_token: float | None = None
-    overhead_ms: float | None = None
-    left_out: dict[str, str] = Field(default_factory=dict)  # device id -> why it has no stage
-
-    @model_validator(mode="after")
-    def _covers_all_layers(self) -> Plan:
-        expected = 0
-        for index, stage in enumerate(self.stages):
-            if stage.stage != index or stage.start != expected or stage.stop <= stage.start:
-                raise ValueError(f"stage {index} does not continue the layer ranges at {expected}")
-            if any(layer not in stage.layers for layer in stage.streamed):
-                raise ValueError(f"stage {index} streams layers outside its range")
-            expected = stage.stop
-        if expected != self.num_layers or not self.stages:
-            raise ValueError(f"stages cover {expected} of {self.num_layers} layers")
-        if not self.stages[0].embed or not self.stages[-1].head:
-            raise ValueError("the first stage must hold the embedding and the last the head")
-        if any(s.embed for s in self.stages[1:]) or any(s.head for s in self.stages[:-1]):
-            raise ValueError("only the first stage holds the embedding and only the last the head")
-        for a, b in zip(self.stages, self.stages[1:], strict=False):
-            if a.device_id == b.device_id:
-                raise ValueError(f"stages {a.stage} and {b.stage} are neighbours on one device: make them one")
-        return self
-
-    def stages_of(self, device_id: str) -> list[StagePlan]:
-        """The device's segments, in ring order (more than one in an interleaved plan)."""
-        return [s for s in self.stages if s.device_id == device_id]
-
-    def stage_of(self, device_id: str) -> StagePlan | None:
-        """The device's first segment."""
-        return next(iter(self.stages_of(device_id)), None)
-
-    @property
-    def rounds(self) -> int:
-        """How many times a token goes round the devices (1: a plain pipeline)."""
-        return max(len(self.stages_of(s.device_id)) for s in self.stages)
-
-    def ready(self, statuses: Mapping[str, Mapping[str, Any]]) -> bool:
-        """Whether every stage's device reports, in ``statuses`` (device id -> status), that it
-        has loaded this plan."""
-        return all(
-            statuses.get(s.device_id, {}).get("state") == "ready"
-            and statuses.get(s.device_id, {}).get("plan_epoch") == self.epoch
-            for s in self.stages
-        )
-
-    @property
-    def kv_token_capacity(self) -> int:
-        """Tokens the whole pipeline can hold at once: the smallest owner decides."""
-        return min(s.kv_tokens for s in self.stages)
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_json(cls, payload: bytes) -> Plan:
-        return cls.model_validate(json.loads(payload))
 
 
 # ----- the search ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ logic tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -104,7 +104,7 @@ class Connection(Protocol):
 
     async def unsubscribe(self, *topics: str) -> None: ...
 
-    def messages(self) -> AsyncIterator[Message]: ...
+    def messages(self) -> AsyncGenerator[Message, None]: ...
 
 
 @runtime_checkable

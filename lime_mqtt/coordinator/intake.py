@@ -1,0 +1,192 @@
+"""Intake: request messages in, replies out.
+
+Each message on the request topic is a request (served as a task of its own), a cancel
+(``{"cancel": id}``) or a resume (``{"resume": id, "after": n}``, from a client that lost
+its connection). Every request gets a whole answer or one error message, never silence.
+What was sent about each request is kept, so that a client that reconnects gets what it
+missed; the answers of the last ``KEPT_ANSWERS`` requests are kept after they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lime_mqtt.coordinator.generation import Generation, deadline_exceeded
+from lime_mqtt.core import protocol
+from lime_mqtt.core.errors import LimeError, RequestError
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.transport.base import Connection, Message
+
+log = logging.getLogger(__name__)
+
+# Answers kept for clients that reconnect and ask again (resume): the most recent ones.
+KEPT_ANSWERS = 32
+
+
+@dataclass(frozen=True)
+class ReplyTarget:
+    topic: str
+    correlation_data: bytes | None = None
+
+
+@dataclass
+class _Sent:
+    """What a client was sent about one request, kept so that it can be sent again to a
+    client that lost its connection (a ``resume`` message)."""
+
+    target: ReplyTarget
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Running:
+    """A request being served, as a task a client's cancel message can stop."""
+
+    task: asyncio.Task[Any]
+    cancelled: bool = False
+
+
+class Intake:
+    def __init__(
+        self, connection: Connection, topics: Topics, generation: Generation, *, max_concurrent: int,
+        max_waiting: int,
+    ) -> None:
+        self.connection = connection
+        self.topics = topics
+        self.generation = generation
+        self._slots = asyncio.Semaphore(max_concurrent)  # wakes waiters first come, first served
+        self.max_waiting = max_waiting
+        self.waiting = 0  # requests received and not yet generating
+        self.served = 0
+        self.by_client_id: dict[str, _Running] = {}  # for cancelling
+        self.sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()  # for resuming
+
+    def __repr__(self) -> str:
+        return f"Intake(running={len(self.by_client_id)}, waiting={self.waiting}, served={self.served})"
+
+    async def serve(self, message: Message) -> None:
+        """Answer one request message: a whole answer or one error, never silence."""
+        received_at = time.perf_counter()
+        try:
+            raw = json.loads(message.payload)
+        except ValueError:
+            raw = None
+        if (victim := protocol.cancel_target(message.payload)) is not None:
+            self.cancel(victim)
+            return
+        if (resume := protocol.resume_target(message.payload)) is not None:
+            if await self._resume(resume) or resume.request is None:
+                return
+            # The broker took the request, then lost it (a restart before it was delivered).
+            log.info("request %s: first heard of in a resume; serving it", resume.request_id)
+            raw = {**resume.request, "id": resume.request_id}
+            message = Message(message.topic, json.dumps(raw).encode(), response_topic=message.response_topic,
+                              correlation_data=message.correlation_data)
+        client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        request_id = client_id or uuid.uuid4().hex
+        if request_id in self.by_client_id:
+            log.info("request %s is already being served; ignoring a second copy", request_id)
+            return
+        target = self._reply_target(message, raw, request_id)
+        task = asyncio.current_task()
+        assert task is not None
+        running = self.by_client_id[request_id] = _Running(task)
+
+        async def send(reply: dict[str, Any]) -> None:
+            await self._send(target, reply)
+
+        try:
+            request = protocol.parse_request(message.payload)
+            waiting = self.waiting + self.generation.admission.waiting
+            if waiting >= self.max_waiting:
+                raise RequestError("overloaded", f"{waiting} requests are already waiting; try again later")
+            try:
+                async with asyncio.timeout(request.deadline_s):
+                    self.waiting += 1
+                    try:
+                        await self._slots.acquire()
+                    finally:
+                        self.waiting -= 1
+                    try:
+                        await self.generation.generate(request, request_id, send, received_at)
+                    finally:
+                        self._slots.release()
+            except TimeoutError:
+                raise deadline_exceeded(request) from None
+        except asyncio.CancelledError:
+            if not running.cancelled:
+                raise  # the coordinator is stopping
+            log.info("request %s cancelled by its client", request_id)
+            await send(protocol.error_message(request_id, "cancelled", "cancelled by the client"))
+        except RequestError as exc:
+            log.info("request %s: %s: %s", request_id, exc.code, exc.message)
+            await send(protocol.error_message(request_id, exc.code, exc.message))
+        except LimeError as exc:
+            log.error("request %s failed: %s", request_id, exc)
+            await send(protocol.error_message(request_id, exc.code, str(exc)))
+        except Exception as exc:  # the supervisor of one request: the client still gets an answer
+            log.exception("request %s failed", request_id)
+            await send(protocol.error_message(request_id, "internal_error", str(exc)))
+        finally:
+            self.served += 1
+            if self.by_client_id.get(request_id) is running:
+                del self.by_client_id[request_id]
+
+    def cancel(self, request_id: str) -> None:
+        """A client's cancel: stop its request wherever it is (waiting, queued, generating);
+        the request's own cleanup frees its KV cache on every device."""
+        running = self.by_client_id.get(request_id)
+        if running is None or running.cancelled:
+            log.info("cancel for %s, which is not running here", request_id)
+            return
+        running.cancelled = True
+        running.task.cancel()
+
+    def _reply_target(self, message: Message, raw: Any, request_id: str) -> ReplyTarget:
+        if message.response_topic:
+            return ReplyTarget(message.response_topic, message.correlation_data)
+        reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
+        if isinstance(reply_to, str) and reply_to and "+" not in reply_to and "#" not in reply_to:
+            return ReplyTarget(reply_to)
+        client = raw.get("client") if isinstance(raw, dict) and isinstance(raw.get("client"), str) else "default"
+        if not client or any(c in client for c in "/+#"):
+            client = "default"
+        return ReplyTarget(self.topics.responses(client, request_id))
+
+    async def _send(self, target: ReplyTarget, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if isinstance(request_id, str):
+            sent = self.sent.get(request_id)
+            if sent is None or sent.target != target:
+                sent = self.sent[request_id] = _Sent(target)
+            sent.messages.append(message)
+            if message["type"] in ("final", "error"):
+                sent.done = True
+                self.sent.move_to_end(request_id)
+                while len(self.sent) > KEPT_ANSWERS and next(iter(self.sent.values())).done:
+                    self.sent.popitem(last=False)
+        await self.connection.publish(
+            target.topic, protocol.dumps(message), qos=1, correlation_data=target.correlation_data
+        )
+
+    async def _resume(self, resume: protocol.Resume) -> bool:
+        """Send a reconnected client what it missed of a request; ``False`` if this
+        coordinator never heard of the request (then the caller may serve it as new)."""
+        sent = self.sent.get(resume.request_id)
+        if sent is None:
+            return resume.request_id in self.by_client_id  # running, nothing sent yet: nothing missed
+        again = [m for m in list(sent.messages) if m["type"] != "chunk" or m["index"] > resume.after]
+        log.info("request %s: a client asks again after chunk %d: %d messages", resume.request_id, resume.after,
+                 len(again))
+        for message in again:
+            await self.connection.publish(sent.target.topic, protocol.dumps(message), qos=1,
+                                          correlation_data=sent.target.correlation_data)
+        return True

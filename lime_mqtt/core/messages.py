@@ -1,0 +1,187 @@
+"""Typed messages of the cluster's retained state and reports (docs/topics.md).
+
+One model per message, each with a version, and one decoder each that checks size,
+JSON, version, types and ranges before anything uses the message, and raises
+:class:`~lime_mqtt.core.errors.MessageError` (never a library's error). Receivers drop
+what does not decode and log why; a malformed message changes nothing.
+
+- :class:`DeviceStatus`: ``devices/{id}/status``, retained; an empty payload (cleared) is offline.
+- :class:`DeviceTelemetry`: ``devices/{id}/telemetry``, every few seconds.
+- :class:`PlannerStatus`: ``planner/status``, retained: why there is (no) plan.
+- :class:`CoordinatorStatus`: ``coordinators/{name}/status``, retained while it serves.
+
+Plans (``planning.plan.Plan``), stage envelopes (``core.wire``), client requests
+(``core.protocol``) and weight messages (``core.weight_messages``) have their own modules
+and decoders of the same kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lime_mqtt.core.errors import MessageError
+
+STATUS_VERSION = 1
+MAX_STATUS_BYTES = 64 * 1024  # a device status with its capabilities is about 1 KB
+MAX_TELEMETRY_BYTES = 64 * 1024
+
+DeviceState = Literal["idle", "measuring", "fetching", "loading", "ready", "leaving", "offline", "error"]
+# States in which a device counts as a member of the cluster (the planner may plan with it).
+ONLINE_STATES: tuple[DeviceState, ...] = ("idle", "fetching", "loading", "ready")
+# States that mean a plan's stage will not answer. ("leaving" is not one: such a device
+# serves on until the plan without it is out.)
+GONE_STATES: tuple[DeviceState, ...] = ("offline", "error")
+
+_DEVICE_ID = r"^[^/+#\s\x00]{1,64}$"
+_NAME = r"^[^/+#\s\x00]{1,128}$"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def problems(exc: ValidationError) -> str:
+    """A pydantic error list as one readable line."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}" for err in exc.errors())
+
+
+def decode_json_model(model: type[M], payload: bytes, max_bytes: int, what: str) -> M:
+    """``payload`` as ``model``: at most ``max_bytes``, JSON, every field checked."""
+    if len(payload) > max_bytes:
+        raise MessageError(f"{what} of {len(payload)} bytes is larger than the {max_bytes} allowed")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(f"malformed {what}: {problems(exc)}") from None
+
+
+class DeviceStatus(_Message):
+    """What a device says about itself (retained; its last will says ``offline``)."""
+
+    v: Literal[1]
+    device_id: str = Field(pattern=_DEVICE_ID)
+    state: DeviceState
+    model: str | None = Field(None, min_length=1, max_length=256)
+    memory_mb: float = Field(0, ge=0, le=1 << 30)  # the API takes fractions (tests); the CLI whole MB
+    host: str | None = Field(None, max_length=256)
+    pid: int | None = Field(None, ge=0)
+    torch_device: str | None = Field(None, max_length=64)
+    threads: int | None = Field(None, ge=1, le=4096)
+    baseline_rss_mb: float = Field(0.0, ge=0)
+    baseline_anon_mb: float = Field(0.0, ge=0)
+    ts: float = Field(0.0, ge=0)
+    peak_rss_mb: float | None = Field(None, ge=0)
+    rss_mb: float | None = Field(None, ge=0)
+    anon_mb: float | None = Field(None, ge=0)
+    plan_epoch: int | None = Field(None, ge=1)
+    stages: list[int] = Field(default_factory=list, max_length=4096)
+    layers: list[tuple[int, int]] = Field(default_factory=list, max_length=4096)
+    streamed: list[int] = Field(default_factory=list, max_length=65536)
+    streamed_by_plan: list[int] = Field(default_factory=list, max_length=65536)
+    param_count: int | None = Field(None, ge=0)
+    capabilities: dict[str, float] = Field(default_factory=dict, max_length=64)
+    error: str | None = Field(None, max_length=4096)
+
+    @classmethod
+    def offline(cls, device_id: str) -> DeviceStatus:
+        """What an empty (cleared) retained status means."""
+        return cls(v=1, device_id=device_id, state="offline")
+
+
+def decode_device_status(payload: bytes, device_id: str | None = None) -> DeviceStatus:
+    """A device status; with ``device_id`` (from the topic) it must name that device.
+    An empty payload, a cleared retained status, is that device gone offline."""
+    if not payload:
+        if device_id is None:
+            raise MessageError("an empty device status needs the device id of its topic")
+        return DeviceStatus.offline(device_id)
+    status = decode_json_model(DeviceStatus, payload, MAX_STATUS_BYTES, "device status")
+    if device_id is not None and status.device_id != device_id:
+        raise MessageError(f"a status of device {status.device_id!r} arrived on the topic of {device_id!r}")
+    return status
+
+
+class Adaptation(_Message):
+    """One change of what a device streams, made by its memory governor."""
+
+    ts: float
+    kv_mb: float = Field(ge=0)
+    budget_mb: float = Field(ge=0)
+    held_mb_before: float = Field(ge=0)
+    held_mb_after: float = Field(ge=0)
+    streamed: list[int] = Field(max_length=65536)
+    action: Literal["stream", "hold"]
+
+
+class DeviceTelemetry(_Message):
+    """A device's moment-to-moment figures, published every ``--telemetry-interval``."""
+
+    v: Literal[1] = 1
+    device_id: str = Field(pattern=_DEVICE_ID)
+    ts: float = Field(ge=0)
+    rss_mb: float = Field(ge=0)
+    peak_rss_mb: float = Field(ge=0)
+    kv_sequences: int = Field(ge=0)
+    kv_tokens: int = Field(ge=0)
+    peak_kv_tokens: int = Field(ge=0)
+    queue_depth: int = Field(ge=0)
+    steps_done: int = Field(ge=0)
+    batches: int = Field(ge=0)
+    duplicates: int = Field(ge=0)
+    adaptations: int = Field(ge=0)
+    last_adaptation: Adaptation | None = None
+    streamed: list[int] = Field(default_factory=list, max_length=65536)
+    held_mb: float | None = Field(None, ge=0)
+    compute_s: float = Field(ge=0)
+    streamed_mb: float = Field(ge=0)
+    stream_wait_s: float = Field(ge=0)
+
+    def __getitem__(self, name: str) -> Any:
+        """``telemetry["kv_tokens"]``: the field, as a mapping would give it."""
+        return getattr(self, name)
+
+
+def decode_device_telemetry(payload: bytes, device_id: str | None = None) -> DeviceTelemetry:
+    telemetry = decode_json_model(DeviceTelemetry, payload, MAX_TELEMETRY_BYTES, "device telemetry")
+    if device_id is not None and telemetry.device_id != device_id:
+        raise MessageError(f"telemetry of device {telemetry.device_id!r} arrived on the topic of {device_id!r}")
+    return telemetry
+
+
+class PlannerStatus(_Message):
+    """The planner's word (retained): waiting for devices, planned, or why it cannot plan."""
+
+    v: Literal[1]
+    state: Literal["waiting", "planned", "error"]
+    message: str = Field(max_length=16384)
+    model: str = Field(min_length=1, max_length=256)
+    devices: list[str] = Field(default_factory=list, max_length=4096)
+    ts: float = Field(0.0, ge=0)
+
+
+def decode_planner_status(payload: bytes) -> PlannerStatus:
+    return decode_json_model(PlannerStatus, payload, MAX_STATUS_BYTES, "planner status")
+
+
+class CoordinatorStatus(_Message):
+    """A coordinator that serves (retained; cleared by a clean exit or its last will)."""
+
+    v: Literal[1]
+    name: str = Field(pattern=_NAME)
+    state: Literal["online"]
+    model: str = Field(min_length=1, max_length=256)
+
+
+def decode_coordinator_status(payload: bytes) -> CoordinatorStatus | None:
+    """The status, or ``None`` for an empty payload (the coordinator is gone)."""
+    if not payload:
+        return None
+    return decode_json_model(CoordinatorStatus, payload, MAX_STATUS_BYTES, "coordinator status")

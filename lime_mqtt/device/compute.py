@@ -1,0 +1,148 @@
+"""A device's compute: the KV caches of its sequences and every forward pass, in one
+worker thread.
+
+Everything that touches tensors (a step, a batch, loading or re-streaming layers,
+measuring) runs on the one thread of :attr:`Compute.executor`, one thing at a time, so
+the event loop never blocks on a layer, a streamed read or an emulated delay, and the
+connection stays responsive. The worker thread is given the device's torch thread count
+(OpenMP keeps it per thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lime_mqtt.core.plan import StagePlan
+from lime_mqtt.core.wire import Step
+from lime_mqtt.model.shard import Shard
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Sequence:
+    """One request's state on this device, for one of its segments: its KV cache and when it
+    was last used."""
+
+    cache: Any  # transformers.DynamicCache
+    last_used: float
+    start: int  # the first layer of the segment it belongs to
+    last_step: int = -(2**31)  # the latest step run: an older one arriving now is a duplicate
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class Compute:
+    """KV caches by (request id, stage) and the forward passes that use them."""
+
+    def __init__(self, name: str, threads: int | None = None) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{name}",
+                                           initializer=_set_threads, initargs=(threads,))
+        self.sequences: dict[tuple[str, int], Sequence] = {}
+        self.steps_done = 0
+        self.batches = 0  # forward passes: steps_done / batches is the mean batch size
+        self.compute_s = 0.0  # time spent in this device's layers, all steps together
+        self.peak_kv_tokens = 0
+        self.batch_compute_s = 0.0  # recent time of one batched forward (moving average)
+
+    def __repr__(self) -> str:
+        return f"Compute(sequences={len(self.sequences)}, steps={self.steps_done}, batches={self.batches})"
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----- KV caches ----------------------------------------------------------------------------
+
+    def kv_tokens(self) -> int:
+        """Tokens of KV cache this device holds now, all sequences together."""
+        return sum(seq.cache.get_seq_length(seq.start) for seq in self.sequences.values())
+
+    def kv_bytes(self, per_token_per_layer: int, spans: dict[int, int]) -> int:
+        """Bytes of KV cache held, with ``spans`` the number of layers of each stage."""
+        return sum(seq.cache.get_seq_length(seq.start) * spans.get(stage, 0) * per_token_per_layer
+                   for (_, stage), seq in self.sequences.items())
+
+    def last_step(self, request_id: str, stage: int) -> int | None:
+        sequence = self.sequences.get((request_id, stage))
+        return sequence.last_step if sequence is not None else None
+
+    def holds(self, request_id: str, stage: int) -> bool:
+        return (request_id, stage) in self.sequences
+
+    def free(self, request_id: str, stage: int | None = None) -> None:
+        """Forget a request's caches (on one stage, or all of them)."""
+        for key in [k for k in self.sequences if k[0] == request_id and (stage is None or k[1] == stage)]:
+            del self.sequences[key]
+
+    def free_all(self) -> None:
+        self.sequences.clear()
+
+    def expire(self, ttl_s: float) -> list[tuple[str, int]]:
+        """Free the caches idle for more than ``ttl_s``; returns which."""
+        now = time.monotonic()
+        idle = [key for key, seq in self.sequences.items() if now - seq.last_used > ttl_s]
+        for key in idle:
+            del self.sequences[key]
+        return idle
+
+    def live_at(self, stage: int) -> int:
+        return sum(1 for _, n in self.sequences if n == stage)
+
+    # ----- forward passes -----------------------------------------------------------------------
+
+    async def step(self, shard: Shard, step: Step, stage: StagePlan) -> Any:
+        """One step of one request: a prefill (from position 0, a new cache) or the next
+        tokens on its cache. Returns hidden states, logits, or None (a leading chunk)."""
+        key = (step.request_id, stage.stage)
+        sequence = self.sequences.get(key)
+        if sequence is None or step.pos == 0:
+            sequence = self.sequences[key] = Sequence(shard.new_cache(), time.monotonic(), stage.start)
+        sequence.last_used, sequence.last_step = time.monotonic(), step.step
+        started = time.perf_counter()
+        work = functools.partial(shard.forward, sequence.cache, step.pos, step.tokens, step.hidden,
+                                 logits=step.step >= 0)  # a leading prefill chunk needs no logits
+        output = await self.run(work)
+        self._count(1, time.perf_counter() - started)
+        return output
+
+    async def batch(self, shard: Shard, steps: list[Step], stage: StagePlan, rows: int) -> list[Any]:
+        """Decode steps of several sequences as one forward pass of ``rows`` rows."""
+        sequences = [self.sequences[(s.request_id, stage.stage)] for s in steps]
+        started = time.perf_counter()
+        work = functools.partial(
+            shard.forward_batch, [s.cache for s in sequences], [s.pos for s in steps], rows,
+            tokens=[s.tokens[0] for s in steps if s.tokens] if stage.embed else None,
+            hidden=[s.hidden for s in steps if s.hidden is not None] if not stage.embed else None,
+        )
+        outputs = await self.run(work)
+        now = time.monotonic()
+        for sequence, step in zip(sequences, steps, strict=True):
+            sequence.last_used, sequence.last_step = now, step.step
+        elapsed = time.perf_counter() - started
+        self.batch_compute_s = 0.8 * self.batch_compute_s + 0.2 * elapsed if self.batch_compute_s else elapsed
+        self._count(len(steps), elapsed)
+        return list(outputs)
+
+    def _count(self, steps: int, elapsed_s: float) -> None:
+        self.steps_done += steps
+        self.batches += 1
+        self.compute_s += elapsed_s
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self.kv_tokens())

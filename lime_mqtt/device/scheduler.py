@@ -1,0 +1,153 @@
+"""A device's scheduling: one ordered work queue, the steps it accepts, and batches.
+
+Plan changes, activation steps and end-of-request messages all go through one queue and
+are handled one after another, so a request's steps always meet the shard they were
+planned for. A step is accepted only for a stage this device runs now, under the
+current plan's epoch, and not as a late copy of a step already run (duplicates). With
+``max_batch`` > 1, the decode steps waiting right behind a decode step at the same stage
+are gathered into one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from lime_mqtt.core.errors import WireError
+from lime_mqtt.core.plan import Plan, StagePlan
+from lime_mqtt.core.wire import Step, decode_envelope
+from lime_mqtt.device.compute import Compute
+from lime_mqtt.transport.base import Message
+
+log = logging.getLogger(__name__)
+
+WORK_QUEUE_SIZE = 256
+
+Work = Message | Plan
+
+
+@dataclass(frozen=True)
+class Accepted:
+    step: Step
+    stage: StagePlan
+    topic: str
+
+
+class Scheduler:
+    def __init__(self, name: str, compute: Compute, max_batch: int = 1) -> None:
+        self.name = name
+        self.compute = compute
+        self.max_batch = max_batch  # >1: decode steps waiting at a stage run together
+        self.queue: asyncio.Queue[Work] = asyncio.Queue(WORK_QUEUE_SIZE)
+        self._stash: collections.deque[Work] = collections.deque()  # taken from the queue, not batched
+        self._arrived = asyncio.Event()  # a message reached the work queue
+        self.plan: Plan | None = None
+        self.stage_by_topic: dict[str, StagePlan] = {}  # the stages this device runs now, by input topic
+        self.hidden_size: int | None = None  # what hidden states must measure, once the model is known
+        self.duplicates = 0  # steps dropped as late copies of steps already run
+
+    def __repr__(self) -> str:
+        return (f"Scheduler(queued={self.queue.qsize()}, stashed={len(self._stash)}, "
+                f"stages={sorted(s.stage for s in self.stage_by_topic.values())}, duplicates={self.duplicates})")
+
+    async def put(self, item: Work) -> None:
+        await self.queue.put(item)
+        if not isinstance(item, Plan):
+            self._arrived.set()
+
+    async def next(self) -> Work:
+        return self._stash.popleft() if self._stash else await self.queue.get()
+
+    def follow(self, plan: Plan, stages: dict[str, StagePlan]) -> None:
+        """From now on accept steps of ``plan`` for these stages (by input topic)."""
+        self.plan = plan
+        self.stage_by_topic = stages
+
+    def accept(self, message: Message, ready: set[int]) -> Accepted | None:
+        """A step this device should run now, with its stage; ``None`` (logged) otherwise.
+        ``ready``: the stages whose shards are loaded."""
+        try:
+            envelope = decode_envelope(message.payload, hidden_size=self.hidden_size)
+        except WireError as exc:
+            log.warning("%s: dropping a malformed message on %s: %s", self.name, message.topic, exc)
+            return None
+        stage = self.stage_by_topic.get(message.topic)
+        if self.plan is None or stage is None or stage.stage not in ready:
+            return None
+        if not isinstance(envelope, Step) or envelope.epoch != self.plan.epoch:
+            log.debug("%s: dropping a %s of %s of epoch %d (current %d)", self.name, envelope.kind,
+                      envelope.request_id, envelope.epoch, self.plan.epoch)
+            return None
+        last = self.compute.last_step(envelope.request_id, stage.stage)
+        if last is not None and envelope.step < last:
+            # A late copy (a redelivery, or a retry overtaken by later steps): running it
+            # would cut the cache back. The latest step itself may run again (a retry).
+            log.debug("%s: dropping a duplicate of %s step %d", self.name, envelope.request_id, envelope.step)
+            self.duplicates += 1
+            return None
+        return Accepted(envelope, stage, message.topic)
+
+    def batchable(self, accepted: Accepted) -> bool:
+        """A decode step (one new token) of a sequence whose cache is here."""
+        step = accepted.step
+        return step.width == 1 and step.pos > 0 and self.compute.holds(step.request_id, accepted.stage.stage)
+
+    async def gather(self, first: Accepted, ready: set[int]) -> list[Step]:
+        """``first`` and the decode steps of other sequences right behind it at its stage.
+
+        Steps already waiting are taken at once; if fewer than this stage's live
+        sequences are here, it waits a little for the rest (at most a quarter of a
+        batch's recent compute time, and 20 ms), since they are usually a few messages
+        behind. It stops at the first waiting item that is not such a step (order kept).
+        """
+        batch = [first.step]
+        want = min(self.max_batch, self.compute.live_at(first.stage.stage))
+        deadline = time.monotonic() + min(0.02, self.compute.batch_compute_s / 4)
+        await self._let_arrived_messages_in()
+        while len(batch) < want:
+            item = self._next_waiting()
+            if item is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+                await self._let_arrived_messages_in()
+                continue
+            if isinstance(item, Plan) or item.topic != first.topic:
+                self._stash.appendleft(item)
+                break
+            more = self.accept(item, ready)
+            if more is None:
+                continue
+            if not self.batchable(more) or any(s.request_id == more.step.request_id for s in batch):
+                self._stash.appendleft(item)
+                break
+            batch.append(more.step)
+        return batch
+
+    async def _let_arrived_messages_in(self) -> None:
+        """Give the event loop a few turns, so that messages already in the socket reach the
+        work queue (the MQTT client reads one packet per turn, and the receiver needs a turn
+        to pass each on); stop as soon as a pair of turns brings nothing new."""
+        for _ in range(self.max_batch):
+            size = self.queue.qsize()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            if self.queue.qsize() == size:
+                return
+
+    def _next_waiting(self) -> Work | None:
+        if self._stash:
+            return self._stash.popleft()
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None

@@ -1,0 +1,185 @@
+"""A device's shards: the model files it has, the segments of the plan it runs, the
+layers loaded for them, and which of those are streamed from disk.
+
+A device never materialises layers it does not run: each segment's shard is built on
+the meta device and only its own tensors are read (``model/shard.py``). Devices without
+model files fetch exactly their segments' tensors from a weight source first. The
+memory governor (``planning/governor.py``) decides, as KV caches grow and shrink, which
+layers to stream; :meth:`ShardHost.restream` applies that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lime_mqtt.core.errors import LimeError
+from lime_mqtt.core.plan import StagePlan
+from lime_mqtt.device.memory import anon_rss_bytes, rss_bytes, trim_heap
+from lime_mqtt.model.adapter import adapter_for
+from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.model.shard import LayerStream, Shard, ShardSpec, import_runtime
+from lime_mqtt.planning.governor import MemoryGovernor
+from lime_mqtt.planning.plan import MIB
+from lime_mqtt.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+def specs_of(stages: list[StagePlan]) -> dict[int, ShardSpec]:
+    """What each segment's shard must hold, by stage number."""
+    return {s.stage: ShardSpec(s.start, s.stop, s.embed, s.head, tuple(s.streamed), max(1, s.slots))
+            for s in stages}
+
+
+class ShardHost:
+    """The model files, and the shards of this device's segments (all of them on the
+    worker thread of the device's compute: :meth:`load`, :meth:`restream`)."""
+
+    def __init__(
+        self, name: str, model_folder: Path, memory_mb: int, *, torch_device: str = "cpu",
+        layer_delay_ms: float = 0.0, fetch_weights: bool = False,
+    ) -> None:
+        self.name = name
+        self.model_folder = Path(model_folder)
+        self.model_id = self.model_folder.name
+        self.memory_mb = memory_mb
+        self.torch_device = torch_device
+        self.layer_delay_ms = layer_delay_ms
+        self.fetch_weights = fetch_weights  # model files come over MQTT from a weight source
+        self.manifest: dict[str, Any] | None = None
+        self.baseline_rss = self.baseline_anon = 0
+        self.stages: list[StagePlan] = []  # this device's segments of the plan (several if interleaved)
+        self.shards: dict[int, Shard] = {}  # by stage number
+        self.stream: LayerStream | None = None  # reads the streamed layers of all its segments
+        self.governor: MemoryGovernor | None = None  # streams more layers when KV caches grow
+        if (self.model_folder / "config.json").is_file():
+            self._open_model()
+        elif not fetch_weights:
+            raise LimeError(f"{self.model_folder} has no config.json (use --weights-from-broker to fetch it)")
+
+    def __repr__(self) -> str:
+        return f"ShardHost({self.model_id!r}, stages={[s.stage for s in self.stages]}, shards={list(self.shards)})"
+
+    def _open_model(self) -> None:
+        """Open the model folder and import the code its layers run; then the baseline."""
+        self.checkpoint = Checkpoint(self.model_folder)
+        import_runtime(self.checkpoint)
+        self.baseline_rss = rss_bytes()  # code loaded, no weights yet
+        self.baseline_anon = anon_rss_bytes()
+
+    @property
+    def hidden_size(self) -> int | None:
+        return int(self.checkpoint.config.hidden_size) if self.baseline_rss else None
+
+    # ----- model files over MQTT ----------------------------------------------------------------
+
+    async def fetch_manifest(self, transport: Transport, cluster: str) -> None:
+        """The model's config and tensor list from a weight source (waits for one)."""
+        from lime_mqtt.weights.service import WeightsError, fetch_manifest, write_config
+
+        while True:
+            try:
+                self.manifest = await fetch_manifest(transport, cluster, self.model_id, timeout_s=3,
+                                                     client=f"{self.name}-{uuid.uuid4().hex[:8]}")
+                break
+            except WeightsError as exc:
+                log.warning("%s: %s; asking again", self.name, exc)
+        write_config(self.model_folder, self.manifest)
+        if self.baseline_rss == 0:
+            self._open_model()
+
+    def tensor_names(self, stages: list[StagePlan]) -> list[str]:
+        """Exactly the tensors these segments need, by the manifest's names."""
+        assert self.manifest is not None
+        names = set(self.manifest["tensors"])
+        adapter = adapter_for(self.checkpoint.config)
+        prefixes = [adapter.layer_prefix(i) for stage in stages for i in stage.layers]
+        if any(stage.head for stage in stages):
+            prefixes.append(adapter.norm_prefix)
+        wanted = [n for n in sorted(names) if n.startswith(tuple(prefixes))]
+        if any(stage.embed for stage in stages):
+            wanted.append(adapter.embed_key)
+        if any(stage.head for stage in stages):
+            wanted.append(adapter.head_source_key(self.checkpoint.config, names))
+        return list(dict.fromkeys(wanted))
+
+    async def fetch_stages(self, transport: Transport, cluster: str, stages: list[StagePlan]) -> None:
+        from lime_mqtt.weights.service import fetch_tensors
+
+        started = time.perf_counter()
+        stats = await fetch_tensors(transport, cluster, self.manifest or {}, self.tensor_names(stages),
+                                    self.model_folder, client=f"{self.name}-{uuid.uuid4().hex[:8]}")
+        log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.name,
+                 stats.tensors_fetched, stats.bytes_received / 1e6, time.perf_counter() - started,
+                 stats.tensors_skipped, stats.resumed_from or "nothing")
+        self.checkpoint = Checkpoint(self.model_folder)  # read the new files' headers
+
+    # ----- shards -------------------------------------------------------------------------------
+
+    def loaded(self, stages: list[StagePlan]) -> bool:
+        """Whether the shards held now are exactly those of ``stages``."""
+        return {n: shard.spec for n, shard in self.shards.items()} == specs_of(stages)
+
+    def load(self, stages: list[StagePlan]) -> None:
+        """One shard per segment; the streamed layers of all segments share one reader, in
+        ring order, so a segment's next layers are read while the other devices work."""
+        self.drop()
+        specs = specs_of(stages)
+        streamed = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
+                    for spec in specs.values() for i in spec.streamed]
+        slots = max(spec.slots for spec in specs.values())
+        self.stream = LayerStream(self.checkpoint, streamed, slots) if streamed else None
+        self.shards = {n: Shard(self.checkpoint, spec, self.torch_device, self.layer_delay_ms, stream=self.stream)
+                       for n, spec in specs.items()}
+
+    def use(self, stages: list[StagePlan]) -> None:
+        """These segments are this device's now (their shards loaded, or none)."""
+        self.stages = stages
+        self.governor = self._new_governor() if stages else None
+
+    def drop(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = None
+        self.shards = {}
+        trim_heap()
+
+    def _new_governor(self) -> MemoryGovernor:
+        layers = {i: self.checkpoint.layer_bytes(i) for s in self.stages for i in range(s.start, s.stop)}
+        fixed = sum((self.checkpoint.embed_bytes if s.embed else 0) + (self.checkpoint.head_bytes if s.head else 0)
+                    for s in self.stages)
+        planned = frozenset(i for s in self.stages for i in s.streamed)
+        return MemoryGovernor(layers, fixed, int(self.memory_mb * MIB), planned,
+                              slots=max([s.slots for s in self.stages if s.streamed], default=1))
+
+    # ----- what is streamed ---------------------------------------------------------------------
+
+    def streamed_now(self) -> frozenset[int]:
+        return frozenset(i for shard in self.shards.values() for i in shard.spec.streamed)
+
+    def layer_spans(self) -> dict[int, int]:
+        """How many layers each of this device's stages has."""
+        return {s.stage: s.stop - s.start for s in self.stages}
+
+    def held_bytes(self, kv_bytes: int) -> int | None:
+        """What the governor counts as held now (weights, slots, KV cache)."""
+        if self.governor is None or not self.shards:
+            return None
+        return self.governor.usage(self.streamed_now(), kv_bytes)
+
+    def restream(self, streamed: frozenset[int]) -> None:
+        """Read ``streamed`` from disk from now on (one reader for all segments, ring order)."""
+        if self.stream is not None:
+            self.stream.close()
+        order = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
+                 for s in self.stages for i in range(s.start, s.stop) if i in streamed]
+        slots = self.governor.slots if self.governor else 1
+        self.stream = LayerStream(self.checkpoint, order, slots) if order else None
+        for shard in self.shards.values():
+            shard.set_streamed(tuple(i for i in streamed if shard.spec.start <= i < shard.spec.stop), self.stream,
+                               slots)
+        trim_heap()
