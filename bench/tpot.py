@@ -7,6 +7,7 @@ after round, so that machine noise hits them alike. Medians and ratios to plain
 transformers are printed and written to bench/results/tpot.json.
 
     .venv/bin/python bench/tpot.py [--model smollm2] [--tokens 64] [--rounds 5]
+    .venv/bin/python bench/tpot.py --stages 4 --compare-tree ../base   # before/after, one run
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def main() -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--device-threads", type=int, default=1, help="torch threads of each device agent")
     parser.add_argument("--out", default="bench/results/tpot.json")
+    parser.add_argument("--compare-tree", metavar="PATH",
+                        help="also run each cluster from the lime-mqtt source tree at PATH (say, a git worktree "
+                             "of an earlier commit), in the same rounds: a before/after comparison in one run")
     args = parser.parse_args()
     folder = resolve_model(args.model)
     import torch
@@ -141,15 +145,18 @@ def main() -> int:
     runners["single process, lime engine"] = engine_runner(folder, ids, args.tokens)
     log_dir = Path(tempfile.mkdtemp(prefix="lime-bench-"))
     with LocalBroker() as broker, contextlib.ExitStack() as stack:
+        trees = {"": None} if not args.compare_tree else {"": None, ", compared tree": args.compare_tree}
         for stages in args.stages:
-            name = f"bench{stages}"
-            memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
-            devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads) for i in range(stages)]
-            procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
-                                                       planner_args=("--strategy", "equal")))
-            plan = procs.wait_ready()
-            assert len(plan.stages) == stages, plan
-            runners[f"cluster, {stages} stages"] = cluster_runner(broker.url, name, args.tokens)
+            for label, tree in trees.items():
+                name = f"bench{stages}{'c' if tree else ''}"
+                memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
+                devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads) for i in range(stages)]
+                env = {"PYTHONPATH": str(Path(tree).resolve())} if tree else None
+                procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
+                                                           planner_args=("--strategy", "equal"), extra_env=env))
+                plan = procs.wait_ready()
+                assert len(plan.stages) == stages, plan
+                runners[f"cluster, {stages} stages{label}"] = cluster_runner(broker.url, name, args.tokens)
         times = interleaved_rounds(runners, args.rounds)
         if times is None:
             return 1

@@ -7,13 +7,15 @@ Correlation Data that the coordinator echoes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lime_mqtt.core.errors import LimeError, TransportError
+from lime_mqtt.core.errors import LimeError, MessageError, TransportError
 from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
 
 Broker = str | BrokerAddress | Transport  # a URL, or a transport with credentials
@@ -93,14 +95,16 @@ async def ask(
 
 
 async def _coordinator_serving(conn: Connection, topics: Topics, wait_s: float) -> None:
+    """Until a coordinator's retained status says it serves this cluster (or LimeError)."""
+    view = ClusterView(topics)
     await conn.subscribe(topics.all_coordinator_status, qos=1)
     messages = conn.messages()
     try:
         async with asyncio.timeout(wait_s):
-            while True:
+            while not view.coordinators:
                 message = await anext(messages)
-                if message.topic.startswith(f"{topics.root}/coordinators/") and message.payload:
-                    return
+                with contextlib.suppress(MessageError):  # a malformed status is no coordinator
+                    view.take(message.topic, message.payload, message.retain)
     except TimeoutError:
         raise LimeError(f"no coordinator is serving cluster {topics.cluster!r} on this broker") from None
     finally:

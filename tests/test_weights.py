@@ -21,22 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lime_mqtt.core.errors import WeightsError
 from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.weight_messages import valid_reply_topic
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport import connect, transport_for
 from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.weights.service import (
-    MANIFEST_CACHE,
-    WeightsError,
-    WeightSource,
-    build_manifest,
-    fetch_manifest,
-    fetch_tensors,
-    partial_path,
-    safetensors_header,
-    tensor_path,
-    valid_reply_topic,
-)
+from lime_mqtt.weights.fetch import fetch_manifest, fetch_tensors
+from lime_mqtt.weights.files import MANIFEST_CACHE, build_manifest, partial_path, safetensors_header, tensor_path
+from lime_mqtt.weights.source import WeightSource
 from tests.helpers import running, wait_until
 
 MODEL = "tiny-llama"  # the tiny model's folder name, which a source serves it as

@@ -23,13 +23,14 @@ import torch
 
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, wait_for_ready_plan
 from lime_mqtt.client import ask_final
+from lime_mqtt.core.errors import WeightsError
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.model.builtin import received_folder
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import Plan
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
-from lime_mqtt.weights.service import WeightsError, fetch_manifest
+from lime_mqtt.weights.fetch import fetch_manifest
 from tests.helpers import prompt_ids, reference_greedy
 
 pytestmark = pytest.mark.e2e  # device agents run as separate processes

@@ -29,7 +29,7 @@ from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.adapter import adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport.base import LastWill, Message, Transport
-from lime_mqtt.weights.service import WeightSource
+from lime_mqtt.weights.source import WeightSource
 
 log = logging.getLogger(__name__)
 

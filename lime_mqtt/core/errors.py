@@ -38,6 +38,18 @@ class WireError(MessageError):
     code = "wire_error"
 
 
+class WeightsError(LimeError):
+    """A manifest or tensor that cannot be served or fetched."""
+
+    code = "weights_error"
+
+
+class BadWeightMessage(WeightsError, MessageError):
+    """A weights request or reply that does not decode."""
+
+    code = "bad_message"
+
+
 class PlanError(LimeError):
     """No plan can be made with the devices at hand."""
 

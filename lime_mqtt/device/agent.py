@@ -228,7 +228,7 @@ class DeviceAgent:
                     tasks.create_task(self._work(), name=f"{self.device_id}-work")
                     tasks.create_task(self._housekeeping(), name=f"{self.device_id}-housekeeping")
                     if self.serve_weights:
-                        from lime_mqtt.weights.service import WeightSource
+                        from lime_mqtt.weights.source import WeightSource
 
                         source = WeightSource(self.network, self.topics.cluster, self.host.model_folder,
                                               model_id=self.model_id)
@@ -324,8 +324,8 @@ class DeviceAgent:
             self._left.set()
             return
         if not host.loaded(stages):
-            host.use(stages)
             host.drop()
+            host.use(stages)  # no governor until the shards are loaded
             layers = ", ".join(f"[{s.start}, {s.stop})" for s in stages)
             try:
                 if host.fetch_weights:

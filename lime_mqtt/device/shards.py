@@ -79,7 +79,9 @@ class ShardHost:
 
     async def fetch_manifest(self, transport: Transport, cluster: str) -> None:
         """The model's config and tensor list from a weight source (waits for one)."""
-        from lime_mqtt.weights.service import WeightsError, fetch_manifest, write_config
+        from lime_mqtt.core.errors import WeightsError
+        from lime_mqtt.weights.fetch import fetch_manifest
+        from lime_mqtt.weights.files import write_config
 
         while True:
             try:
@@ -108,7 +110,7 @@ class ShardHost:
         return list(dict.fromkeys(wanted))
 
     async def fetch_stages(self, transport: Transport, cluster: str, stages: list[StagePlan]) -> None:
-        from lime_mqtt.weights.service import fetch_tensors
+        from lime_mqtt.weights.fetch import fetch_tensors
 
         started = time.perf_counter()
         stats = await fetch_tensors(transport, cluster, self.manifest or {}, self.tensor_names(stages),
@@ -137,9 +139,10 @@ class ShardHost:
                        for n, spec in specs.items()}
 
     def use(self, stages: list[StagePlan]) -> None:
-        """These segments are this device's now (their shards loaded, or none)."""
+        """These segments are this device's now; with their shards loaded, the governor
+        watches their memory (it reads the layers' sizes from the files)."""
         self.stages = stages
-        self.governor = self._new_governor() if stages else None
+        self.governor = self._new_governor() if stages and self.shards else None
 
     def drop(self) -> None:
         if self.stream is not None:
