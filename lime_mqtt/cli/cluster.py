@@ -138,8 +138,9 @@ class ProcessCluster:
         """Block until the cluster can serve; fail at once if one of its processes dies."""
 
         async def watch() -> Plan:
-            waiter = asyncio.create_task(
-                wait_for_ready_plan(self.broker, self.cluster, timeout_s, coordinator=self.with_coordinator)
+            waiter = asyncio.create_task(  # awaited below, cancelled on the way out
+                wait_for_ready_plan(self.broker, self.cluster, timeout_s, coordinator=self.with_coordinator),
+                name=f"{self.cluster}-wait-ready",
             )
             try:
                 while not waiter.done():

@@ -236,28 +236,24 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
         )
-        serving = asyncio.create_task(agent.run())
-
-        async def leave() -> None:
-            await agent.leave(args.leave_timeout)
-            serving.cancel()
-
-        # SIGTERM: leave cleanly (hand the work over, then go); SIGINT (Ctrl-C): go now.
-        leaving: list[asyncio.Task[None]] = []
-
-        def on_sigterm() -> None:
-            if not leaving:  # a second SIGTERM does not start a second leave
-                leaving.append(asyncio.create_task(leave()))
-
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
         try:
-            await serving
-        except asyncio.CancelledError:
-            log.info("%s stopped", device_id)
-        finally:
-            for task in leaving:
-                task.cancel()
-            await asyncio.gather(*leaving, return_exceptions=True)
+            async with asyncio.TaskGroup() as tasks:
+                serving = tasks.create_task(agent.run(), name=f"{device_id}-serve")
+                leaving: list[asyncio.Task[None]] = []
+
+                async def leave() -> None:
+                    await agent.leave(args.leave_timeout)
+                    serving.cancel()
+
+                # SIGTERM: leave cleanly (hand the work over, then go); SIGINT (Ctrl-C): go now.
+                def on_sigterm() -> None:
+                    if not leaving:  # a second SIGTERM does not start a second leave
+                        leaving.append(tasks.create_task(leave(), name=f"{device_id}-leave"))
+
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None  # the agent's own error, for the CLI to report
+        log.info("%s stopped", device_id)
 
     return _run_service(main)
 

@@ -92,7 +92,6 @@ class DeviceAgent:
         self.capabilities: dict[str, float] = {}
         self.adaptations = 0  # changes of what is streamed, made by the governor
         self.last_adaptation: Adaptation | None = None
-        self._over_budget_said = False
         will = LastWill(self.topics.device_status(device_id), self._status("offline").encode())
         # Reconnects by itself (broker restart, Wi-Fi drop) and then says its state again,
         # since its last will may have said "offline" meanwhile.
@@ -346,35 +345,13 @@ class DeviceAgent:
         await self._publish_status("ready")
 
     async def _govern_memory(self) -> None:
-        """After a step: as KV caches grow toward the budget, stream more layers from disk;
-        as they shrink, hold them again (lime_mqtt/planning/governor.py). Each change is logged,
-        counted in the telemetry and published in the status."""
-        host = self.host
-        governor = host.governor
-        if governor is None or not host.shards:
-            return
-        kv = self._kv_bytes()
-        now = host.streamed_now()
-        wanted = governor.decide(now, kv)
-        if wanted == now:
-            if governor.usage(now, kv) > governor.budget_bytes and not self._over_budget_said:
-                log.error("%s: %.1f MiB of KV cache: over the %.0f MiB budget with every layer streamed",
-                          self.device_id, kv / MIB, self.memory_mb)
-                self._over_budget_said = True
-            return
-        self._over_budget_said = False
-        before = governor.usage(now, kv)
-        await self.compute.run(lambda: host.restream(wanted))
-        event = Adaptation(ts=time.time(), kv_mb=round(kv / MIB, 2), budget_mb=float(self.memory_mb),
-                           held_mb_before=round(before / MIB, 2),
-                           held_mb_after=round(governor.usage(wanted, kv) / MIB, 2),
-                           streamed=sorted(wanted), action="stream" if wanted > now else "hold")
-        self.adaptations, self.last_adaptation = self.adaptations + 1, event
-        log.warning("%s: memory: %s layers %s: %.2f MiB of KV cache, %.2f -> %.2f MiB of %.2f MiB", self.device_id,
-                    "streaming" if wanted > now else "holding again", sorted(wanted ^ now), kv / MIB,
-                    before / MIB, event.held_mb_after, self.memory_mb)
-        await self._publish_status(self.state)
-        await self._publish_telemetry()
+        """After a step or a freed cache: let the governor stream more layers or hold them
+        again (``ShardHost.govern``); publish each change in the status and telemetry."""
+        event = await self.host.govern(self._kv_bytes(), self.compute.run)
+        if event is not None:
+            self.adaptations, self.last_adaptation = self.adaptations + 1, event
+            await self._publish_status(self.state)
+            await self._publish_telemetry()
 
     # ----- requests -----------------------------------------------------------------------------
 
@@ -385,7 +362,7 @@ class DeviceAgent:
             log.warning("%s: dropping a malformed control message: %s", self.device_id, exc)
             return
         if isinstance(envelope, End):
-            self.compute.free(envelope.request_id)
+            self.compute.end(envelope.request_id)
 
     async def _handle_step(self, message: Message) -> None:
         ready = set(self.host.shards)

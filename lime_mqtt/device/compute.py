@@ -11,6 +11,7 @@ connection stays responsive. The worker thread is given the device's torch threa
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -26,6 +27,11 @@ from lime_mqtt.model.shard import Shard
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Request ids (on the devices) that have ended, remembered so that a step of theirs still on
+# its way (an End can overtake a prefill at an earlier stage) builds no cache. Ids are
+# never reused: a replay runs under a new one.
+ENDED_REMEMBERED = 4096
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Compute:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{name}",
                                            initializer=_set_threads, initargs=(threads,))
         self.sequences: dict[tuple[str, int], Sequence] = {}
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.steps_done = 0
         self.batches = 0  # forward passes: steps_done / batches is the mean batch size
         self.compute_s = 0.0  # time spent in this device's layers, all steps together
@@ -91,6 +98,17 @@ class Compute:
         """Forget a request's caches (on one stage, or all of them)."""
         for key in [k for k in self.sequences if k[0] == request_id and (stage is None or k[1] == stage)]:
             del self.sequences[key]
+
+    def end(self, request_id: str) -> None:
+        """The request is over (its ``End``): free its caches and run none of its steps again."""
+        self.free(request_id)
+        self._ended[request_id] = None
+        self._ended.move_to_end(request_id)
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+
+    def ended(self, request_id: str) -> bool:
+        return request_id in self._ended
 
     def free_all(self) -> None:
         self.sequences.clear()

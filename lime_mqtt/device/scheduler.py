@@ -81,6 +81,10 @@ class Scheduler:
             log.debug("%s: dropping a %s of %s of epoch %d (current %d)", self.name, envelope.kind,
                       envelope.request_id, envelope.epoch, self.plan.epoch)
             return None
+        if self.compute.ended(envelope.request_id):
+            # Its End came first (it overtook this step at an earlier stage): no cache for it.
+            log.debug("%s: dropping a step of %s, which has ended", self.name, envelope.request_id)
+            return None
         last = self.compute.last_step(envelope.request_id, stage.stage)
         if last is not None and envelope.step < last:
             # A late copy (a redelivery, or a retry overtaken by later steps): running it

@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError
+from lime_mqtt.core.messages import Adaptation
 from lime_mqtt.core.plan import StagePlan
 from lime_mqtt.device.memory import anon_rss_bytes, rss_bytes, trim_heap
 from lime_mqtt.model.adapter import adapter_for
@@ -56,6 +58,7 @@ class ShardHost:
         self.shards: dict[int, Shard] = {}  # by stage number
         self.stream: LayerStream | None = None  # reads the streamed layers of all its segments
         self.governor: MemoryGovernor | None = None  # streams more layers when KV caches grow
+        self._over_budget_said = False
         if (self.model_folder / "config.json").is_file():
             self._open_model()
         elif not fetch_weights:
@@ -173,6 +176,33 @@ class ShardHost:
         if self.governor is None or not self.shards:
             return None
         return self.governor.usage(self.streamed_now(), kv_bytes)
+
+    async def govern(self, kv_bytes: int, run: Callable[[Callable[[], None]], Awaitable[None]]) -> Adaptation | None:
+        """As KV caches grow toward the budget, stream more layers from disk; as they shrink,
+        hold them again (``planning/governor.py``). ``run`` runs the change on the compute
+        thread. Returns the change made, if any (logged)."""
+        governor = self.governor
+        if governor is None or not self.shards:
+            return None
+        now = self.streamed_now()
+        wanted = governor.decide(now, kv_bytes)
+        if wanted == now:
+            if governor.usage(now, kv_bytes) > governor.budget_bytes and not self._over_budget_said:
+                log.error("%s: %.1f MiB of KV cache: over the %.0f MiB budget with every layer streamed",
+                          self.name, kv_bytes / MIB, self.memory_mb)
+                self._over_budget_said = True
+            return None
+        self._over_budget_said = False
+        before = governor.usage(now, kv_bytes)
+        await run(lambda: self.restream(wanted))
+        event = Adaptation(ts=time.time(), kv_mb=round(kv_bytes / MIB, 2), budget_mb=float(self.memory_mb),
+                           held_mb_before=round(before / MIB, 2),
+                           held_mb_after=round(governor.usage(wanted, kv_bytes) / MIB, 2),
+                           streamed=sorted(wanted), action="stream" if wanted > now else "hold")
+        log.warning("%s: memory: %s layers %s: %.2f MiB of KV cache, %.2f -> %.2f MiB of %.2f MiB", self.name,
+                    "streaming" if wanted > now else "holding again", sorted(wanted ^ now), kv_bytes / MIB,
+                    before / MIB, event.held_mb_after, self.memory_mb)
+        return event
 
     def restream(self, streamed: frozenset[int]) -> None:
         """Read ``streamed`` from disk from now on (one reader for all segments, ring order)."""
