@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lime_mqtt.core.errors import BadWeightMessage
 from lime_mqtt.core.messages import problems
 from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.wire import cbor_map
 
 WEIGHTS_VERSION = 1
 CHUNK_BYTES = 1 << 20  # the most tensor bytes in one chunk message
@@ -166,13 +167,8 @@ def _field(body: dict[Any, Any], name: str, kind: type | tuple[type, ...]) -> An
 
 def decode_weight_reply(payload: bytes) -> WeightReply:
     """A reply from a weight source, every field checked."""
-    if len(payload) > MAX_REPLY_BYTES:
-        raise BadWeightMessage(f"a weights reply of {len(payload)} bytes is larger than {MAX_REPLY_BYTES}")
-    try:
-        body = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several types for garbage input
-        raise BadWeightMessage(f"a weights reply that is not CBOR: {exc}") from None
-    if not isinstance(body, dict) or body.get("v") != WEIGHTS_VERSION:
+    body = cbor_map(payload, MAX_REPLY_BYTES, "a weights reply", BadWeightMessage)
+    if body.get("v") != WEIGHTS_VERSION:
         raise BadWeightMessage(f"a weights reply that is not a version {WEIGHTS_VERSION} map")
     request_id = _field(body, "id", str)
     kind = body.get("kind")

@@ -15,7 +15,7 @@ import cbor2
 import numpy
 import torch
 
-from lime_mqtt.core.errors import WireError
+from lime_mqtt.core.errors import MessageError, WireError
 
 # Version 2: a stage error is an envelope kind of its own ("error"), no longer a token
 # with an error in a "meta" map.
@@ -203,6 +203,19 @@ Envelope = Step | Token | End | StageError
 KINDS = ("step", "token", "end", "error")
 
 
+def cbor_map(payload: bytes, max_bytes: int, what: str, error: type[MessageError]) -> dict[Any, Any]:
+    """``payload`` as a CBOR map of at most ``max_bytes``, or ``error`` saying why not."""
+    if len(payload) > max_bytes:
+        raise error(f"{what} of {len(payload)} bytes is larger than the {max_bytes} allowed")
+    try:
+        body = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types for garbage input (and deep nesting)
+        raise error(f"{what} that is not CBOR: {exc}") from None
+    if not isinstance(body, dict):
+        raise error(f"{what} must be a CBOR map")
+    return body
+
+
 def _head(envelope: Envelope, step: int, epoch: int, pos: int) -> dict[str, Any]:
     return {"v": WIRE_VERSION, "kind": envelope.kind, "rid": envelope.request_id, "step": step, "epoch": epoch,
             "pos": pos}
@@ -239,14 +252,7 @@ def decode_envelope(payload: bytes, *, hidden_size: int | None = None,
     """One envelope, every field checked (:class:`WireError` otherwise): its size, the CBOR
     map, the version, the kind, ids and integer ranges, token ids, tensors (dtype, shape
     against the byte count, and the hidden size of the model when given), the reply topic."""
-    if len(payload) > max_bytes:
-        raise WireError(f"an envelope of {len(payload)} bytes is larger than the {max_bytes} allowed")
-    try:
-        body = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several types for garbage input
-        raise WireError(f"not CBOR: {exc}") from exc
-    if not isinstance(body, dict):
-        raise WireError("envelope must be a CBOR map")
+    body = cbor_map(payload, max_bytes, "an envelope", WireError)
     if body.get("v") != WIRE_VERSION:
         raise WireError(f"unsupported wire version {body.get('v')!r} (this is version {WIRE_VERSION})")
     kind = body.get("kind")
