@@ -17,9 +17,9 @@ and decoders of the same kind.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from lime_mqtt.core.errors import MessageError
 
@@ -33,6 +33,10 @@ ONLINE_STATES: tuple[DeviceState, ...] = ("idle", "fetching", "loading", "ready"
 # States that mean a plan's stage will not answer. ("leaving" is not one: such a device
 # serves on until the plan without it is out.)
 GONE_STATES: tuple[DeviceState, ...] = ("offline", "error")
+
+# A version field: exactly this integer (not true, not 1.0, not "1").
+V1 = Annotated[int, Strict(), Field(ge=1, le=1)]
+V2 = Annotated[int, Strict(), Field(ge=2, le=2)]
 
 _DEVICE_ID = r"^[^/+#\s\x00]{1,64}$"
 _NAME = r"^[^/+#\s\x00]{1,128}$"
@@ -58,15 +62,17 @@ def decode_json_model(model: type[M], payload: bytes, max_bytes: int, what: str)
     if len(payload) > max_bytes:
         raise MessageError(f"{what} of {len(payload)} bytes is larger than the {max_bytes} allowed")
     try:
-        return model.model_validate_json(payload)
+        return model.model_validate_json(payload, context={"received": True})
     except ValidationError as exc:
         raise MessageError(f"malformed {what}: {problems(exc)}") from None
+    except (ValueError, RecursionError) as exc:  # a library's limit, not a field's check
+        raise MessageError(f"malformed {what}: {type(exc).__name__}") from None
 
 
 class DeviceStatus(_Message):
     """What a device says about itself (retained; its last will says ``offline``)."""
 
-    v: Literal[1]
+    v: V1
     device_id: str = Field(pattern=_DEVICE_ID)
     state: DeviceState
     model: str | None = Field(None, min_length=1, max_length=256)
@@ -124,7 +130,7 @@ class Adaptation(_Message):
 class DeviceTelemetry(_Message):
     """A device's moment-to-moment figures, published every ``--telemetry-interval``."""
 
-    v: Literal[1] = 1
+    v: V1
     device_id: str = Field(pattern=_DEVICE_ID)
     ts: float = Field(ge=0)
     rss_mb: float = Field(ge=0)
@@ -159,7 +165,7 @@ def decode_device_telemetry(payload: bytes, device_id: str | None = None) -> Dev
 class PlannerStatus(_Message):
     """The planner's word (retained): waiting for devices, planned, or why it cannot plan."""
 
-    v: Literal[1]
+    v: V1
     state: Literal["waiting", "planned", "error"]
     message: str = Field(max_length=16384)
     model: str = Field(min_length=1, max_length=256)
@@ -174,7 +180,7 @@ def decode_planner_status(payload: bytes) -> PlannerStatus:
 class CoordinatorStatus(_Message):
     """A coordinator that serves (retained; cleared by a clean exit or its last will)."""
 
-    v: Literal[1]
+    v: V1
     name: str = Field(pattern=_NAME)
     state: Literal["online"]
     model: str = Field(min_length=1, max_length=256)

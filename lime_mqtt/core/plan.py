@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from lime_mqtt.core.messages import DeviceStatus, decode_json_model
+from lime_mqtt.core.messages import V2, DeviceStatus, decode_json_model
 
 PLAN_VERSION: Literal[2] = 2
 MAX_PLAN_BYTES = 4 * 1024 * 1024  # a plan of 4096 stages is about 1.5 MB
@@ -54,7 +54,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    version: Literal[2] = PLAN_VERSION
+    version: V2 = PLAN_VERSION
     epoch: int = Field(ge=1)
     model: str
     num_layers: int = Field(ge=1)
@@ -68,6 +68,14 @@ class Plan(BaseModel):
     predicted_ms_per_token: float | None = None
     overhead_ms: float | None = None
     left_out: dict[str, str] = Field(default_factory=dict)  # device id -> why it has no stage
+
+    @model_validator(mode="before")
+    @classmethod
+    def _received_with_version(cls, data: Any, info: ValidationInfo) -> Any:
+        """A plan received must say its version (one made here gets the current one)."""
+        if info.context and info.context.get("received") and isinstance(data, dict) and "version" not in data:
+            raise ValueError("a received plan needs its 'version'")
+        return data
 
     @model_validator(mode="after")
     def _covers_all_layers(self) -> Plan:

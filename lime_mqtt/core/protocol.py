@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lime_mqtt.core.errors import RequestError
+from lime_mqtt.core.messages import V1
 
 MAX_STOP_STRINGS = 8
 REQUEST_VERSION: Literal[1] = 1
@@ -28,7 +29,7 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    v: Literal[1] = REQUEST_VERSION  # optional for clients; another version is refused
+    v: V1 = REQUEST_VERSION  # optional for clients; another version (or 1.0, or true) is refused
     id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^/+#\s]+$")
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(None, max_length=4096)
@@ -68,7 +69,7 @@ def cancel_target(payload: bytes) -> str | None:
     """The id in a cancel message ``{"cancel": "<id>"}``, or ``None`` for anything else."""
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON (or too deep, or too long a number)
         return None
     if isinstance(data, dict) and set(data) <= {"cancel", "v"} and isinstance(data.get("cancel"), str):
         return str(data["cancel"]) or None
@@ -90,7 +91,7 @@ def resume_target(payload: bytes) -> Resume | None:
     """A resume message, or ``None`` for anything else."""
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON (or too deep, or too long a number)
         return None
     if not isinstance(data, dict) or not isinstance(data.get("resume"), str) or not data["resume"]:
         return None
@@ -108,8 +109,8 @@ def parse_request(payload: bytes) -> Request:
                            f"the request has {len(payload)} bytes; at most {MAX_REQUEST_BYTES} are accepted")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError("invalid_json", f"request is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not JSON, too deep, or a number past the digit limit
+        raise RequestError("invalid_json", f"request is not valid JSON: {type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(data, dict):
         raise RequestError("invalid_json", "request must be a JSON object")
     request_id = data.get("id") if isinstance(data.get("id"), str) else None

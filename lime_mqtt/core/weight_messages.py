@@ -17,7 +17,7 @@ import cbor2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lime_mqtt.core.errors import BadWeightMessage
-from lime_mqtt.core.messages import problems
+from lime_mqtt.core.messages import V1, problems
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.wire import cbor_map
 
@@ -53,7 +53,7 @@ class _TensorEntry(BaseModel):
 class _Manifest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    v: Literal[1]
+    v: V1
     model: str = Field(min_length=1, max_length=256)
     config: dict[str, Any]
     tensors: dict[str, _TensorEntry] = Field(max_length=1 << 20)
@@ -80,7 +80,7 @@ class WeightRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
-    v: Literal[1]
+    v: V1
     op: Literal["manifest", "tensor"]
     model: str = Field(min_length=1, max_length=256)
     reply: str = Field(max_length=1024)
@@ -167,8 +167,15 @@ def _field(body: dict[Any, Any], name: str, kind: type | tuple[type, ...]) -> An
 
 def decode_weight_reply(payload: bytes) -> WeightReply:
     """A reply from a weight source, every field checked."""
+    try:
+        return _decode_weight_reply(payload)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a library's limit (a 5000-digit int)
+        raise BadWeightMessage(f"a malformed weights reply: {type(exc).__name__}") from None
+
+
+def _decode_weight_reply(payload: bytes) -> WeightReply:
     body = cbor_map(payload, MAX_REPLY_BYTES, "a weights reply", BadWeightMessage)
-    if body.get("v") != WEIGHTS_VERSION:
+    if type(body.get("v")) is not int or body["v"] != WEIGHTS_VERSION:
         raise BadWeightMessage(f"a weights reply that is not a version {WEIGHTS_VERSION} map")
     request_id = _field(body, "id", str)
     kind = body.get("kind")

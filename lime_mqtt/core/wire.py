@@ -7,6 +7,7 @@ Received bytes are only ever parsed as CBOR: never pickled, never ``torch.load``
 
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -55,13 +56,14 @@ def tensor_from_wire(obj: Any) -> torch.Tensor:
     """Inverse of :func:`tensor_to_wire`; checks that shape and byte count agree."""
     if not isinstance(obj, dict):
         raise WireError("tensor must be a map")
-    dtype = _DTYPES.get(obj.get("dtype"))  # type: ignore[arg-type]
-    shape = obj.get("shape")
-    data = obj.get("data")
+    name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise WireError(f"unknown tensor dtype {obj.get('dtype')!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise WireError(f"bad tensor shape {shape!r}")
+        raise WireError(f"unknown tensor dtype {str(name)[:32]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+    ):
+        raise WireError("a tensor shape must be a list of at most 8 dimensions, each from 0 to 2**40")
     if not isinstance(data, bytes):
         raise WireError("tensor data must be a byte string")
     count = 1
@@ -98,7 +100,7 @@ class Sampling:
         numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (t, p))
         integers = all(isinstance(x, int) and not isinstance(x, bool) for x in (k, seed))
         if not (numbers and integers and 0.0 <= t <= 10.0 and 0.0 < p <= 1.0 and k >= 0 and 0 <= seed < 2**64):
-            raise WireError(f"bad sampling parameters {obj!r}")
+            raise WireError("bad sampling parameters: t in [0, 10], k >= 0, p in (0, 1], s in [0, 2**64)")
         return cls(float(t), k, float(p), seed)
 
 
@@ -207,10 +209,13 @@ def cbor_map(payload: bytes, max_bytes: int, what: str, error: type[MessageError
     """``payload`` as a CBOR map of at most ``max_bytes``, or ``error`` saying why not."""
     if len(payload) > max_bytes:
         raise error(f"{what} of {len(payload)} bytes is larger than the {max_bytes} allowed")
+    stream = io.BytesIO(payload)
     try:
-        body = cbor2.loads(payload)
+        body = cbor2.CBORDecoder(stream).decode()
     except Exception as exc:  # cbor2 raises several types for garbage input (and deep nesting)
-        raise error(f"{what} that is not CBOR: {exc}") from None
+        raise error(f"{what} that is not CBOR: {type(exc).__name__}") from None
+    if stream.tell() != len(payload):
+        raise error(f"{what} has {len(payload) - stream.tell()} bytes after its CBOR item")
     if not isinstance(body, dict):
         raise error(f"{what} must be a CBOR map")
     return body
@@ -252,12 +257,20 @@ def decode_envelope(payload: bytes, *, hidden_size: int | None = None,
     """One envelope, every field checked (:class:`WireError` otherwise): its size, the CBOR
     map, the version, the kind, ids and integer ranges, token ids, tensors (dtype, shape
     against the byte count, and the hidden size of the model when given), the reply topic."""
+    try:
+        return _decode_envelope(payload, hidden_size, max_bytes)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a library's limit (a 5000-digit int)
+        raise WireError(f"a malformed envelope: {type(exc).__name__}") from None
+
+
+def _decode_envelope(payload: bytes, hidden_size: int | None, max_bytes: int) -> Envelope:
     body = cbor_map(payload, max_bytes, "an envelope", WireError)
-    if body.get("v") != WIRE_VERSION:
-        raise WireError(f"unsupported wire version {body.get('v')!r} (this is version {WIRE_VERSION})")
+    version = body.get("v")
+    if type(version) is not int or version != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {str(version)[:16]!r} (this is version {WIRE_VERSION})")
     kind = body.get("kind")
-    if kind not in KINDS:
-        raise WireError(f"unknown envelope kind {kind!r}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise WireError(f"unknown envelope kind {str(kind)[:16]!r}")
     rid = body.get("rid")
     if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LENGTH:
         raise WireError("envelope needs a request id")

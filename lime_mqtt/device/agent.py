@@ -170,7 +170,7 @@ class DeviceAgent:
         stream = self.host.stream
         held = self.host.held_bytes(self._kv_bytes()) if self.host.shards else None
         return DeviceTelemetry(
-            device_id=self.device_id, ts=time.time(), rss_mb=round(rss_bytes() / MIB, 1),
+            v=1, device_id=self.device_id, ts=time.time(), rss_mb=round(rss_bytes() / MIB, 1),
             peak_rss_mb=round(peak_rss_bytes() / MIB, 1), kv_sequences=len(self.sequences),
             kv_tokens=self.compute.kv_tokens(), peak_kv_tokens=self.compute.peak_kv_tokens,
             queue_depth=self.scheduler.queue.qsize(), steps_done=self.compute.steps_done,
