@@ -107,9 +107,9 @@ async def test_a_cancelled_request_frees_its_kv_cache_on_every_device(
         async for message in ask(broker.url, cluster_name, {"id": "long-one", "prompt": "Report", "max_tokens": 400}):
             messages.append(message)
             if message["type"] == "chunk" and len(messages) == 3:
-                held_at_cancel = sum(d.telemetry()["kv_tokens"] for d in cluster.devices)
+                held_at_cancel = sum(d.telemetry().kv_tokens for d in cluster.devices)
                 await cancel(broker.url, cluster_name, "long-one")
-        await wait_until(lambda: all(d.telemetry()["kv_tokens"] == 0 and not d.sequences for d in cluster.devices))
+        await wait_until(lambda: all(d.telemetry().kv_tokens == 0 and not d.sequences for d in cluster.devices))
         after = await cluster.final({"prompt": "Report", "max_tokens": 4})
     assert held_at_cancel > 0
     assert messages[-1]["type"] == "error" and messages[-1]["error"]["code"] == "cancelled"

@@ -28,7 +28,7 @@ async def test_status_shows_the_plan_the_devices_and_their_telemetry(
     assert view.plan is not None and view.plan.epoch == cluster.plan.epoch
     assert set(view.devices) == {"dev0", "dev1"} and {s.state for s in view.devices.values()} == {"ready"}
     assert set(view.telemetry) >= {"dev0", "dev1"}
-    assert all(view.telemetry[d]["steps_done"] >= 5 for d in ("dev0", "dev1"))
+    assert all(view.telemetry[d].steps_done >= 5 for d in ("dev0", "dev1"))
     assert len(view.coordinators) == 1
     text = format_status(view)
     assert f"plan {cluster.plan.epoch}: 2 stages" in text

@@ -17,7 +17,7 @@ and decoders of the same kind.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
@@ -149,10 +149,6 @@ class DeviceTelemetry(_Message):
     compute_s: float = Field(ge=0)
     streamed_mb: float = Field(ge=0)
     stream_wait_s: float = Field(ge=0)
-
-    def __getitem__(self, name: str) -> Any:
-        """``telemetry["kv_tokens"]``: the field, as a mapping would give it."""
-        return getattr(self, name)
 
 
 def decode_device_telemetry(payload: bytes, device_id: str | None = None) -> DeviceTelemetry:

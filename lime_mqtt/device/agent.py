@@ -322,24 +322,16 @@ class DeviceAgent:
             await self._publish_status("idle")
             self._left.set()
             return
-        if not host.loaded(stages):
-            host.drop()
-            host.use(stages)  # no governor until the shards are loaded
-            layers = ", ".join(f"[{s.start}, {s.stop})" for s in stages)
-            try:
-                if host.fetch_weights:
-                    await self._publish_status("fetching")
-                    await host.fetch_stages(self.network, self.topics.cluster, stages)
-                await self._publish_status("loading")
-                await self.compute.run(lambda: host.load(stages))
-            except (LimeError, OSError, RuntimeError) as exc:
-                self.error = f"cannot load layers {layers}: {exc}"
-                await self._publish_status("error")
-                raise LimeError(self.error) from exc
+        try:
+            await host.prepare(stages, self.network, self.topics.cluster, say=self._publish_status,
+                               run=self.compute.run)
             self.error = None
+        except LimeError as exc:
+            self.error = str(exc)
+            await self._publish_status("error")
+            raise
         if set(by_topic) - old_topics:
             await self.transport.subscribe(*sorted(set(by_topic) - old_topics))
-        host.use(stages)
         log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
                  [s.stage for s in stages], list(host.shards.values()))
         await self._publish_status("ready")

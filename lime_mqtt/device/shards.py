@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError
-from lime_mqtt.core.messages import Adaptation
+from lime_mqtt.core.messages import Adaptation, DeviceState
 from lime_mqtt.core.plan import StagePlan
 from lime_mqtt.device.memory import anon_rss_bytes, rss_bytes, trim_heap
 from lime_mqtt.model.adapter import adapter_for
@@ -124,6 +124,28 @@ class ShardHost:
         self.checkpoint = Checkpoint(self.model_folder)  # read the new files' headers
 
     # ----- shards -------------------------------------------------------------------------------
+
+    async def prepare(
+        self, stages: list[StagePlan], transport: Transport, cluster: str, *,
+        say: Callable[[DeviceState], Awaitable[None]], run: Callable[[Callable[[], None]], Awaitable[None]],
+    ) -> None:
+        """Hold exactly the shards of ``stages``: unless they are held already, drop what is
+        held, fetch the tensors over MQTT if this device has no model files, and load them
+        on the compute thread (``run``). ``say`` tells the cluster each state on the way
+        ("fetching", "loading"). :class:`LimeError` names the layers that could not load."""
+        if not self.loaded(stages):
+            self.drop()
+            self.use(stages)  # no governor until the shards are loaded
+            layers = ", ".join(f"[{s.start}, {s.stop})" for s in stages)
+            try:
+                if self.fetch_weights:
+                    await say("fetching")
+                    await self.fetch_stages(transport, cluster, stages)
+                await say("loading")
+                await run(lambda: self.load(stages))
+            except (LimeError, OSError, RuntimeError) as exc:
+                raise LimeError(f"cannot load layers {layers}: {exc}") from exc
+        self.use(stages)
 
     def loaded(self, stages: list[StagePlan]) -> bool:
         """Whether the shards held now are exactly those of ``stages``."""

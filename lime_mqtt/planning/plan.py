@@ -1,9 +1,9 @@
-"""Plans: which device runs which layers, which of them it streams from disk, and how much
-KV cache it owns (docs/planner.md).
+"""The plan search: which device runs which layers, which of them it streams from disk,
+and how much KV cache it owns (docs/planner.md).
 
-Pure functions and models, no I/O. The search for the fastest placement under the cost
-model of :mod:`lime_mqtt.planning.cost` is :func:`make_plan`. A plan is published as retained
-JSON with an epoch that grows by one with every new plan.
+Pure functions, no I/O. :func:`make_plan` searches for the fastest placement under the
+cost model of :mod:`lime_mqtt.planning.cost`; the plan itself, the retained message, is
+:class:`lime_mqtt.core.plan.Plan` (re-exported here).
 """
 
 from __future__ import annotations
