@@ -14,6 +14,7 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.measure import cache_file, measure_capabilities
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
+from tests.helpers import running
 
 
 def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) -> None:
@@ -31,18 +32,13 @@ def test_measurements_are_positive_and_cached(tiny_model: Path, tmp_path: Path) 
 
 async def test_device_reports_its_capabilities(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
     agent = DeviceAgent(broker.transport(), cluster_name, "meter", 10, tiny_model)
-    task = asyncio.create_task(agent.run())
-    try:
-        async with connect(broker.url) as conn:
-            await conn.subscribe(Topics(cluster_name).device_status("meter"))
-            async with asyncio.timeout(30):
-                async for message in conn.messages():
-                    status = decode_device_status(message.payload, "meter")
-                    if status.state == "idle":
-                        break
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async with running({"meter": agent}), connect(broker.url) as conn:
+        await conn.subscribe(Topics(cluster_name).device_status("meter"))
+        async with asyncio.timeout(30):
+            async for message in conn.messages():
+                status = decode_device_status(message.payload, "meter")
+                if status.state == "idle":
+                    break
     caps = status.capabilities
     for key in ("layer_decode_ms", "layer_prefill_ms_per_token", "disk_mb_s", "link_rtt_ms", "link_mb_s"):
         assert caps[key] > 0, (key, json.dumps(caps))

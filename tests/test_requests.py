@@ -13,7 +13,7 @@ from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, running
 
 GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
 
@@ -67,16 +67,12 @@ async def test_bad_requests_get_errors_and_the_next_good_one_is_answered(
 
 async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
     coordinator = Coordinator(broker.transport(), cluster_name, tiny_model)
-    task = asyncio.create_task(coordinator.run())
-    try:
+    async with running({"coordinator": coordinator}):
         await asyncio.wait_for(coordinator.serving.wait(), 30)
         reply_to = f"answers/{cluster_name}"
         answer = await _send_raw(
             broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to, "id": "r1"}).encode(), reply_to
         )
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     assert answer == {"type": "error", "id": "r1", "error": answer["error"]}
     assert answer["error"]["code"] == "no_plan"
 
@@ -218,8 +214,7 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
     planner = PlannerService(broker.transport(), cluster_name, tiny_model, quorum=1, settle_s=0.1, context_tokens=64)
     coordinator = Coordinator(broker.transport(), cluster_name, tiny_model)
     device = DeviceAgent(broker.transport(), cluster_name, "too-small", 1, tiny_model, measure=False)
-    tasks = [asyncio.create_task(x.run()) for x in (planner, coordinator, device)]
-    try:
+    async with running({"planner": planner, "coordinator": coordinator, "device": device}):
         async with connect(broker.url) as conn:
             await conn.subscribe(topics.planner_status)
             async with asyncio.timeout(30):
@@ -232,9 +227,5 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
         reply_to = f"answers/{cluster_name}"
         answer = await _send_raw(broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to}).encode(),
                                  reply_to)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     assert answer["error"]["code"] == "no_plan"
     assert "MiB missing" in answer["error"]["message"]

@@ -67,6 +67,8 @@ class DeviceAgent:
             raise LimeError("--memory-mb must be positive")
         if not 1 <= max_batch <= 256:
             raise LimeError("--max-batch must be between 1 and 256")
+        if threads is not None and threads < 1:
+            raise LimeError("--threads must be at least 1")
         self.topics = Topics(cluster)
         self.network = transport  # opens this agent's connection, and those of weight fetches
         self.device_id = device_id
