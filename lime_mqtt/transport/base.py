@@ -17,9 +17,17 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
 
-from lime_mqtt.core.errors import ConfigError
+from lime_mqtt.core.errors import ConfigError, TransportError
 
 ReconnectHook = Callable[[], Awaitable[None]]
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
+
+
+def check_topic(topic: str) -> None:
+    """A topic one may publish to: not empty, no wildcards, no NUL, not too long;
+    :class:`TransportError` otherwise (every implementation checks the same)."""
+    if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > MAX_TOPIC_BYTES:
+        raise TransportError(f"cannot publish to topic {topic[:200]!r}: empty, too long or with a wildcard")
 
 
 @dataclass(frozen=True)

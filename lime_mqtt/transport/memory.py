@@ -30,12 +30,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from lime_mqtt.core.errors import TransportError
-from lime_mqtt.transport.base import LastWill, Message, ReconnectHook
+from lime_mqtt.transport.base import MAX_TOPIC_BYTES, LastWill, Message, ReconnectHook, check_topic
 
 if TYPE_CHECKING:
     from lime_mqtt.transport.base import Connection, Transport
 
-MAX_TOPIC_BYTES = 65535
 # The project's Mosquitto keeps at most this many messages for a client that is away
 # (broker/mosquitto.conf, max_queued_messages); newer ones are dropped.
 MAX_QUEUED_MESSAGES = 10000
@@ -59,12 +58,6 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if i >= len(levels) or (part != "+" and part != levels[i]):
             return False
     return len(topic_filter.split("/")) == len(levels)
-
-
-def check_topic(topic: str) -> None:
-    """A topic one may publish to: not empty, no wildcards; TransportError otherwise."""
-    if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > MAX_TOPIC_BYTES:
-        raise TransportError(f"cannot publish to topic {topic!r}: empty, too long or with a wildcard")
 
 
 def check_filter(topic_filter: str) -> None:

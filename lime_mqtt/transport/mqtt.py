@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lime_mqtt.core.errors import TransportError
-from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook
+from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook, check_topic
 
 CONNECT_TIMEOUT_S = 10.0
 # Reconnecting: the first retry after about RECONNECT_MIN_S, doubling to RECONNECT_MAX_S,
@@ -205,6 +205,7 @@ class MqttConnection:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
     ) -> None:
+        check_topic(topic)  # paho would raise its own ValueError
         if qos == 0 and correlation_data is None and response_topic is None:
             # QoS 0 has no acknowledgement to wait for: hand it to paho and go on (aiomqtt
             # would wait for the socket write, a few event-loop turns per message).
