@@ -39,3 +39,22 @@ def test_the_coordinator_command_exits_at_once_with_the_reason(tiny_model: Path,
     )
     assert done.returncode == 2, done.stderr
     assert "model type 'gpt2' is not supported" in done.stderr
+
+
+async def test_a_weight_source_that_fails_leaves_the_coordinator_serving(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator's weight source is supervised: if it breaks, requests are still answered."""
+    from lime_mqtt.client import ask_final
+    from lime_mqtt.weights.source import WeightSource
+    from tests.helpers import running
+
+    async def broken(self: WeightSource) -> None:
+        raise OSError("the model folder went away")
+
+    monkeypatch.setattr(WeightSource, "run", broken)
+    broker = MemoryBroker()
+    coordinator = Coordinator(broker, "c", tiny_model, serve_weights=True)
+    async with running({"coordinator": coordinator}):
+        answer = await ask_final(broker, "c", {"id": "q", "prompt": "Valve", "max_tokens": 2}, timeout_s=10)
+    assert answer["type"] == "error" and answer["error"]["code"] == "no_plan"  # answered: it still serves

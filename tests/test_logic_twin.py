@@ -591,3 +591,13 @@ async def test_malformed_stage_input_is_dropped_and_the_device_serves_on(cluster
     assert steps_after == steps_before + 1  # only the good step was computed
     assert final["type"] == "final"
     assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, GOOD["prompt"]), 8)
+
+
+async def test_a_planner_message_too_long_for_its_status_is_cut_not_fatal(tiny_model: Path) -> None:
+    """A reason that names many devices must not stop the planner: the status carries it cut short."""
+    broker = MemoryBroker()
+    planner = PlannerService(broker, "c", tiny_model)
+    async with planner.transport:
+        await planner._publish_status("error", "no device can hold a layer: " + "d" * 40_000)
+    said = decode_planner_status(broker.retained(Topics("c").planner_status) or b"")
+    assert said.state == "error" and said.message.endswith("(cut short)") and len(said.message) <= 16384

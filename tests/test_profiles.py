@@ -22,3 +22,8 @@ def test_profile_has_what_a_device_needs(profile: Path) -> None:
     assert settings.device_id is not None and valid_device_id(settings.device_id)
     assert settings.memory_mb is not None and settings.memory_mb > 0
     assert settings.broker.startswith("mqtt")
+
+
+def test_a_device_id_is_one_topic_level_without_whitespace() -> None:
+    assert valid_device_id("pi-4") and valid_device_id("x" * 64)
+    assert not any(valid_device_id(bad) for bad in ("", "x" * 65, "a/b", "a+", "a#", "a b", "a\tb", "a\x00"))

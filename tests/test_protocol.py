@@ -11,10 +11,10 @@ from lime_mqtt.cli.settings import load_settings
 from lime_mqtt.coordinator.textstream import TextStream
 from lime_mqtt.core.errors import ConfigError, RequestError
 from lime_mqtt.core.protocol import parse_request
-from lime_mqtt.core.topics import Topics, device_id_from_status_topic
+from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.wire import Sampling
 from lime_mqtt.model.sampling import choose_token
-from lime_mqtt.transport.mqtt import BrokerAddress
+from lime_mqtt.transport.base import BrokerAddress
 
 
 def test_request_defaults_and_stop_string() -> None:
@@ -69,8 +69,11 @@ def test_greedy_and_seeded_sampling() -> None:
 def test_topics_and_status_parsing() -> None:
     topics = Topics("plant-a")
     assert topics.stage_in(2) == "lime/v1/plant-a/stage/2/in"
-    assert device_id_from_status_topic(topics.device_status("pi-4")) == "pi-4"
-    assert device_id_from_status_topic("lime/v1/plant-a/plan") is None
+    assert topics.parse(topics.device_status("pi-4")) == ("device", "pi-4")
+    assert topics.parse(topics.device_telemetry("pi-4")) == ("telemetry", "pi-4")
+    assert topics.parse(topics.coordinator_status("c-1")) == ("coordinator", "c-1")
+    assert topics.parse("lime/v1/plant-a/plan") is None
+    assert topics.parse("lime/v1/plant-b/devices/pi-4/status") is None  # another cluster's
     with pytest.raises(ValueError):
         Topics("a/b")
 

@@ -3,13 +3,14 @@ about a data folder Mosquitto cannot use."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lime_mqtt.cli.status import format_status, gather_status
+from lime_mqtt.cli.status import format_status, gather_status, status_json
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
@@ -34,6 +35,11 @@ async def test_status_shows_the_plan_the_devices_and_their_telemetry(
     assert f"plan {cluster.plan.epoch}: 2 stages" in text
     rows = [line.split() for line in text.splitlines() if line.startswith(("dev0", "dev1"))]
     assert [r[:2] for r in rows] == [["dev0", "ready"], ["dev1", "ready"]]
+    assert [r[6] for r in rows] == ["10", "10"]  # the budget in whole MB ("[0, 3)" splits in two)
+    data = json.loads(json.dumps(status_json(view)))  # what `lime-mqtt status --json` prints
+    assert data["plan"]["epoch"] == cluster.plan.epoch and data["coordinators"] == view.serving_coordinators()
+    assert {d: s["state"] for d, s in data["devices"].items()} == {"dev0": "ready", "dev1": "ready"}
+    assert data["telemetry"]["dev0"]["steps_done"] >= 5
 
 
 def test_status_of_an_empty_cluster_says_so(broker: LocalBroker, cluster_name: str) -> None:

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from lime_mqtt.core.errors import WireError
-from lime_mqtt.core.wire import WIRE_VERSION, Sampling, Step, decode_envelope, tensor_from_wire, tensor_to_wire
+from lime_mqtt.core.wire import (
+    WIRE_VERSION,
+    Sampling,
+    StageError,
+    Step,
+    decode_envelope,
+    tensor_from_wire,
+    tensor_to_wire,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -61,3 +69,10 @@ def test_envelope_round_trip() -> None:
 def test_malformed_envelopes_raise_wire_error(payload: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
         decode_envelope(payload)
+
+
+def test_a_stage_error_always_decodes_even_with_an_empty_or_long_message() -> None:
+    """What a device sends about a step it could not run must reach the coordinator."""
+    for message, expected in (("", "error"), ("x" * 10_000, "x" * 4096), ("bad token id", "bad token id")):
+        back = decode_envelope(StageError("r", 3, 1, "dev0", message).encode())
+        assert isinstance(back, StageError) and back.message == expected and back.device_id == "dev0"

@@ -317,8 +317,9 @@ def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.core.plan import Plan
     from lime_mqtt.core.topics import Topics
-    from lime_mqtt.planning.plan import Plan, format_plan
+    from lime_mqtt.planning.plan import format_plan
     async def main() -> int:
         topics = Topics(settings.cluster)
         async with settings.transport().connection() as conn:
@@ -338,14 +339,12 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.cli.status import format_status, gather_status
+    from lime_mqtt.cli.status import format_status, gather_status, status_json
 
     async def main() -> int:
         view = await gather_status(settings.transport(), settings.cluster, args.wait)
         if args.json:
-            print(json.dumps({"cluster": view.topics.cluster, "plan": view.plan.model_dump() if view.plan else None,
-                              "planner": view.planner, "coordinators": sorted(view.coordinators),
-                              "devices": view.devices, "telemetry": view.telemetry}, indent=2))
+            print(json.dumps(status_json(view), indent=2))
         else:
             print(format_status(view))
         return 0

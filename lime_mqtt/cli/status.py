@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+from pydantic import BaseModel
+
 from lime_mqtt.core.errors import MessageError
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.view import ClusterView
@@ -31,6 +33,18 @@ async def gather_status(broker: str | BrokerAddress | Transport, cluster: str, w
         except TimeoutError:
             pass
     return view
+
+
+def status_json(view: ClusterView) -> dict[str, Any]:
+    """The view as JSON-ready data (``lime-mqtt status --json``): the messages as received."""
+
+    def dump(message: BaseModel | None) -> Any:
+        return message.model_dump(mode="json", exclude_none=True) if message is not None else None
+
+    return {"cluster": view.topics.cluster, "plan": dump(view.plan), "planner": dump(view.planner),
+            "coordinators": view.serving_coordinators(),
+            "devices": {d: dump(s) for d, s in sorted(view.devices.items())},
+            "telemetry": {d: dump(t) for d, t in sorted(view.telemetry.items())}}
 
 
 def format_status(view: ClusterView) -> str:
@@ -70,4 +84,6 @@ def format_status(view: ClusterView) -> str:
 def _number(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.1f}"
+    return str(int(value)) if isinstance(value, float) else str(value)

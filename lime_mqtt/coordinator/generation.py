@@ -119,6 +119,8 @@ class Generation:
     async def generate(self, request: Request, client_id: str, send: Send, started: float) -> None:
         """Prefill and decode one request; ``client_id`` is echoed in every message."""
         prompt_ids = self.prompt_ids(request)
+        if not prompt_ids:
+            raise RequestError("invalid_request", "the prompt gives no tokens")
         if len(prompt_ids) >= self.context_length:
             raise RequestError(
                 "prompt_too_long",

@@ -110,7 +110,7 @@ class Coordinator:
             try:
                 async with asyncio.TaskGroup() as tasks:
                     if self.weight_source is not None:
-                        tasks.create_task(self.weight_source.run(), name=f"{self.name}-weights")
+                        tasks.create_task(self._serve_weights(self.weight_source), name=f"{self.name}-weights")
                     async for message in self.transport.messages():
                         if message.topic == self.topics.requests:
                             tasks.create_task(self.intake.serve(message), name=f"{self.name}-request")
@@ -119,6 +119,14 @@ class Coordinator:
             finally:
                 self.serving.clear()
                 await asyncio.shield(self._say_offline())
+
+    async def _serve_weights(self, source: WeightSource) -> None:
+        """The weight source, supervised: if it fails, requests are still served (devices
+        that fetch weights then wait for another source)."""
+        try:
+            await source.run()
+        except Exception:
+            log.exception("%s: the weight source stopped; serving requests without it", self.name)
 
     async def _route(self, message: Message) -> None:
         try:

@@ -10,7 +10,7 @@ what does not decode and log why; a malformed message changes nothing.
 - :class:`PlannerStatus`: ``planner/status``, retained: why there is (no) plan.
 - :class:`CoordinatorStatus`: ``coordinators/{name}/status``, retained while it serves.
 
-Plans (``planning.plan.Plan``), stage envelopes (``core.wire``), client requests
+Plans (``core.plan.Plan``), stage envelopes (``core.wire``), client requests
 (``core.protocol``) and weight messages (``core.weight_messages``) have their own modules
 and decoders of the same kind.
 """

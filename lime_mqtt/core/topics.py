@@ -104,13 +104,6 @@ class Topics:
         return f"{self.root}/weights/to/{client}"
 
 
-def device_id_from_status_topic(topic: str) -> str | None:
-    """``lime/v1/c/devices/d1/status`` -> ``d1``; ``None`` for anything else."""
-    parts = topic.split("/")
-    if len(parts) == 6 and parts[3] == "devices" and parts[5] == "status":
-        return parts[4]
-    return None
-
-
 def valid_device_id(device_id: str) -> bool:
-    return bool(device_id) and len(device_id) <= 64 and not any(c in device_id for c in "/+#\0 ")
+    """1 to 64 characters, none of them / + # NUL or whitespace (one topic level)."""
+    return 0 < len(device_id) <= 64 and not any(c in "/+#\0" or c.isspace() for c in device_id)

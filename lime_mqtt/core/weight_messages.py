@@ -22,7 +22,8 @@ from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.wire import cbor_map
 
 WEIGHTS_VERSION = 1
-CHUNK_BYTES = 1 << 20  # the most tensor bytes in one chunk message
+CHUNK_BYTES = 1 << 20  # the tensor bytes in one chunk message
+MAX_CHUNK_BYTES = 4 * CHUNK_BYTES  # the most a fetcher accepts in one
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a manifest of a large model, or one chunk with its envelope
 # Bytes per element of each safetensors dtype.
@@ -94,13 +95,6 @@ class WeightRequest(BaseModel):
         if self.op == "tensor" and self.name is None:
             raise ValueError("a tensor request needs 'name'")
         return self
-
-
-def parse_weights_request(body: dict[str, Any]) -> WeightRequest:
-    try:
-        return WeightRequest.model_validate(body)
-    except ValidationError as exc:
-        raise BadWeightMessage(f"bad weights request: {problems(exc)}") from None
 
 
 def decode_weights_request(payload: bytes) -> WeightRequest:
@@ -186,7 +180,7 @@ def _decode_weight_reply(payload: bytes) -> WeightReply:
     if kind == "chunk":
         offset, total = _field(body, "offset", int), _field(body, "total", int)
         data = _field(body, "data", bytes)
-        if offset < 0 or total < 0 or offset + len(data) > total or len(data) > 4 * CHUNK_BYTES:
+        if offset < 0 or total < 0 or offset + len(data) > total or len(data) > MAX_CHUNK_BYTES:
             raise BadWeightMessage(f"a chunk of {len(data)} bytes at {offset} does not fit a tensor of {total}")
         return ChunkReply(request_id, _field(body, "name", str), offset, total, data)
     raise BadWeightMessage(f"a weights reply of unknown kind {kind!r}")

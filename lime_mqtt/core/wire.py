@@ -197,7 +197,7 @@ class StageError:
     def encode(self) -> bytes:
         body = _head(self, self.step, self.epoch, 0)
         body["device_id"] = self.device_id
-        body["message"] = self.message
+        body["message"] = (self.message or "error")[:4096]  # what the decoder accepts
         return cbor2.dumps(body)
 
 

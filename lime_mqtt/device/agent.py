@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError, WireError
-from lime_mqtt.core.messages import Adaptation, DeviceState, DeviceStatus, DeviceTelemetry
+from lime_mqtt.core.messages import STATUS_VERSION, Adaptation, DeviceState, DeviceStatus, DeviceTelemetry
 from lime_mqtt.core.plan import Plan, StagePlan
 from lime_mqtt.core.topics import STEP_QOS, Topics, valid_device_id
 from lime_mqtt.core.wire import End, StageError, Step, Token, decode_envelope
@@ -38,6 +38,7 @@ SESSION_EXPIRY_S = 120
 # What makes a step fail on a device, as opposed to the device failing (a token id past
 # the vocabulary, say): the request gets a stage error and the device serves on.
 STEP_ERRORS = (LimeError, RuntimeError, ValueError, IndexError)
+MAX_ERROR_CHARS = 4000  # an error text in a status or a stage error (their decoders allow 4096)
 
 
 class DeviceAgent:
@@ -67,8 +68,8 @@ class DeviceAgent:
             raise LimeError("--memory-mb must be positive")
         if not 1 <= max_batch <= 256:
             raise LimeError("--max-batch must be between 1 and 256")
-        if threads is not None and threads < 1:
-            raise LimeError("--threads must be at least 1")
+        if threads is not None and not 1 <= threads <= 4096:
+            raise LimeError("--threads must be between 1 and 4096")
         self.topics = Topics(cluster)
         self.network = transport  # opens this agent's connection, and those of weight fetches
         self.device_id = device_id
@@ -148,7 +149,7 @@ class DeviceAgent:
         if host.shards:
             fields["param_count"] = sum(shard.param_count for shard in host.shards.values())
         return DeviceStatus(
-            v=1, device_id=self.device_id, state=state, model=self.model_id, memory_mb=self.memory_mb,
+            v=STATUS_VERSION, device_id=self.device_id, state=state, model=self.model_id, memory_mb=self.memory_mb,
             host=socket.gethostname(), pid=os.getpid(), torch_device=self.torch_device, threads=self.threads,
             baseline_rss_mb=round(host.baseline_rss / MIB, 1), baseline_anon_mb=round(host.baseline_anon / MIB, 1),
             ts=time.time(), capabilities=self.capabilities, error=self.error, **fields,
@@ -172,7 +173,7 @@ class DeviceAgent:
         stream = self.host.stream
         held = self.host.held_bytes(self._kv_bytes()) if self.host.shards else None
         return DeviceTelemetry(
-            v=1, device_id=self.device_id, ts=time.time(), rss_mb=round(rss_bytes() / MIB, 1),
+            v=STATUS_VERSION, device_id=self.device_id, ts=time.time(), rss_mb=round(rss_bytes() / MIB, 1),
             peak_rss_mb=round(peak_rss_bytes() / MIB, 1), kv_sequences=len(self.sequences),
             kv_tokens=self.compute.kv_tokens(), peak_kv_tokens=self.compute.peak_kv_tokens,
             queue_depth=self.scheduler.queue.qsize(), steps_done=self.compute.steps_done,
@@ -236,7 +237,7 @@ class DeviceAgent:
                         tasks.create_task(source.run(), name=f"{self.device_id}-weights")
             finally:
                 await asyncio.shield(self._say_offline())
-                self.compute.close()
+                await self.compute.close()
                 self.host.drop()
 
     async def _measure(self) -> None:
@@ -258,8 +259,8 @@ class DeviceAgent:
         try:
             async with asyncio.timeout(2):
                 await self._publish_status("offline")
-        except (LimeError, TimeoutError):
-            log.warning("%s: could not publish the offline status", self.device_id)
+        except Exception:  # on the way out: whatever stops it, the rest of the cleanup must run
+            log.exception("%s: could not publish the offline status", self.device_id)
 
     async def _receive(self) -> None:
         async for message in self.transport.messages():
@@ -329,7 +330,7 @@ class DeviceAgent:
                                run=self.compute.run)
             self.error = None
         except LimeError as exc:
-            self.error = str(exc)
+            self.error = str(exc)[:MAX_ERROR_CHARS]
             await self._publish_status("error")
             raise
         if set(by_topic) - old_topics:
@@ -389,7 +390,8 @@ class DeviceAgent:
         log.error("%s: request %s step %d failed: %s", self.device_id, step.request_id, step.step, exc)
         self.compute.free(step.request_id, accepted.stage.stage)
         if step.reply:
-            failure = StageError(step.request_id, step.step, step.epoch, self.device_id, str(exc))
+            failure = StageError(step.request_id, step.step, step.epoch, self.device_id,
+                                 (str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS])
             await self.transport.publish(step.reply, failure.encode(), qos=1)
 
     async def _emit(self, step: Step, stage: StagePlan, output: Any) -> None:

@@ -1,10 +1,11 @@
 """A device's compute: the KV caches of its sequences and every forward pass, in one
 worker thread.
 
-Everything that touches tensors (a step, a batch, loading or re-streaming layers,
-measuring) runs on the one thread of :attr:`Compute.executor`, one thing at a time, so
-the event loop never blocks on a layer, a streamed read or an emulated delay, and the
-connection stays responsive. The worker thread is given the device's torch thread count
+Every forward pass (a step, a batch), loading or re-streaming layers, and measuring runs
+on the one thread of :attr:`Compute.executor`, one thing at a time, so the event loop
+never blocks on a layer, a streamed read or an emulated delay, and the connection stays
+responsive. (The event loop still does the small tensor work around a step: decoding and
+encoding the wire tensors and choosing the token.) The worker thread is given the device's torch thread count
 (OpenMP keeps it per thread).
 """
 
@@ -73,8 +74,15 @@ class Compute:
         """``work()`` on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
-    def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop taking work; wait (at most ``timeout_s``) for a forward pass still running,
+        so that the shards it uses are not dropped under it."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.to_thread(self.executor.shutdown, True)
+        except TimeoutError:
+            log.warning("a forward pass still runs after %.0f s; going without it", timeout_s)
 
     # ----- KV caches ----------------------------------------------------------------------------
 

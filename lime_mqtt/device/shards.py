@@ -54,6 +54,7 @@ class ShardHost:
         self.fetch_weights = fetch_weights  # model files come over MQTT from a weight source
         self.manifest: dict[str, Any] | None = None
         self.baseline_rss = self.baseline_anon = 0
+        self.opened = False  # the model's config is here and its code imported
         self.stages: list[StagePlan] = []  # this device's segments of the plan (several if interleaved)
         self.shards: dict[int, Shard] = {}  # by stage number
         self.stream: LayerStream | None = None  # reads the streamed layers of all its segments
@@ -71,12 +72,13 @@ class ShardHost:
         """Open the model folder and import the code its layers run; then the baseline."""
         self.checkpoint = Checkpoint(self.model_folder)
         import_runtime(self.checkpoint)
+        self.opened = True
         self.baseline_rss = rss_bytes()  # code loaded, no weights yet
         self.baseline_anon = anon_rss_bytes()
 
     @property
     def hidden_size(self) -> int | None:
-        return int(self.checkpoint.config.hidden_size) if self.baseline_rss else None
+        return int(self.checkpoint.config.hidden_size) if self.opened else None
 
     # ----- model files over MQTT ----------------------------------------------------------------
 
@@ -94,7 +96,7 @@ class ShardHost:
             except WeightsError as exc:
                 log.warning("%s: %s; asking again", self.name, exc)
         write_config(self.model_folder, self.manifest)
-        if self.baseline_rss == 0:
+        if not self.opened:
             self._open_model()
 
     def tensor_names(self, stages: list[StagePlan]) -> list[str]:
@@ -154,7 +156,6 @@ class ShardHost:
     def load(self, stages: list[StagePlan]) -> None:
         """One shard per segment; the streamed layers of all segments share one reader, in
         ring order, so a segment's next layers are read while the other devices work."""
-        self.drop()
         specs = specs_of(stages)
         streamed = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
                     for spec in specs.values() for i in spec.streamed]

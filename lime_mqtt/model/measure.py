@@ -1,6 +1,7 @@
-"""Measured capabilities of a device for one model: layer compute time, disk read rate,
-and the link through the broker. Pure measurement; the device agent reports the result
-in its status, and caches it per device and model so a restart is quick.
+"""Measured capabilities of a device for one model: layer compute time, matrix-vector
+rate and disk read rate (its link through the broker is measured by ``device/link.py``).
+The device agent reports the result in its status, and caches it per device and model
+so a restart is quick.
 """
 
 from __future__ import annotations

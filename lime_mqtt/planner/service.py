@@ -7,9 +7,10 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import Literal
 
 from lime_mqtt.core.errors import MessageError, PlanError
-from lime_mqtt.core.messages import ONLINE_STATES, DeviceStatus, PlannerStatus
+from lime_mqtt.core.messages import ONLINE_STATES, STATUS_VERSION, DeviceStatus, PlannerStatus
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
@@ -19,6 +20,7 @@ from lime_mqtt.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_CHARS = 16384  # what a planner status may carry (core/messages.py)
 # A device that joins is adopted only if the plan with it is predicted this much faster.
 JOIN_GAIN = 0.05
 # After the planner's own reconnect (a broker restart), devices take a moment to reconnect
@@ -136,10 +138,13 @@ class PlannerService:
         self.heard = dict.fromkeys(self.heard, self._grace_until)  # no heartbeats came while away
         self._changed.set()  # look again once the grace is over
 
-    async def _publish_status(self, state: str, message: str) -> None:
-        """Retained, so an operator or a coordinator can tell why there is no plan."""
-        status = PlannerStatus(v=1, state=state, message=message, model=self.model_id,  # type: ignore[arg-type]
-                               devices=sorted(self.online()), ts=time.time())
+    async def _publish_status(self, state: Literal["waiting", "planned", "error"], message: str) -> None:
+        """Retained, so an operator or a coordinator can tell why there is no plan. A message
+        past what the status may carry is cut (the log has it whole)."""
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 16] + " ... (cut short)"
+        status = PlannerStatus(v=STATUS_VERSION, state=state, message=message, model=self.model_id,
+                               devices=sorted(self.online())[:4096], ts=time.time())
         await self.transport.publish(self.topics.planner_status, status.encode(), qos=1, retain=True)
 
     def _heard_from(self, device_id: str) -> None:

@@ -30,7 +30,7 @@ from lime_mqtt.core.weight_messages import (
     valid_client,
 )
 from lime_mqtt.transport.base import Connection, Transport
-from lime_mqtt.weights.files import PARTIAL_DIR, _finish, _is_complete, partial_path, tensor_path, write_config
+from lime_mqtt.weights.files import PARTIAL_DIR, finish_tensor, is_complete, partial_path, tensor_path, write_config
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class _Fetcher:
         entry = self.tensors[name]
         for attempt in (1, 2):
             await self._download(name, entry)
-            if await asyncio.to_thread(_finish, self.folder, name, entry):
+            if await asyncio.to_thread(finish_tensor, self.folder, name, entry):
                 self.stats.tensors_fetched += 1
                 return
             self.stats.hash_failures += 1
@@ -255,7 +255,7 @@ async def fetch_tensors(
     stats = FetchStats()
     todo = []
     for name in wanted:
-        if _is_complete(tensor_path(folder, name), name, tensors[name]):
+        if is_complete(tensor_path(folder, name), name, tensors[name]):
             stats.tensors_skipped += 1
         else:
             todo.append(name)

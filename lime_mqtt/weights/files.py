@@ -171,7 +171,7 @@ def safetensors_header(name: str, entry: dict[str, Any]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def _is_complete(path: Path, name: str, entry: dict[str, Any]) -> bool:
+def is_complete(path: Path, name: str, entry: dict[str, Any]) -> bool:
     """Whether ``path`` holds this very tensor (its header names the manifest's hash)."""
     try:
         with path.open("rb") as fh:
@@ -190,7 +190,7 @@ def _is_complete(path: Path, name: str, entry: dict[str, Any]) -> bool:
         return False
 
 
-def _finish(folder: Path, name: str, entry: dict[str, Any]) -> bool:
+def finish_tensor(folder: Path, name: str, entry: dict[str, Any]) -> bool:
     """Check the complete ``.part`` against the manifest's sha256 and write the tensor's file.
 
     One pass: the bytes are hashed while they are copied behind the header into a
@@ -227,7 +227,7 @@ def write_config(folder: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def _read_range(path: Path, offset: int, size: int) -> bytes:
+def read_range(path: Path, offset: int, size: int) -> bytes:
     with path.open("rb") as fh:
         fh.seek(offset)
         return fh.read(size)

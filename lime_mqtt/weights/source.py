@@ -17,6 +17,7 @@ from lime_mqtt.core.errors import BadWeightMessage, ConfigError
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.weight_messages import (
     CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
     WeightRequest,
     decode_weights_request,
     encode_reply,
@@ -24,7 +25,7 @@ from lime_mqtt.core.weight_messages import (
 )
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport.base import Transport
-from lime_mqtt.weights.files import _read_range, build_manifest
+from lime_mqtt.weights.files import build_manifest, read_range
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ class WeightSource:
         model_id: str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
-        if chunk_bytes <= 0:
-            raise ConfigError(f"chunk_bytes must be positive, not {chunk_bytes}")
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be from 1 to {MAX_CHUNK_BYTES} (what fetchers accept), "
+                              f"not {chunk_bytes}")
         self.topics = Topics(cluster)
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = model_id or self.checkpoint.folder.name
@@ -129,7 +131,7 @@ class WeightSource:
         for start in range(request.offset, end, self.chunk_bytes):
             size = min(self.chunk_bytes, end - start)
             try:
-                data = await asyncio.to_thread(_read_range, info.file, info.offset + start, size)
+                data = await asyncio.to_thread(read_range, info.file, info.offset + start, size)
             except OSError as exc:
                 await self._refuse(request.id, request.reply, f"cannot read tensor {name!r}: {exc}")
                 return
