@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lime_mqtt.core.errors import LimeError, MessageError, TransportError
+from lime_mqtt.core.errors import LimeError, MessageError, NoSubscribers, TransportError
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
@@ -48,16 +48,24 @@ async def ask(
     last_chunk = -1
     asked = False
 
-    async def publish(conn: Connection, body: dict[str, Any]) -> None:
+    async def publish(conn: Connection, body: dict[str, Any], require_subscribers: bool = False) -> None:
         await conn.publish(topics.requests, json.dumps(body).encode(), qos=1, response_topic=reply_topic,
-                           correlation_data=correlation)
+                           correlation_data=correlation, require_subscribers=require_subscribers)
 
     async def exchange(conn: Connection) -> AsyncIterator[dict[str, Any]]:
         nonlocal last_chunk, asked
         await conn.subscribe(reply_topic, qos=1)
         if wait_for_coordinator_s > 0:
             await _coordinator_serving(conn, topics, wait_for_coordinator_s)
-        await publish(conn, request)
+        try:
+            # The broker's PUBACK says whether anyone subscribes to the request topic: a
+            # coordinator that is gone (its status retained by mistake, say) is known now,
+            # not after the timeout. A coordinator that is only away keeps its session, and
+            # with it its subscription.
+            await publish(conn, request, require_subscribers=True)
+        except NoSubscribers:
+            raise LimeError(f"no coordinator subscribes to the requests of cluster {topics.cluster!r}: the "
+                            "broker delivered the request to nobody") from None
         asked = True
         deadline = asyncio.get_running_loop().time() + timeout_s
         messages = conn.messages()

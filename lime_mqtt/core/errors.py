@@ -62,6 +62,28 @@ class TransportError(LimeError):
     code = "transport_error"
 
 
+class PublishRefused(TransportError):
+    """The broker refused a publish (an MQTT 5 reason code of 0x80 or more: not
+    authorized, say); ``reason`` is the broker's word."""
+
+    code = "publish_refused"
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"the broker refused the publish to {topic}: {reason}")
+        self.topic, self.reason = topic, reason
+
+
+class NoSubscribers(TransportError):
+    """The broker took a QoS 1 publish that nobody subscribes to (reason code 0x10), where
+    the publisher asked to know (``require_subscribers``): a request with no coordinator."""
+
+    code = "no_subscribers"
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"nobody subscribes to {topic}")
+        self.topic = topic
+
+
 class RequestError(LimeError):
     """A client request that cannot be served; ``code`` is the machine-readable reason."""
 

@@ -106,7 +106,12 @@ class Connection(Protocol):
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
-    ) -> None: ...
+        require_subscribers: bool = False,
+    ) -> None:
+        """Send one message. At QoS 1 the broker's answer is checked: a refusal raises
+        :class:`~lime_mqtt.core.errors.PublishRefused`; with ``require_subscribers``, a
+        message nobody subscribes to raises :class:`~lime_mqtt.core.errors.NoSubscribers`."""
+        ...
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None: ...
 

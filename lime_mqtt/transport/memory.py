@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from lime_mqtt.core.errors import TransportError
+from lime_mqtt.core.errors import NoSubscribers, TransportError
 from lime_mqtt.transport.base import MAX_TOPIC_BYTES, LastWill, Message, ReconnectHook, check_topic
 
 if TYPE_CHECKING:
@@ -281,8 +281,10 @@ class MemoryBroker:
         retain: bool,
         correlation_data: bytes | None,
         response_topic: str | None,
-    ) -> None:
+    ) -> bool:
+        """Deliver (or queue for a session away) to every matching subscriber; whether any matched."""
         live = Message(topic, payload, False, response_topic, correlation_data)
+        matched = False
         if retain:
             if payload:
                 self._retained[topic] = replace(live, retain=True)
@@ -293,6 +295,7 @@ class MemoryBroker:
             granted = [q for f, q in session.subscriptions.items() if topic_matches(f, topic)]
             if not granted:
                 continue
+            matched = True
             if session.connection is not None:
                 for _ in range(len(granted) if self.copy_per_subscription else 1):
                     session.connection._deliver(live)
@@ -302,6 +305,7 @@ class MemoryBroker:
                 copies = [q for q in granted if min(q, qos) >= 1]
                 for _ in range(len(copies) if self.copy_per_subscription else min(len(copies), 1)):
                     self._queue(session, live)
+        return matched
 
     def _queue(self, session: _Session, message: Message) -> None:
         if len(session.queued) >= self.max_queued_messages:
@@ -464,15 +468,20 @@ class MemoryConnection:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        require_subscribers: bool = False,
     ) -> None:
-        """Publish; while a reconnecting connection is down this waits, then sends."""
+        """Publish; while a reconnecting connection is down this waits, then sends. At QoS 1
+        with ``require_subscribers``, a message nobody subscribes to raises NoSubscribers
+        (Mosquitto's PUBACK reason 0x10)."""
         check_topic(topic)
         _check_qos(qos)
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         await self.wait_connected()
-        self.broker._publish(topic, data, qos, retain, correlation_data, response_topic)
+        matched = self.broker._publish(topic, data, qos, retain, correlation_data, response_topic)
         if qos:
             await asyncio.sleep(0)  # the acknowledgement's turn of the loop
+            if require_subscribers and not matched:
+                raise NoSubscribers(topic)
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
         for topic in topics:

@@ -35,8 +35,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(folder: Path, port: int, bind: str = "127.0.0.1") -> Path:
-    """A config for one broker: the project's settings plus a listener and a data folder."""
+def write_config(folder: Path, port: int, bind: str = "127.0.0.1", extra: str = "") -> Path:
+    """A config for one broker: the project's settings plus a listener and a data folder,
+    then ``extra`` lines (an ACL file, say)."""
     if not _PACKAGED_CONF.is_file():
         raise ConfigError(f"{_PACKAGED_CONF} is missing: run lime-mqtt from a checkout (pip install -e .)")
     base = _PACKAGED_CONF.read_text()
@@ -50,7 +51,7 @@ def write_config(folder: Path, port: int, bind: str = "127.0.0.1") -> Path:
         log.warning("Mosquitto drops root and runs as 'mosquitto', which cannot reach %s (a parent folder is not "
                     "o+x): it cannot save retained messages there, so they will not survive a restart", data)
     conf = folder / "mosquitto.conf"
-    conf.write_text(f"{base}\nlistener {port} {bind}\npersistence_location {data}/\n")
+    conf.write_text(f"{base}\nlistener {port} {bind}\npersistence_location {data}/\n{extra}")
     conf.chmod(0o644)
     return conf
 
@@ -78,9 +79,12 @@ def wait_for_port(
 class LocalBroker:
     """A Mosquitto child process on a loopback port; a context manager that stops it."""
 
-    def __init__(self, port: int | None = None, folder: Path | None = None, bind: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int | None = None, folder: Path | None = None, bind: str = "127.0.0.1", extra_config: str = "",
+    ) -> None:
         self.port = port or free_port()
         self.bind = bind
+        self.extra_config = extra_config  # lines after the project's configuration
         self._own_folder = folder is None
         self.folder = folder or Path(tempfile.mkdtemp(prefix="lime-broker-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -100,7 +104,7 @@ class LocalBroker:
         return MqttTransport(self.url)
 
     def start(self) -> LocalBroker:
-        conf = write_config(self.folder, self.port, self.bind)
+        conf = write_config(self.folder, self.port, self.bind, self.extra_config)
         log_file = (self.folder / "mosquitto.log").open("ab")
         self.process = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log_file, stderr=log_file)
         wait_for_port(self.bind, self.port, process=self.process)

@@ -12,6 +12,7 @@ import random
 import socket
 import uuid
 from collections.abc import AsyncGenerator
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any
 
@@ -19,8 +20,9 @@ import aiomqtt
 import paho.mqtt.client as paho_mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from lime_mqtt.core.errors import TransportError
+from lime_mqtt.core.errors import NoSubscribers, PublishRefused, TransportError
 from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook, check_topic
 
 CONNECT_TIMEOUT_S = 10.0
@@ -31,6 +33,9 @@ RECONNECT_MAX_S = 5.0
 _DISCONNECTED = object()
 
 log = logging.getLogger(__name__)
+
+# The message id of the QoS 1 publish the current task is waiting for (see _hear_acks).
+_PUBLISH_MID: ContextVar[int | None] = ContextVar("lime_publish_mid", default=None)
 
 
 class MqttConnection:
@@ -69,6 +74,7 @@ class MqttConnection:
         self.session_expiry_s = session_expiry_s
         self.on_reconnect = on_reconnect
         self._subscriptions: dict[str, int] = {}  # topic -> QoS, restored on reconnect
+        self._acks: dict[int, ReasonCode | None] = {}  # message id -> the broker's PUBACK reason, while awaited
         self._closing = False
 
     def _new_client(self, first: bool) -> aiomqtt.Client:
@@ -115,6 +121,7 @@ class MqttConnection:
     async def _connect(self, first: bool) -> None:
         client = self._new_client(first)
         client._queue = self._inbox  # private, aiomqtt is pinned < 3: one queue outlives connections
+        self._hear_acks(client)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
                 await client.__aenter__()
@@ -124,6 +131,32 @@ class MqttConnection:
         self._connected = True
         self._up.set()
         client._disconnected.add_done_callback(lambda done: self._on_disconnect(client, done))
+
+    def _hear_acks(self, client: aiomqtt.Client) -> None:
+        """aiomqtt drops the reason code of a PUBACK; keep it for the publish that waits.
+
+        paho's ``publish`` returns the message id synchronously, inside ``aiomqtt.publish``
+        and before its first await, so the id goes to a context variable of the publishing
+        task; the ``on_publish`` callback records the reason of each id that is awaited."""
+        paho = client._client
+        send = paho.publish
+        acknowledged: Any = paho.on_publish  # aiomqtt's own: it sets the event the publish waits on
+
+        def publish(*args: Any, **kwargs: Any) -> paho_mqtt.MQTTMessageInfo:
+            info = send(*args, **kwargs)
+            qos = args[2] if len(args) > 2 else kwargs.get("qos", 0)
+            if qos:
+                self._acks[info.mid] = None
+                _PUBLISH_MID.set(info.mid)
+            return info
+
+        def on_publish(paho_client: Any, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+            if mid in self._acks:
+                self._acks[mid] = reason
+            acknowledged(paho_client, userdata, mid, reason, properties)
+
+        paho.publish = publish  # type: ignore[method-assign]
+        paho.on_publish = on_publish
 
     def _on_disconnect(self, client: aiomqtt.Client, done: asyncio.Future[None]) -> None:
         if not done.cancelled():
@@ -204,6 +237,7 @@ class MqttConnection:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        require_subscribers: bool = False,
     ) -> None:
         check_topic(topic)  # paho would raise its own ValueError
         if qos == 0 and correlation_data is None and response_topic is None:
@@ -223,8 +257,10 @@ class MqttConnection:
                 properties.ResponseTopic = response_topic
         while True:
             await self.wait_connected()
+            token = _PUBLISH_MID.set(None)
             try:
                 await self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+                self._check_ack(topic, _PUBLISH_MID.get(), require_subscribers)
                 return
             except aiomqtt.MqttError as exc:
                 if not self.reconnect or self._closing:
@@ -232,6 +268,20 @@ class MqttConnection:
                 # At least once: send it again on the next connection.
                 log.info("%s: publish to %s failed (%s); again once reconnected", self.client_id, topic, exc)
                 await asyncio.sleep(0.05)  # let the disconnect be noticed before waiting for the next one
+            finally:
+                self._acks.pop(_PUBLISH_MID.get() or -1, None)
+                _PUBLISH_MID.reset(token)
+
+    def _check_ack(self, topic: str, mid: int | None, require_subscribers: bool) -> None:
+        """Raise what the broker's PUBACK said, if it said no (MQTT 5 reason codes)."""
+        reason = self._acks.get(mid) if mid is not None else None
+        if reason is None:
+            return
+        if reason.value >= 0x80:
+            log.error("%s: the broker refused the publish to %s: %s", self.client_id, topic, reason)
+            raise PublishRefused(topic, str(reason))
+        if reason.value == 0x10 and require_subscribers:
+            raise NoSubscribers(topic)
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
         self._subscriptions.update({t: qos for t in topics})
