@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=15.0,
                    help="take a planned device that sends no status or telemetry for this many seconds for "
                    "lost (0: only its last will counts)")
+    p.add_argument("--trusted-ends", action="store_true",
+                   help="put the first stage (it sees token ids) and the last (it chooses them) only on devices "
+                   "marked trusted (docs/security.md)")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="KV cache to reserve per sequence, in tokens (default 512)")
     p.add_argument("--sequences", type=int, default=1, help="sequences served at once (default 1)")
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached under $LIME_MQTT_CACHE/received")
     p.add_argument("--serve-weights", action="store_true",
                    help="also be a weight source for devices that fetch theirs over MQTT")
+    p.add_argument("--trusted", action="store_true",
+                   help="this device may see token ids and text: the planner's --trusted-ends puts the first "
+                   "and last stage only on such devices (or trusted = true in the settings file)")
     p.add_argument("--max-batch", type=int, default=1,
                    help="run up to this many sequences' decode steps waiting at this device as one batch "
                    "(default 1: no batching, bit-identical to transformers; see docs/architecture.md)")
@@ -190,6 +196,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
+        trusted_ends=args.trusted_ends,
     )
     return _run_service(service.run)
 
@@ -235,6 +242,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
+            trusted=args.trusted or settings.trusted,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     device_id: str | None = None
     memory_mb: int | None = None
     threads: int | None = None
+    trusted: bool = False  # a device profile may mark the device trusted (docs/security.md)
 
     def transport(self) -> MqttTransport:
         """The broker these settings name, with their credentials: what every service is given."""

@@ -94,6 +94,7 @@ class DeviceStatus(_Message):
     streamed_by_plan: list[int] = Field(default_factory=list, max_length=65536)
     param_count: int | None = Field(None, ge=0)
     capabilities: dict[str, float] = Field(default_factory=dict, max_length=64)
+    trusted: bool = False  # its profile says it may see token ids and text (docs/security.md)
     error: str | None = Field(None, max_length=4096)
 
     @classmethod

@@ -61,6 +61,7 @@ class DeviceAgent:
         max_batch: int = 1,
         fetch_weights: bool = False,
         serve_weights: bool = False,
+        trusted: bool = False,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
@@ -75,6 +76,7 @@ class DeviceAgent:
         self.device_id = device_id
         self.memory_mb = memory_mb
         self.serve_weights = serve_weights  # this device is a weight source for others
+        self.trusted = trusted  # may run the first and last stage under --trusted-ends
         self.kv_ttl_s = kv_ttl_s
         self.telemetry_s = telemetry_s
         self.threads = threads
@@ -152,7 +154,7 @@ class DeviceAgent:
             v=STATUS_VERSION, device_id=self.device_id, state=state, model=self.model_id, memory_mb=self.memory_mb,
             host=socket.gethostname(), pid=os.getpid(), torch_device=self.torch_device, threads=self.threads,
             baseline_rss_mb=round(host.baseline_rss / MIB, 1), baseline_anon_mb=round(host.baseline_anon / MIB, 1),
-            ts=time.time(), capabilities=self.capabilities, error=self.error, **fields,
+            ts=time.time(), capabilities=self.capabilities, error=self.error, trusted=self.trusted, **fields,
         )
 
     async def _publish_status(self, state: DeviceState) -> None:

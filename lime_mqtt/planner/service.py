@@ -52,6 +52,7 @@ class PlannerService:
         reserve_mb: float = 32.0,
         interleaving: bool = True,
         heartbeat_timeout_s: float = 15.0,
+        trusted_ends: bool = False,
     ) -> None:
         if quorum < 1:
             raise PlanError("quorum must be at least 1")
@@ -62,7 +63,7 @@ class PlannerService:
         self.quorum = quorum
         self.settle_s = settle_s
         self.workload = Workload(context_tokens=context_tokens, sequences=sequences, objective=objective,
-                                 reserve_bytes=int(reserve_mb * 1024 * 1024))
+                                 reserve_bytes=int(reserve_mb * 1024 * 1024), trusted_ends=trusted_ends)
         self.strategy: Strategy = strategy
         self.interleaving = interleaving
         self.view = ClusterView(self.topics)  # the devices as they say they are, and the retained plan

@@ -65,16 +65,18 @@ class DeviceProfile:
     disk_mb_s: float = DEFAULT_CAPABILITIES["disk_mb_s"]
     link_rtt_ms: float = DEFAULT_CAPABILITIES["link_rtt_ms"]
     link_mb_s: float = DEFAULT_CAPABILITIES["link_mb_s"]
+    trusted: bool = False  # may see token ids and text (docs/security.md)
 
     @classmethod
     def from_status(cls, device_id: str, status: Mapping[str, Any]) -> DeviceProfile:
-        """From a device's status message: ``memory_mb`` and its measured ``capabilities``."""
+        """From a device's status message: ``memory_mb``, its measured ``capabilities`` and
+        whether its profile marks it ``trusted``."""
         measured = status.get("capabilities") if isinstance(status.get("capabilities"), dict) else {}
         rates = {}
         for name, default in DEFAULT_CAPABILITIES.items():
             value = measured.get(name, default) if measured else default
             rates[name] = float(value) if isinstance(value, int | float) and value > 0 else default
-        return cls(device_id, int(status.get("memory_mb", 0)) * MIB, **rates)
+        return cls(device_id, int(status.get("memory_mb", 0)) * MIB, **rates, trusted=status.get("trusted") is True)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Workload:
     objective: Objective = "latency"
     reserve_bytes: int = 32 * MIB  # per device: activations, message buffers, allocator slack
     overhead_ms: float = 1.0  # per token, in the coordinator (its own hop and bookkeeping)
+    # The first stage (it sees token ids) and the last (it chooses them) only on trusted devices.
+    trusted_ends: bool = False
 
     @property
     def kv_tokens(self) -> int:

@@ -98,10 +98,13 @@ class _Search:
 
     def _extend(self, stages: list[StageLayout], unused: list[int], start: int) -> None:
         layers = self.model.num_layers
+        ends = self.workload.trusted_ends
         for index in unused:
+            if ends and start == 0 and not self.devices[index].trusted:
+                continue  # the first stage sees token ids
             rest = [i for i in unused if i != index]
             last = self.layout(index, start, layers)
-            if last is not None:
+            if last is not None and (self.devices[index].trusted or not ends):  # the last chooses them
                 self.offer([*stages, last])
             if not rest:
                 continue
@@ -231,18 +234,28 @@ def make_plan(
     usable = [d for d in devices if d.device_id not in unfit]
     if not usable:
         raise PlanError("no device can hold even one layer: " + "; ".join(unfit.values()))
+    if workload.trusted_ends and not any(d.trusted for d in usable):
+        raise PlanError("the first and last stage must run on trusted devices, and no device that can hold "
+                        "a layer is trusted (mark them: trusted = true in a device profile, or --trusted)")
     complete: bool | None = None
     if strategy == "optimal":
         search = _Search(model, usable, workload, node_limit)
         complete = search.run()
         cost = search.best
         if cost is not None and interleaving:
-            cost = _best_interleaving(model, {d.device_id: d for d in usable}, cost, workload)
+            interleaved = _best_interleaving(model, {d.device_id: d for d in usable}, cost, workload)
+            if not workload.trusted_ends or _ends_trusted_in(interleaved, usable):
+                cost = interleaved
     else:
-        ordered = sorted(usable, key=lambda d: d.device_id)
+        ordered = _ends_trusted(sorted(usable, key=lambda d: d.device_id)) if workload.trusted_ends \
+            else sorted(usable, key=lambda d: d.device_id)
         weights = [float(d.memory_bytes) if strategy == "memory" else 1.0 for d in ordered]
         cost = evaluate(split_layouts(model, ordered, workload, weights), workload)
     if cost is None:
+        if workload.trusted_ends:
+            trusted = sorted(d.device_id for d in usable if d.trusted)
+            raise PlanError(f"no plan puts the first and last stage on trusted devices (trusted: "
+                            f"{', '.join(trusted) or 'none'}): {_diagnose(model, usable, workload)}")
         raise PlanError(_diagnose(model, usable, workload))
     used = {s.device_id for s in cost.stages}
     left_out = dict(unfit)
@@ -253,6 +266,21 @@ def make_plan(
                 else f"more devices than layers ({model.num_layers})"
             )
     return plan_from_cost(model, cost, epoch, workload, strategy, complete, left_out)
+
+
+def _ends_trusted_in(cost: PlanCost, devices: Sequence[DeviceProfile]) -> bool:
+    trusted = {d.device_id for d in devices if d.trusted}
+    return cost.stages[0].device_id in trusted and cost.stages[-1].device_id in trusted
+
+
+def _ends_trusted(ordered: list[DeviceProfile]) -> list[DeviceProfile]:
+    """``ordered`` with a trusted device first and another last (for the baseline strategies);
+    as it is when there are not two of them (the plan is then refused, or one stage)."""
+    trusted = [d for d in ordered if d.trusted]
+    if len(trusted) < 2:
+        return trusted[:1] if trusted else ordered
+    others = [d for d in ordered if not d.trusted]
+    return [trusted[0], *others, *trusted[1:]]
 
 
 MAX_ROUNDS = 4
