@@ -77,7 +77,7 @@ class Intake:
         received_at = time.perf_counter()
         try:
             raw = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # parse_request below says why, to the client
             raw = None
         if (victim := protocol.cancel_target(message.payload)) is not None:
             self.cancel(victim)

@@ -113,12 +113,20 @@ class Coordinator:
                         tasks.create_task(self._serve_weights(self.weight_source), name=f"{self.name}-weights")
                     async for message in self.transport.messages():
                         if message.topic == self.topics.requests:
-                            tasks.create_task(self.intake.serve(message), name=f"{self.name}-request")
+                            tasks.create_task(self._serve_request(message), name=f"{self.name}-request")
                         else:
                             await self._route(message)
             finally:
                 self.serving.clear()
                 await asyncio.shield(self._say_offline())
+
+    async def _serve_request(self, message: Message) -> None:
+        """One request message, supervised: whatever it does, the coordinator serves on
+        (``Intake.serve`` answers every error it can name to its client)."""
+        try:
+            await self.intake.serve(message)
+        except Exception:
+            log.exception("%s: a request message failed outside its own error handling", self.name)
 
     async def _serve_weights(self, source: WeightSource) -> None:
         """The weight source, supervised: if it fails, requests are still served (devices
