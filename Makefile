@@ -33,8 +33,9 @@ setup: mosquitto $(STAMP)
 demo: setup
 	$(VENV)/bin/lime-mqtt demo
 
+# The whole suite; decoders are fuzzed with 3,200 cases each (tests/test_decoders.py).
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	LIME_FUZZ_SCALE=8 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tier only: no broker, no processes (tests/conftest.py marks it).
 test-fast: setup

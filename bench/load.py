@@ -66,7 +66,7 @@ class Telemetry:
 
     async def listen(self) -> None:
         async with connect(self.broker) as conn:
-            await conn.subscribe(f"{self.topics.root}/devices/+/telemetry", qos=0)
+            await conn.subscribe(self.topics.all_device_telemetry, qos=0)
             async for message in conn.messages():
                 data = json.loads(message.payload)
                 self.latest[data["device_id"]] = data

@@ -1,7 +1,10 @@
 """Ask the cluster a question over MQTT, the way a factory system would.
 
-Uses the MQTT 5 request/response pattern: a Response Topic unique to this call and
-Correlation Data that the coordinator echoes back.
+A client sends its requests on ``client/{name}/requests`` and reads its answers on
+``coordinator/+/to/client/{name}/answer/{id}`` (docs/topics.md); with the broker's ACL
+only it can do either. Its name is its MQTT user name's (``client/{name}``) when the
+transport has credentials, else ``client`` (default ``default``). The MQTT 5
+Correlation Data it sends is echoed back.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError, MessageError, NoSubscribers, TransportError
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Topics, valid_arg, valid_name
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
+from lime_mqtt.transport.base import identity_of
 
 Broker = str | BrokerAddress | Transport  # a URL, or a transport with credentials
 
@@ -29,6 +33,7 @@ async def ask(
     timeout_s: float = 300.0,
     connection: Connection | None = None,
     wait_for_coordinator_s: float = 5.0,
+    client: str | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Send one request; yield each chunk, then the final (or error) message, then stop.
 
@@ -41,20 +46,24 @@ async def ask(
     that arrive twice are dropped, so the stream has no gap and no repeat.
     """
     topics = Topics(cluster)
+    connection_transport = transport_for(broker) if connection is None else None
+    name = client_name(connection_transport if connection_transport is not None else broker, client)
     correlation = uuid.uuid4().bytes
-    reply_topic = f"{topics.root}/responses/ask-{uuid.uuid4().hex[:12]}"
     request = {**request}
     request.setdefault("id", uuid.uuid4().hex)  # so that it can be resumed
+    if not isinstance(request["id"], str) or not valid_arg(request["id"]):
+        raise LimeError(f"request id {str(request['id'])[:64]!r} must be 1 to 128 characters without / + # or space")
+    request_topic, answers = topics.requests(name), topics.answers_inbox(name)
     last_chunk = -1
     asked = False
 
     async def publish(conn: Connection, body: dict[str, Any], require_subscribers: bool = False) -> None:
-        await conn.publish(topics.requests, json.dumps(body).encode(), qos=1, response_topic=reply_topic,
-                           correlation_data=correlation, require_subscribers=require_subscribers)
+        await conn.publish(request_topic, json.dumps(body).encode(), qos=1, correlation_data=correlation,
+                           require_subscribers=require_subscribers)
 
     async def exchange(conn: Connection) -> AsyncIterator[dict[str, Any]]:
         nonlocal last_chunk, asked
-        await conn.subscribe(reply_topic, qos=1)
+        await conn.subscribe(answers, qos=1)
         if wait_for_coordinator_s > 0:
             await _coordinator_serving(conn, topics, wait_for_coordinator_s)
         try:
@@ -77,7 +86,9 @@ async def ask(
                 raise TransportError("the connection ended before the answer did") from None
             except TimeoutError:
                 raise TimeoutError(f"no complete answer within {timeout_s:.0f} s") from None
-            if message.topic != reply_topic or message.correlation_data != correlation:
+            route = topics.parse(message.topic)
+            if route is None or route.kind != "answer" or route.arg != request["id"] or (
+                    message.correlation_data is not None and message.correlation_data != correlation):
                 continue
             answer = json.loads(message.payload)
             if answer.get("type") == "chunk":
@@ -97,7 +108,8 @@ async def ask(
         if asked:
             await publish(conn, {"resume": request["id"], "after": last_chunk, "request": request})
 
-    async with transport_for(broker).connection(reconnect=True, on_reconnect=resume) as conn:
+    assert connection_transport is not None
+    async with connection_transport.connection(reconnect=True, on_reconnect=resume) as conn:
         async for answer in exchange(conn):
             yield answer
 
@@ -128,13 +140,30 @@ async def ask_final(broker: Broker, cluster: str, request: dict[str, Any], **kwa
     return last
 
 
-async def cancel(broker: Broker, cluster: str, request_id: str, connection: Connection | None = None) -> None:
-    """Ask the coordinator to stop request ``request_id`` (the ``id`` every answer message
-    carries). Its client then gets an error with code ``cancelled``, and every device frees
-    the request's KV cache."""
+async def cancel(broker: Broker, cluster: str, request_id: str, connection: Connection | None = None,
+                 client: str | None = None) -> None:
+    """Ask the coordinator to stop this client's request ``request_id`` (the ``id`` every
+    answer message carries). The client then gets an error with code ``cancelled``, and
+    every device frees the request's KV cache. Another client's request of the same id is
+    not touched."""
     payload = json.dumps({"cancel": request_id}).encode()
+    topic = Topics(cluster).requests(client_name(broker, client))
     if connection is not None:
-        await connection.publish(Topics(cluster).requests, payload, qos=1)
+        await connection.publish(topic, payload, qos=1)
         return
     async with transport_for(broker).connection() as conn:
-        await conn.publish(Topics(cluster).requests, payload, qos=1)
+        await conn.publish(topic, payload, qos=1)
+
+
+def client_name(broker: Broker, client: str | None = None) -> str:
+    """The name a client sends under: ``client``, else its user name's (``client/{name}``),
+    else ``default``. :class:`LimeError` if the two disagree or the name is no topic level."""
+    identity = identity_of(broker) if not isinstance(broker, str | BrokerAddress) else None
+    if identity is not None and identity.role != "client":
+        identity = None  # an operator's or another role's credentials: the client is named by hand
+    if identity is not None and client is not None and identity.name != client:
+        raise LimeError(f"client name {client!r} is not this user's ({identity.username}): the broker would refuse")
+    name = client or (identity.name if identity is not None else "default")
+    if not valid_name(name):
+        raise LimeError(f"client name {name!r} must be 1 to 64 characters without / + # or space")
+    return name

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from lime_mqtt.cli.cluster import wait_for_ready_plan
 from lime_mqtt.client import ask
 from lime_mqtt.coordinator.service import Coordinator
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.device.agent import DeviceAgent
 from lime_mqtt.planner.service import PlannerService
 from lime_mqtt.planning.plan import Plan
@@ -78,7 +78,7 @@ async def in_process_cluster(
         services["planner"] = PlannerService(transport, name, model, quorum=len(memory_mb), settle_s=0.2, **options)
     else:
         async with connect(transport) as conn:
-            await conn.publish(Topics(name).plan, plan.to_json(), qos=1, retain=True)
+            await conn.publish(Topics(name).plan(), plan.to_json(), qos=1, retain=True)
     services.update({d.device_id: d for d in devices})
     async with running(services):
         plan = await wait_for_ready_plan(transport, name, timeout_s=60)
@@ -177,3 +177,16 @@ class AnonPeakSampler:
         self._stop.set()
         self._thread.join()
         return self.peaks
+
+
+TEST_COORDINATOR = "test"  # the coordinator a test plays when it sends steps itself
+
+
+def stage_topic(topics: Topics, plan: Plan, stage: int, sender: Identity | None = None) -> str:
+    """Where the sender the plan puts before ``stage`` sends it a step: the coordinator
+    ``test`` for stage 0, else the device of the stage before (or ``sender``, to play an
+    impostor)."""
+    if sender is None:
+        sender = (Identity("coordinator", TEST_COORDINATOR) if stage == 0
+                  else Identity("device", plan.stages[stage - 1].device_id))
+    return topics.stage_in(sender, plan.stages[stage].device_id, stage)

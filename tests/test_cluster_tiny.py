@@ -14,7 +14,15 @@ from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import Plan, StagePlan
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, reference_logits, wait_until
+from tests.helpers import (
+    TEST_COORDINATOR,
+    in_process_cluster,
+    prompt_ids,
+    reference_greedy,
+    reference_logits,
+    stage_topic,
+    wait_until,
+)
 
 PROMPT = "Close valve V-17 before starting the maintenance"
 
@@ -111,9 +119,9 @@ async def test_kv_cache_of_an_abandoned_request_expires(
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10], device_options=short_ttl) as cluster:
         device = cluster.devices[0]
         step = Step("orphan", 0, cluster.plan.epoch, 0, tokens=[5, 6, 7], sampling=Sampling(),
-                    reply=f"{Topics(cluster_name).root}/nowhere")
+                    reply="nowhere")
         async with connect(broker.url) as conn:
-            await conn.publish(Topics(cluster_name).stage_in(0), step.encode(), qos=1)
+            await conn.publish(stage_topic(Topics(cluster_name), cluster.plan, 0), step.encode(), qos=1)
         await wait_until(lambda: ("orphan", 0) in device.sequences)
         await wait_until(lambda: ("orphan", 0) not in device.sequences, timeout_s=5)
 
@@ -124,11 +132,11 @@ async def test_a_step_a_device_cannot_run_comes_back_as_an_error(
     """A token id past the vocabulary: the device answers with a stage error and keeps serving."""
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
         topics = Topics(cluster_name)
-        reply = f"{topics.root}/test-replies"
+        reply = TEST_COORDINATOR
         bad = Step("bad", 0, cluster.plan.epoch, 0, tokens=[10**6], sampling=Sampling(), reply=reply)
         async with connect(broker.url) as conn:
-            await conn.subscribe(reply)
-            await conn.publish(topics.stage_in(0), bad.encode(), qos=1)
+            await conn.subscribe(topics.results_inbox(reply))
+            await conn.publish(stage_topic(topics, cluster.plan, 0), bad.encode(), qos=1)
             async with asyncio.timeout(10):
                 answer = decode_envelope((await anext(conn.messages())).payload)
         assert isinstance(answer, StageError) and answer.kind == "error"  # a kind of its own, not a token
@@ -147,18 +155,18 @@ async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_re
     expected = reference_greedy(tiny_model, ids, 3)
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
         topics = Topics(cluster_name)
-        reply = f"{topics.root}/test-replies"
+        reply = TEST_COORDINATOR
         epoch = cluster.plan.epoch
 
         def step(number: int, pos: int, tokens: list[int], epoch: int = epoch) -> bytes:
             return Step("dup", number, epoch, pos, tokens=tokens, sampling=Sampling(), reply=reply).encode()
 
         async with connect(broker.url) as conn:
-            await conn.subscribe(reply)
+            await conn.subscribe(topics.results_inbox(reply))
             messages = conn.messages()
 
             async def token_of(payload: bytes) -> int | None:
-                await conn.publish(topics.stage_in(0), payload, qos=1)
+                await conn.publish(stage_topic(topics, cluster.plan, 0), payload, qos=1)
                 async with asyncio.timeout(10):
                     answer = decode_envelope((await anext(messages)).payload)
                     assert isinstance(answer, Token)
@@ -169,8 +177,9 @@ async def test_late_copies_and_old_epochs_are_dropped_and_the_retried_step_is_re
             assert await token_of(step(1, len(ids), [first])) == second  # a retry: run again, same token
             device = cluster.devices[0]
             dropped = device.duplicates
-            await conn.publish(topics.stage_in(0), step(0, 0, ids), qos=1)  # late copy of the prefill
-            await conn.publish(topics.stage_in(0), step(2, len(ids) + 1, [second], epoch=epoch + 7), qos=1)
+            await conn.publish(stage_topic(topics, cluster.plan, 0), step(0, 0, ids), qos=1)  # late copy of the prefill
+            await conn.publish(stage_topic(topics, cluster.plan, 0), step(2, len(ids) + 1, [second],
+                               epoch=epoch + 7), qos=1)
             third = await token_of(step(2, len(ids) + 1, [second]))
     assert [first, second, third] == expected
     assert device.duplicates == dropped + 1

@@ -86,7 +86,7 @@ async def _telemetry(broker: str, cluster: str, ids: list[str],
     """Each device's next telemetry report (after ``newer_than``'s, if given)."""
     found: dict[str, dict] = {}
     async with connect(broker) as conn:
-        await conn.subscribe(f"{Topics(cluster).root}/devices/+/telemetry", qos=0)
+        await conn.subscribe(Topics(cluster).all_device_telemetry, qos=0)
         async with asyncio.timeout(30):
             async for message in conn.messages():
                 data = json.loads(message.payload)
@@ -144,7 +144,7 @@ def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
 
     async def publish_plan() -> None:
         async with connect(broker.url) as conn:
-            await conn.publish(topics.plan, plan.to_json(), qos=1, retain=True)
+            await conn.publish(topics.plan(), plan.to_json(), qos=1, retain=True)
 
     asyncio.run(publish_plan())
     with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs", planner=False,
@@ -154,15 +154,14 @@ def test_a_burst_of_200_is_answered_in_order_with_flat_memory(
         sampler = AnonPeakSampler(list(pids.values()))
 
         async def burst() -> tuple[list[str], dict[str, dict], dict[int, int]]:
-            reply = f"{topics.root}/test-burst"
             first_seen: list[str] = []
             finals: dict[str, dict] = {}
             after_eight: dict[int, int] = {}
             async with connect(broker.url) as conn:
-                await conn.subscribe(reply)
+                await conn.subscribe(topics.answers_inbox("default"))
                 for n in range(200):
-                    request = {"id": f"q{n:03d}", "prompt": prompt, "max_tokens": max_tokens, "reply_to": reply}
-                    await conn.publish(topics.requests, json.dumps(request).encode(), qos=1)
+                    request = {"id": f"q{n:03d}", "prompt": prompt, "max_tokens": max_tokens}
+                    await conn.publish(topics.requests("default"), json.dumps(request).encode(), qos=1)
                 async with asyncio.timeout(240):
                     async for message in conn.messages():
                         answer = json.loads(message.payload)
@@ -198,7 +197,7 @@ async def test_a_cancel_for_nothing_harms_nothing(
 ) -> None:
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10]) as cluster:
         async with connect(broker.url) as conn:
-            await conn.publish(Topics(cluster_name).requests, bad, qos=1)
+            await conn.publish(Topics(cluster_name).requests("default"), bad, qos=1)
         answer = await cluster.final({"prompt": "Report", "max_tokens": 3})
     assert answer["type"] == "final"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -65,11 +66,13 @@ from lime_mqtt.core.wire import (
     decode_envelope,
 )
 
-# Reproducible fuzzing (derandomize: a fixed seed per test; no example database), small enough that
-# the whole file runs in well under half a minute.
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+# Reproducible fuzzing (derandomize: a fixed seed per test; no example database). The fast
+# tier (make test-fast) runs 400 cases per decoder; make test sets LIME_FUZZ_SCALE=8: 3,200
+# per decoder (1,600 random byte strings, 800 random structures, 800 mutations of a valid message).
+FUZZ_SCALE = max(1, int(os.environ.get("LIME_FUZZ_SCALE", "1")))
+FUZZ = settings(max_examples=200 * FUZZ_SCALE, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FUZZ_SMALL = settings(FUZZ, max_examples=100)
+FUZZ_SMALL = settings(FUZZ, max_examples=100 * FUZZ_SCALE)
 DEEP = 100_000
 BIGNUM = 10**5000  # a valid CBOR bignum; Python cannot print it (sys.get_int_max_str_digits)
 BIGNUM_JSON = b"1" + b"0" * 5000  # the same as a JSON number
@@ -203,9 +206,9 @@ PLAN = Plan(
     ],
 )
 REQUEST_BODY = {"v": 1, "id": "r1", "prompt": "hello", "max_tokens": 8, "temperature": 0.5, "top_p": 0.9,
-                "top_k": 40, "seed": 7, "stop": ["\n"], "stream": True, "reply_to": "answers/r1", "client": "c1",
+                "top_k": 40, "seed": 7, "stop": ["\n"], "stream": True,
                 "return_logits": False, "deadline_s": 30.0}
-WEIGHT_REQUEST = WeightRequest(v=1, op="tensor", model="tiny-llama", reply="lime/v1/c/weights/to/d0", id="q1",
+WEIGHT_REQUEST = WeightRequest(v=1, op="tensor", model="tiny-llama", reply="f3a9c1", id="q1",
                                name="lm_head.weight", offset=0, length=4096)
 MANIFEST: dict[str, Any] = {
     "v": 1,
@@ -218,7 +221,7 @@ MANIFEST: dict[str, Any] = {
 }
 
 SAMPLING = Sampling(0.7, 40, 0.9, 123)
-REPLY = "lime/v1/c/coordinator/results/x"
+REPLY = "coord-x"  # the coordinator the last stage answers
 STEP_TOKENS = Step("r1", 0, 3, 0, tokens=[1, 2, 3], sampling=SAMPLING, want_logits=True, reply=REPLY)
 STEP_HIDDEN = Step("r1", 1, 3, 3, hidden=torch.arange(8, dtype=torch.float32).reshape(1, 2, HIDDEN),  # [1, S, H]
                    sampling=SAMPLING, want_logits=True, reply=REPLY)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e  # every test here runs device agents as separate p
 
 async def retained_plan(broker: str, cluster: str) -> Plan:
     async with connect(broker) as conn:
-        await conn.subscribe(Topics(cluster).plan)
+        await conn.subscribe(Topics(cluster).plan())
         async with asyncio.timeout(10):
             async for message in conn.messages():
                 return Plan.from_json(message.payload)
@@ -219,7 +219,7 @@ def test_a_broker_restart_mid_answer_loses_nothing(tiny_model: Path, tmp_path: P
                 await wait_until(lambda: tokens_so_far(log) >= 10 or answer.done(), timeout_s=60)
                 topics = Topics(cluster)
                 async with connect(own_broker.url) as observer:  # sees what the broker accepted
-                    await observer.subscribe(topics.requests, qos=1)
+                    await observer.subscribe(topics.requests("default"), qos=1)
                     other = asyncio.create_task(ask_final(own_broker.url, cluster, {"prompt": "Pump", "max_tokens": 8},
                                                           timeout_s=120))
                     async with asyncio.timeout(30):
@@ -309,7 +309,7 @@ def test_a_device_that_hangs_is_taken_for_lost_by_its_missed_heartbeats(
 
         async def follow_plans() -> None:
             async with connect(broker.url) as conn:
-                await conn.subscribe(Topics(cluster_name).plan)
+                await conn.subscribe(Topics(cluster_name).plan())
                 async for message in conn.messages():
                     plans.append(Plan.from_json(message.payload))
 

@@ -25,12 +25,20 @@ from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.messages import DeviceStatus, PlannerStatus, decode_device_status, decode_planner_status
 from lime_mqtt.core.plan import Plan, StagePlan
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.core.wire import WIRE_VERSION, End, Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.planner.service import PlannerService
 from lime_mqtt.transport.base import Message
 from lime_mqtt.transport.memory import MemoryBroker
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, running, wait_until
+from tests.helpers import (
+    TEST_COORDINATOR,
+    in_process_cluster,
+    prompt_ids,
+    reference_greedy,
+    running,
+    stage_topic,
+    wait_until,
+)
 
 PROMPT = "Close valve V-17 before starting the maintenance"
 GOOD: dict[str, Any] = {"prompt": "Summarise the shift report", "max_tokens": 8}
@@ -84,7 +92,8 @@ def fixed_plan(model: Path, spans: list[tuple[int, int]], epoch: int = 1) -> Pla
 
 
 def device_status(device_id: str, model: str, state: str = "idle", memory_mb: int = 10) -> bytes:
-    return DeviceStatus(v=1, device_id=device_id, state=state, model=model, memory_mb=memory_mb).encode()  # type: ignore[arg-type]
+    return DeviceStatus(v=1, device_id=device_id, state=state, model=model,
+                        memory_mb=memory_mb).encode()  # type: ignore[arg-type]
 
 
 def planner_alone(broker: MemoryBroker, cluster: str, model: Path, quorum: int) -> PlannerService:
@@ -94,7 +103,7 @@ def planner_alone(broker: MemoryBroker, cluster: str, model: Path, quorum: int) 
 
 
 def retained_plan(broker: MemoryBroker, cluster: str) -> Plan | None:
-    payload = broker.retained(Topics(cluster).plan)
+    payload = broker.retained(Topics(cluster).plan())
     return Plan.from_json(payload) if payload else None
 
 
@@ -137,22 +146,23 @@ async def test_greedy_answer_on_two_devices_is_transformers_and_the_stream_is_th
     assert steps == [24, 24]  # every token went through both stages, once
 
 
-async def test_malformed_requests_get_errors_on_the_mqtt5_response_topic(cluster_name: str, tiny_model: Path) -> None:
-    """Through ``ask`` (response topic and correlation data) and as raw MQTT 5 publishes:
-    every bad request gets one error with its code, the correlation data echoed."""
+async def test_malformed_requests_get_errors_on_the_client_answer_topic(cluster_name: str, tiny_model: Path) -> None:
+    """Through ``ask`` and as raw MQTT 5 publishes on a client's request topic: every bad
+    request gets one error with its code, on that client's answer topic, the correlation
+    data echoed."""
     broker = MemoryBroker()
     topics = Topics(cluster_name)
     async with in_process_cluster(broker, cluster_name, tiny_model, [10, 10], device_options=FAST) as cluster:
         missing = await ask_final(broker, cluster_name, {"id": "no-prompt", "max_tokens": 4}, timeout_s=WAIT_S)
         raw: list[tuple[str, Message]] = []
-        reply = f"{topics.root}/responses/raw-mqtt5"
         async with broker.connection() as conn:
-            await conn.subscribe(reply)
+            await conn.subscribe(topics.answers_inbox("raw"))
             messages = conn.messages()
             for payload, code in [(b"{this is not json", "invalid_json"), (b"[1, 2, 3]", "invalid_json"),
-                                  (json.dumps({"prompt": "a", "max_tokens": -3}).encode(), "invalid_request")]:
+                                  (json.dumps({"prompt": "a", "max_tokens": -3}).encode(), "invalid_request"),
+                                  (json.dumps({"prompt": "a", "reply_to": "x/y"}).encode(), "invalid_request")]:
                 correlation = uuid.uuid4().bytes
-                await conn.publish(topics.requests, payload, qos=1, response_topic=reply, correlation_data=correlation)
+                await conn.publish(topics.requests("raw"), payload, qos=1, correlation_data=correlation)
                 answer = await next_message(messages)
                 assert answer.correlation_data == correlation
                 raw.append((code, answer))
@@ -163,38 +173,41 @@ async def test_malformed_requests_get_errors_on_the_mqtt5_response_topic(cluster
         body = json.loads(answer.payload)
         assert body["type"] == "error" and body["error"]["code"] == code, body
         assert body["error"]["message"]
+        route = topics.parse(answer.topic)
+        assert route is not None and route.kind == "answer" and route.to == Identity("client", "raw")
+        assert route.sender == Identity("coordinator", cluster.coordinator.name) and route.arg == body["id"]
+    assert "reply_to" in json.loads(raw[-1][1].payload)["error"]["message"]
     assert good["type"] == "final"
     assert good["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, GOOD["prompt"]), 8)
 
 
-async def test_mqtt311_clients_are_answered_on_reply_to_or_the_default_responses_topic(
-    cluster_name: str, tiny_model: Path
-) -> None:
-    """No MQTT 5 properties: a request names ``reply_to`` (errors and the streamed answer go
-    there, without correlation data); one that cannot (not JSON) is answered under
-    ``responses/default/``."""
+async def test_mqtt311_clients_are_answered_on_their_answer_topic(cluster_name: str, tiny_model: Path) -> None:
+    """No MQTT 5 properties: errors and the streamed answer of a client's request go to
+    ``coordinator/{name}/to/client/{client}/answer/{id}``, without correlation data; a
+    request that is not JSON is answered there under a generated id."""
     broker = MemoryBroker()
     topics = Topics(cluster_name)
-    reply_to = f"plant/hall3/answers/{cluster_name}"
     async with in_process_cluster(broker, cluster_name, tiny_model, [10, 10], device_options=FAST) as cluster:
         expected = await cluster.final(GOOD)
         async with broker.connection() as conn:
-            await conn.subscribe(reply_to, f"{topics.root}/responses/default/#")
+            await conn.subscribe(topics.answers_inbox("hall3"))
             messages = conn.messages()
-            await conn.publish(topics.requests, json.dumps({"prompt": "a", "temperature": "hot", "id": "bad-1",
-                                                            "reply_to": reply_to}), qos=1)
+            await conn.publish(topics.requests("hall3"), json.dumps({"prompt": "a", "temperature": "hot",
+                                                                     "id": "bad-1"}), qos=1)
             bad = await next_message(messages)
-            await conn.publish(topics.requests, b"{this is not json", qos=1)
+            await conn.publish(topics.requests("hall3"), b"{this is not json", qos=1)
             garbage = await next_message(messages)
-            await conn.publish(topics.requests, json.dumps({**GOOD, "id": "good-1", "reply_to": reply_to}), qos=1)
+            await conn.publish(topics.requests("hall3"), json.dumps({**GOOD, "id": "good-1"}), qos=1)
             first = await next_message(messages)
             stream = [json.loads(first.payload), *await until_final(messages)]
-    assert bad.topic == reply_to and bad.correlation_data is None
+    me = cluster.coordinator.name
+    assert bad.topic == topics.answer(me, "hall3", "bad-1") and bad.correlation_data is None
     assert json.loads(bad.payload)["id"] == "bad-1"
     assert json.loads(bad.payload)["error"]["code"] == "invalid_request"
-    assert garbage.topic.startswith(f"{topics.root}/responses/default/")
+    garbage_id = json.loads(garbage.payload)["id"]
+    assert garbage.topic == topics.answer(me, "hall3", garbage_id)
     assert json.loads(garbage.payload)["error"]["code"] == "invalid_json"
-    assert first.topic == reply_to and first.correlation_data is None
+    assert first.topic == topics.answer(me, "hall3", "good-1") and first.correlation_data is None
     final = stream[-1]
     assert final["type"] == "final" and final["id"] == "good-1"
     assert final["token_ids"] == expected["token_ids"]
@@ -269,7 +282,7 @@ async def test_a_request_before_any_plan_gets_no_plan_at_once(cluster_name: str,
         took = loop.time() - started
         said = PlannerStatus(v=1, state="waiting", message="1 of 3 devices have registered", model=tiny_model.name)
         async with broker.connection() as conn:
-            await conn.publish(topics.planner_status, said.encode(), qos=1, retain=True)
+            await conn.publish(topics.planner_status(), said.encode(), qos=1, retain=True)
         await wait_until(lambda: coordinator.watch.planner_message is not None)
         second = await ask_final(broker, cluster_name, GOOD, timeout_s=WAIT_S)
     assert first["type"] == "error" and first["id"] == "r1", first
@@ -380,28 +393,28 @@ async def test_planner_waits_for_quorum_then_publishes_one_plan_over_all_layers(
     model = tiny_model.name
     planner = planner_alone(broker, cluster_name, tiny_model, quorum=2)
     async with broker.connection() as conn:
-        await conn.subscribe(topics.planner_status, topics.plan)
+        await conn.subscribe(topics.planner_status(), topics.plan())
         messages = conn.messages()
         async with running({"planner": planner}):
             await conn.publish(topics.device_status("other"), device_status("other", "another-model"), qos=1,
                                retain=True)
             await conn.publish(topics.device_status("a"), device_status("a", model), qos=1, retain=True)
             waiting = decode_planner_status((await next_message(messages)).payload)
-            assert broker.retained(topics.plan) is None
+            assert broker.retained(topics.plan()) is None
             await conn.publish(topics.device_status("b"), device_status("b", model), qos=1, retain=True)
             seen = [await next_message(messages)]
-            while seen[-1].topic != topics.plan:
+            while seen[-1].topic != topics.plan():
                 seen.append(await next_message(messages))
     assert waiting.state == "waiting" and waiting.devices == ["a"]  # the other model's device does not count
     assert "1 of 2 devices" in waiting.message
     planned = decode_planner_status(seen[-2].payload)
     assert planned.state == "planned" and planned.devices == ["a", "b"]
     plan = Plan.from_json(seen[-1].payload)
-    assert [m.topic for m in seen] == [topics.planner_status, topics.plan]  # one plan, no waiting in between
+    assert [m.topic for m in seen] == [topics.planner_status(), topics.plan()]  # one plan, no waiting in between
     assert plan.epoch == 1 and plan.model == model and plan.num_layers == 6
     assert plan_devices(plan) == {"a", "b"}
     assert_covers_all_layers(plan)
-    assert broker.retained(topics.plan) == seen[-1].payload  # retained for devices that come later
+    assert broker.retained(topics.plan()) == seen[-1].payload  # retained for devices that come later
 
 
 async def test_garbage_on_device_status_topics_changes_nothing_in_the_planner(
@@ -415,7 +428,7 @@ async def test_garbage_on_device_status_topics_changes_nothing_in_the_planner(
         for device in ("a", "b"):
             await conn.publish(topics.device_status(device), device_status(device, model), qos=1, retain=True)
         await wait_until(epoch_reaches(broker, cluster_name, 1))
-        devices, plan, retained = dict(planner.devices), planner.plan, broker.retained(topics.plan)
+        devices, plan, retained = dict(planner.devices), planner.plan, broker.retained(topics.plan())
         offline_a = json.loads(device_status("a", model, "offline"))
         garbage = [
             b"not json {",
@@ -434,7 +447,7 @@ async def test_garbage_on_device_status_topics_changes_nothing_in_the_planner(
     assert {d: s for d, s in planner.devices.items() if d != "marker"} == devices
     assert planner.devices["a"].state == "idle" and planner.devices["b"].state == "idle"
     assert planner.plan is plan and plan is not None and plan.epoch == 1
-    assert broker.retained(topics.plan) == retained
+    assert broker.retained(topics.plan()) == retained
     assert reason is None  # nothing it saw calls for a new plan
 
 
@@ -476,30 +489,31 @@ async def test_device_drops_other_epochs_and_late_copies_and_answers_a_bad_step_
     plan = fixed_plan(tiny_model, [(0, 6)], epoch=3)
     async with in_process_cluster(broker, cluster_name, tiny_model, [10], device_options=FAST, plan=plan) as cluster:
         device = cluster.devices[0]
-        reply = f"{topics.root}/test-replies"
+        reply = TEST_COORDINATOR
 
         def step(rid: str, number: int, pos: int, tokens: list[int], epoch: int = plan.epoch) -> Step:
             return Step(rid, number, epoch, pos, tokens=tokens, sampling=Sampling(), reply=reply)
 
         async with broker.connection() as conn:
-            await conn.subscribe(reply)
+            await conn.subscribe(topics.results_inbox(reply))
             messages = conn.messages()
 
             async def answer_to(envelope: Step) -> Token | StageError:
-                await conn.publish(topics.stage_in(0), envelope.encode(), qos=1)
+                await conn.publish(stage_topic(topics, plan, 0), envelope.encode(), qos=1)
                 answer = decode_envelope((await next_message(messages)).payload)
                 assert isinstance(answer, Token | StageError)
                 return answer
 
             for epoch in (plan.epoch - 1, plan.epoch + 1):  # an old plan's step, and one of a plan not here yet
-                await conn.publish(topics.stage_in(0), step("stale", 0, 0, ids, epoch).encode(), qos=1)
+                await conn.publish(stage_topic(topics, plan, 0), step("stale", 0, 0, ids, epoch).encode(), qos=1)
             first = await answer_to(step("dup", 0, 0, ids))  # the first answer is this one's: the others dropped
             assert ("stale", 0) not in device.sequences
             assert isinstance(first, Token) and first.token is not None
             second = await answer_to(step("dup", 1, len(ids), [first.token]))
             assert isinstance(second, Token) and second.token is not None
             duplicates = device.duplicates
-            await conn.publish(topics.stage_in(0), step("dup", 0, 0, ids).encode(), qos=1)  # a late prefill copy
+            await conn.publish(stage_topic(topics, plan, 0), step("dup", 0, 0, ids).encode(),
+                               qos=1)  # a late prefill copy
             third = await answer_to(step("dup", 2, len(ids) + 1, [second.token]))
             assert isinstance(third, Token)
             vocab = int(device.host.checkpoint.config.vocab_size)
@@ -522,20 +536,20 @@ async def test_an_end_on_the_control_topic_frees_that_request_caches_only(cluste
     plan = fixed_plan(tiny_model, [(0, 6)])
     async with in_process_cluster(broker, cluster_name, tiny_model, [10], device_options=FAST, plan=plan) as cluster:
         device = cluster.devices[0]
-        reply = f"{topics.root}/test-replies"
+        reply = TEST_COORDINATOR
         async with broker.connection() as conn:
-            await conn.subscribe(reply)
+            await conn.subscribe(topics.results_inbox(reply))
             messages = conn.messages()
             for rid in ("a", "b"):
-                await conn.publish(topics.stage_in(0), Step(rid, 0, plan.epoch, 0, tokens=ids, sampling=Sampling(),
-                                                            reply=reply).encode(), qos=1)
+                step = Step(rid, 0, plan.epoch, 0, tokens=ids, sampling=Sampling(), reply=reply)
+                await conn.publish(stage_topic(topics, plan, 0), step.encode(), qos=1)
             answered = {decode_envelope((await next_message(messages)).payload).request_id for _ in range(2)}
             held = device.telemetry()
-            await conn.publish(topics.control, End("a", plan.epoch).encode(), qos=1)
+            await conn.publish(topics.control("test"), End("a", plan.epoch).encode(), qos=1)
             await wait_until(lambda: ("a", 0) not in device.sequences)
             left = set(device.sequences)
             half = device.telemetry().kv_tokens
-            await conn.publish(topics.control, End("b", plan.epoch).encode(), qos=1)
+            await conn.publish(topics.control("test"), End("b", plan.epoch).encode(), qos=1)
             await wait_until(lambda: not device.sequences)
             empty = device.telemetry()
     assert answered == {"a", "b"}
@@ -561,7 +575,7 @@ async def test_malformed_stage_input_is_dropped_and_the_device_serves_on(cluster
         second = cluster.devices[1]
         width = second.host.hidden_size
         assert width is not None
-        reply = f"{topics.root}/test-replies"
+        reply = TEST_COORDINATOR
 
         def hidden_step(rid: str, hidden: torch.Tensor) -> bytes:
             return Step(rid, 0, plan.epoch, 0, hidden=hidden, sampling=Sampling(), reply=reply).encode()
@@ -578,11 +592,11 @@ async def test_malformed_stage_input_is_dropped_and_the_device_serves_on(cluster
         ]
         steps_before = second.steps_done
         async with broker.connection() as conn:
-            await conn.subscribe(reply)
+            await conn.subscribe(topics.results_inbox(reply))
             messages = conn.messages()
             for payload in bad:
-                await conn.publish(topics.stage_in(1), payload, qos=1)
-            await conn.publish(topics.stage_in(1), good, qos=1)
+                await conn.publish(stage_topic(topics, plan, 1), payload, qos=1)
+            await conn.publish(stage_topic(topics, plan, 1), good, qos=1)
             answer = decode_envelope((await next_message(messages)).payload)
             cached, steps_after = set(second.sequences), second.steps_done
         final = await cluster.final(GOOD)
@@ -599,5 +613,5 @@ async def test_a_planner_message_too_long_for_its_status_is_cut_not_fatal(tiny_m
     planner = PlannerService(broker, "c", tiny_model)
     async with planner.transport:
         await planner._publish_status("error", "no device can hold a layer: " + "d" * 40_000)
-    said = decode_planner_status(broker.retained(Topics("c").planner_status) or b"")
+    said = decode_planner_status(broker.retained(Topics("c").planner_status()) or b"")
     assert said.state == "error" and said.message.endswith("(cut short)") and len(said.message) <= 16384

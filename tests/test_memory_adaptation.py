@@ -58,7 +58,7 @@ async def test_a_device_near_its_budget_streams_layers_and_the_answer_stays_righ
 
     async def listen() -> None:
         async with connect(broker.url) as conn:
-            await conn.subscribe(f"{Topics(cluster_name).root}/devices/+/telemetry", qos=0)
+            await conn.subscribe(Topics(cluster_name).all_device_telemetry, qos=0)
             async for message in conn.messages():
                 reports.append(json.loads(message.payload))
 

@@ -21,7 +21,8 @@ def test_profile_has_what_a_device_needs(profile: Path) -> None:
     settings = load_settings(str(profile))
     assert settings.device_id is not None and valid_device_id(settings.device_id)
     assert settings.memory_mb is not None and settings.memory_mb > 0
-    assert settings.broker.startswith("mqtt")
+    assert settings.broker.startswith("mqtts://")  # TLS, with the device's own identity
+    assert settings.username == f"device/{settings.device_id}" and settings.ca_file and settings.password_file
 
 
 def test_a_device_id_is_one_topic_level_without_whitespace() -> None:

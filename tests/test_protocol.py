@@ -11,10 +11,11 @@ from lime_mqtt.cli.settings import load_settings
 from lime_mqtt.coordinator.textstream import TextStream
 from lime_mqtt.core.errors import ConfigError, RequestError
 from lime_mqtt.core.protocol import parse_request
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Route, Topics
 from lime_mqtt.core.wire import Sampling
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.transport.base import BrokerAddress
+from lime_mqtt.transport.memory import topic_matches
 
 
 def test_request_defaults_and_stop_string() -> None:
@@ -66,16 +67,49 @@ def test_greedy_and_seeded_sampling() -> None:
     assert all(choose_token(logits, Sampling(temperature=5.0, top_p=0.01, seed=s), 0) == 1 for s in range(10))
 
 
-def test_topics_and_status_parsing() -> None:
+def test_topic_layout_2_names_the_sender_of_every_message() -> None:
     topics = Topics("plant-a")
-    assert topics.stage_in(2) == "lime/v1/plant-a/stage/2/in"
-    assert topics.parse(topics.device_status("pi-4")) == ("device", "pi-4")
-    assert topics.parse(topics.device_telemetry("pi-4")) == ("telemetry", "pi-4")
-    assert topics.parse(topics.coordinator_status("c-1")) == ("coordinator", "c-1")
-    assert topics.parse("lime/v1/plant-a/plan") is None
-    assert topics.parse("lime/v1/plant-b/devices/pi-4/status") is None  # another cluster's
+    coordinator, pi3, pi4 = Identity("coordinator", "main"), Identity("device", "pi-3"), Identity("device", "pi-4")
+    assert topics.stage_in(pi3, "pi-4", 2) == "lime/v2/plant-a/device/pi-3/to/device/pi-4/stage/2"
+    assert topics.parse(topics.stage_in(pi3, "pi-4", 2)) == Route(pi3, "stage", pi4, "2")
+    assert topics.parse(topics.stage_in(coordinator, "pi-3", 0)) == Route(coordinator, "stage", pi3, "0")
+    assert topics.parse(topics.result("pi-4", "main")) == Route(pi4, "result", coordinator)
+    assert topics.parse(topics.answer("main", "hall3", "q-1")) == Route(
+        coordinator, "answer", Identity("client", "hall3"), "q-1")
+    assert topics.parse(topics.echo("pi-3")) == Route(pi3, "echo", pi3)
+    assert topics.parse(topics.device_status("pi-4")) == Route(pi4, "status")
+    assert topics.parse(topics.device_telemetry("pi-4")) == Route(pi4, "telemetry")
+    assert topics.parse(topics.coordinator_status("c-1")) == Route(Identity("coordinator", "c-1"), "status")
+    assert topics.parse(topics.control("main")) == Route(coordinator, "control")
+    assert topics.parse(topics.plan("main")) == Route(Identity("planner", "main"), "plan")
+    assert topics.parse(topics.requests("hall3")) == Route(Identity("client", "hall3"), "requests")
+    for foreign in ("lime/v1/plant-a/plan", "lime/v2/plant-b/device/pi-4/status",  # old layout, other cluster
+                    "lime/v2/plant-a/client/x/plan",  # a kind that is not the client's
+                    "lime/v2/plant-a/robot/x/status",  # no such role
+                    "lime/v2/plant-a/device/pi-4/to/device/pi-3/stage",  # a stage without its number
+                    "lime/v2/plant-a/device/pi-4/to/coordinator/main/result/extra",
+                    "lime/v2/plant-a/device/pi-4/to/device/pi-3/dance/1",
+                    "lime/v2/plant-a/device/pi-4/status/x", "lime/v2/plant-a/device"):
+        assert topics.parse(foreign) is None, foreign
+    for filter_, topic in [(topics.stage_inbox("pi-4"), topics.stage_in(pi3, "pi-4", 2)),
+                           (topics.results_inbox("main"), topics.result("pi-4", "main")),
+                           (topics.answers_inbox("hall3"), topics.answer("main", "hall3", "q-1")),
+                           (topics.all_requests, topics.requests("hall3")), (topics.all_plans, topics.plan("b")),
+                           (topics.weights_inbox("pi-4", "t1"), topics.weights_reply(pi3, "pi-4", "t1"))]:
+        assert topic_matches(filter_, topic), (filter_, topic)
+    assert not topic_matches(topics.answers_inbox("hall3"), topics.answer("main", "hall4", "q-1"))
+    assert not topic_matches(topics.results_inbox("main"), topics.direct(Identity("client", "x"), coordinator,
+                                                                         "result"))
     with pytest.raises(ValueError):
         Topics("a/b")
+
+
+def test_identities_are_role_slash_name() -> None:
+    assert Identity.parse("device/pi-1") == Identity("device", "pi-1")
+    assert Identity("client", "hall3").username == "client/hall3"
+    for bad in ("pi-1", "device/", "/pi-1", "robot/x", "device/a/b", "device/a b", "device/#", "device/" + "x" * 65):
+        with pytest.raises(ValueError):
+            Identity.parse(bad)
 
 
 def test_broker_urls() -> None:

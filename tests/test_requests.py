@@ -13,16 +13,16 @@ from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
-from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, running
+from tests.helpers import in_process_cluster, prompt_ids, reference_greedy, running, stage_topic
 
 GOOD = {"prompt": "Summarise the shift report", "max_tokens": 8}
 
 
-async def _send_raw(broker: str, cluster: str, payload: bytes, reply_to: str) -> dict:
-    """Publish raw bytes as a request (MQTT 3.1.1 style reply_to) and wait for one answer."""
+async def _send_raw(broker: str, cluster: str, payload: bytes) -> dict:
+    """Publish raw bytes as client ``default``'s request and wait for its final or error answer."""
     async with connect(broker) as conn:
-        await conn.subscribe(reply_to)
-        await conn.publish(Topics(cluster).requests, payload, qos=1)
+        await conn.subscribe(Topics(cluster).answers_inbox("default"))
+        await conn.publish(Topics(cluster).requests("default"), payload, qos=1)
         async with asyncio.timeout(30):
             async for message in conn.messages():
                 answer = json.loads(message.payload)
@@ -48,14 +48,8 @@ async def test_bad_requests_get_errors_and_the_next_good_one_is_answered(
     broker: LocalBroker, cluster_name: str, tiny_model: Path
 ) -> None:
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
-        reply_to = f"plant/line1/answers/{cluster_name}"
         for name, (payload, code) in BAD_REQUESTS.items():
-            if payload.startswith(b"{") and b"this is" not in payload:
-                payload = json.dumps({**json.loads(payload), "reply_to": reply_to}).encode()
-                target = reply_to
-            else:
-                target = f"{Topics(cluster_name).root}/responses/default/#"
-            answer = await _send_raw(broker.url, cluster_name, payload, target)
+            answer = await _send_raw(broker.url, cluster_name, payload)
             assert answer["type"] == "error", name
             assert answer["error"]["code"] == code, (name, answer)
             assert answer["error"]["message"], name
@@ -69,31 +63,30 @@ async def test_no_plan_yet_is_an_error(broker: LocalBroker, cluster_name: str, t
     coordinator = Coordinator(broker.transport(), cluster_name, tiny_model)
     async with running({"coordinator": coordinator}):
         await asyncio.wait_for(coordinator.serving.wait(), 30)
-        reply_to = f"answers/{cluster_name}"
-        answer = await _send_raw(
-            broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to, "id": "r1"}).encode(), reply_to
-        )
+        answer = await _send_raw(broker.url, cluster_name, json.dumps({**GOOD, "id": "r1"}).encode())
     assert answer == {"type": "error", "id": "r1", "error": answer["error"]}
     assert answer["error"]["code"] == "no_plan"
 
 
 async def test_plain_mosquitto_clients_can_ask(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:
-    """MQTT 3.1.1 with reply_to: mosquitto_pub asks, mosquitto_sub reads the stream and the answer."""
-    reply_to = f"plant/hall3/answers/{cluster_name}"
-    request = {"prompt": "Close valve V-17", "max_tokens": 12, "reply_to": reply_to, "id": "q-1"}
+    """MQTT 3.1.1: mosquitto_pub asks as client hall3, mosquitto_sub reads the stream and the
+    answer on hall3's answer topics."""
+    topics = Topics(cluster_name)
+    request = {"prompt": "Close valve V-17", "max_tokens": 12, "id": "q-1"}
     host, port = "127.0.0.1", str(broker.port)
     async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
-        expected = await cluster.final({k: v for k, v in request.items() if k != "reply_to"})
+        expected = await cluster.final(request)
         sub = await asyncio.create_subprocess_exec(
-            "mosquitto_sub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1", "-t", reply_to, "-W", "60",
+            "mosquitto_sub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1", "-t", topics.answers_inbox("hall3"),
+            "-W", "60",
             stdout=asyncio.subprocess.PIPE,
         )
         try:
             # Publish only once the subscription exists: a retained-free topic has no history.
-            await _wait_for_subscription(sub, broker.url, reply_to)
+            await _wait_for_subscription(sub, broker.url, topics.answer("probe", "hall3", "probe"))
             pub = await asyncio.create_subprocess_exec(
                 "mosquitto_pub", "-h", host, "-p", port, "-V", "mqttv311", "-q", "1",
-                "-t", Topics(cluster_name).requests, "-m", json.dumps(request),
+                "-t", topics.requests("hall3"), "-m", json.dumps(request),
             )
             assert await asyncio.wait_for(pub.wait(), 30) == 0
             lines = []
@@ -140,8 +133,9 @@ async def test_malformed_messages_crash_no_component(broker: LocalBroker, cluste
         garbage = [b"", b"\x00\xff\x13", b'{"v": 1}', json.dumps({"stages": "many"}).encode()]
         async with connect(broker.url) as conn:
             for payload in garbage:
-                for topic in (topics.stage_in(0), topics.stage_in(1), topics.control, topics.plan,
-                              f"{topics.results}/{cluster.coordinator.name}", topics.device_status("ghost")):
+                for topic in (stage_topic(topics, cluster.plan, 0), stage_topic(topics, cluster.plan, 1),
+                              topics.control("test"), topics.plan(), topics.result("dev1", cluster.coordinator.name),
+                              topics.device_status("ghost")):
                     await conn.publish(topic, payload, qos=1)
             # A status without a state, on a real device's topic, is ignored too.
             await conn.publish(topics.device_status("dev0"), b'{"v": 1}', qos=1)
@@ -216,7 +210,7 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
     device = DeviceAgent(broker.transport(), cluster_name, "too-small", 1, tiny_model, measure=False)
     async with running({"planner": planner, "coordinator": coordinator, "device": device}):
         async with connect(broker.url) as conn:
-            await conn.subscribe(topics.planner_status)
+            await conn.subscribe(topics.planner_status())
             async with asyncio.timeout(30):
                 async for message in conn.messages():
                     status = json.loads(message.payload)
@@ -224,8 +218,6 @@ async def test_a_cluster_too_small_says_why_there_is_no_plan(
                         break
         assert "MiB missing" in status["message"] and status["devices"] == ["too-small"]
         await asyncio.wait_for(coordinator.serving.wait(), 30)
-        reply_to = f"answers/{cluster_name}"
-        answer = await _send_raw(broker.url, cluster_name, json.dumps({**GOOD, "reply_to": reply_to}).encode(),
-                                 reply_to)
+        answer = await _send_raw(broker.url, cluster_name, json.dumps(GOOD).encode())
     assert answer["error"]["code"] == "no_plan"
     assert "MiB missing" in answer["error"]["message"]

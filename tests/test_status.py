@@ -24,7 +24,7 @@ async def test_status_shows_the_plan_the_devices_and_their_telemetry(
                                   device_options={"telemetry_s": 0.2}) as cluster:
         await cluster.final({"prompt": "Valve", "max_tokens": 5})
         async with connect(broker.url) as conn:  # garbage on a watched topic changes nothing
-            await conn.publish(f"{Topics(cluster_name).root}/devices/dev9/telemetry", b"\xff not json")
+            await conn.publish(Topics(cluster_name).device_telemetry("dev9"), b"\xff not json")
         view = await gather_status(broker.url, cluster_name, wait_s=10)
     assert view.plan is not None and view.plan.epoch == cluster.plan.epoch
     assert set(view.devices) == {"dev0", "dev1"} and {s.state for s in view.devices.values()} == {"ready"}

@@ -15,7 +15,7 @@ from lime_mqtt.cli.cluster import wait_for_ready_plan
 from lime_mqtt.client import ask_final
 from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.errors import PlanError
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.core.wire import Step, decode_envelope
 from lime_mqtt.device.agent import DeviceAgent
 from lime_mqtt.planner.service import PlannerService
@@ -97,11 +97,13 @@ async def test_untrusted_devices_never_receive_a_token_id(tiny_model: Path) -> N
     coordinator = Coordinator(broker, cluster, tiny_model)
     seen: list[tuple[str, object]] = []
     async with connect(broker) as spy:
-        await spy.subscribe(f"{topics.root}/stage/+/in", f"{topics.results}/#")
+        await spy.subscribe(f"{topics.root}/#")  # every message of the cluster
 
         async def listen() -> None:
             async for message in spy.messages():
-                seen.append((message.topic, decode_envelope(message.payload)))
+                route = topics.parse(message.topic)
+                if route is not None and route.kind in ("stage", "result", "control"):
+                    seen.append((message.topic, decode_envelope(message.payload)))
 
         services = {"planner": planner, "coordinator": coordinator, **{d.device_id: d for d in devices}}
         async with running(services), asyncio.TaskGroup() as tasks:
@@ -111,8 +113,9 @@ async def test_untrusted_devices_never_receive_a_token_id(tiny_model: Path) -> N
             listener.cancel()
     stages = {s.device_id: s.stage for s in plan.stages}
     assert plan.stages[0].device_id != "untrusted" and plan.stages[-1].device_id != "untrusted"
-    untrusted_in = topics.stage_in(stages["untrusted"])
-    to_untrusted = [envelope for topic, envelope in seen if topic == untrusted_in]
+    untrusted = Identity("device", "untrusted")
+    to_untrusted = [envelope for topic, envelope in seen if getattr(topics.parse(topic), "to", None) == untrusted]
+    assert stages["untrusted"] not in (0, len(plan.stages) - 1)
     assert to_untrusted and all(isinstance(e, Step) and e.tokens is None and e.hidden is not None
                                 for e in to_untrusted)
     assert answer["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, "Pump pressure"), 6)

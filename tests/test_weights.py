@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from lime_mqtt.core.errors import WeightsError
-from lime_mqtt.core.topics import Topics
-from lime_mqtt.core.weight_messages import valid_reply_topic
+from lime_mqtt.core.topics import Identity, Route, Topics
+from lime_mqtt.core.weight_messages import valid_client
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport import connect, transport_for
 from lime_mqtt.transport.mosquitto import LocalBroker
@@ -57,12 +57,13 @@ def _copy_model(source: Path, target: Path) -> Path:
 
 def test_weights_topics() -> None:
     topics = Topics("plant")
-    assert topics.weights_requests == "lime/v1/plant/weights/request"
-    assert topics.weights_reply("pi-1-x") == "lime/v1/plant/weights/to/pi-1-x"
-    assert valid_reply_topic(topics, "lime/v1/plant/weights/to/pi-1-x")
-    for bad in ("lime/v1/plant/plan", "lime/v1/other/weights/to/pi", "lime/v1/plant/weights/to/",
-                "lime/v1/plant/weights/to/a/b", "lime/v1/plant/weights/to/#", "lime/v1/plant/weights/to/a b", 7):
-        assert not valid_reply_topic(topics, bad), bad
+    source = Identity("coordinator", "main")
+    assert topics.weights_request("pi-1") == "lime/v2/plant/device/pi-1/weights"
+    assert topics.weights_reply(source, "pi-1", "x1") == "lime/v2/plant/coordinator/main/to/device/pi-1/weights/x1"
+    route = topics.parse(topics.weights_reply(source, "pi-1", "x1"))
+    assert route == Route(source, "weights_reply", Identity("device", "pi-1"), "x1")
+    assert topics.parse(topics.weights_request("pi-1")) == Route(Identity("device", "pi-1"), "weights")
+    assert valid_client("x1") and not any(valid_client(bad) for bad in ("", "a/b", "#", "a b", "x" * 129))
 
 
 @pytest.mark.parametrize("source_offset", [0, 8, 24, 56, 64 + 40, 4096 + 8])
@@ -115,9 +116,10 @@ async def test_a_device_fetches_exactly_its_layer(
 ) -> None:
     folder = tmp_path / "device"
     async with serving(broker.url, cluster_name, tiny_model) as source:
-        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, device_id="dev0", timeout_s=10)
         names = [name for name in manifest["tensors"] if name.startswith("model.layers.1.")]
-        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder, client="dev1-a1b2")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder,
+                                    device_id="dev1", client="a1b2")
 
     original, received = Checkpoint(tiny_model), Checkpoint(folder)
     assert len(names) == 9 and sorted(received.tensors) == sorted(names)  # its layer, nothing else
@@ -131,7 +133,8 @@ async def test_a_device_fetches_exactly_its_layer(
     assert list((folder / ".partial").iterdir()) == []
 
     # Everything is on disk now: a second fetch needs no source at all.
-    again = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder, client="dev1-a1b2",
+    again = await fetch_tensors(broker.transport(), cluster_name, manifest, names, folder, device_id="dev1",
+                                client="a1b2",
                                 chunk_timeout_s=0.2, max_retries=0)
     assert (again.tensors_skipped, again.tensors_fetched, again.bytes_received) == (len(names), 0, 0)
 
@@ -153,11 +156,12 @@ async def test_an_interrupted_fetch_resumes_where_it_stopped(
             raise Interrupted
 
     async with serving(broker.url, cluster_name, tiny_model, chunk_bytes=chunk) as source:
-        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, device_id="dev0", timeout_s=10)
         total = manifest["tensors"][EMBED]["nbytes"]
         assert total > 10 * chunk
         with pytest.raises(Interrupted):
-            await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-r1",
+            await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder,
+                                device_id="dev0", client="r1",
                                 progress=stop_after_three_chunks)
         assert seen == [chunk, 2 * chunk, 3 * chunk]
         assert partial_path(folder, EMBED).stat().st_size == 3 * chunk
@@ -166,7 +170,8 @@ async def test_an_interrupted_fetch_resumes_where_it_stopped(
         # The source sends the rest of that request to nobody; then the device comes back.
         await wait_until(lambda: source.bytes_served == total)
         before = source.bytes_served
-        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-r2")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder,
+                                    device_id="dev0", client="r2")
         served_again = source.bytes_served - before
 
     assert stats.resumed_from == {EMBED: 3 * chunk}
@@ -183,19 +188,20 @@ async def test_a_damaged_partial_file_fails_the_hash_and_is_fetched_again(
     folder = tmp_path / "device"
     chunk = 4096
     async with serving(broker.url, cluster_name, tiny_model, chunk_bytes=chunk):
-        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, device_id="dev0", timeout_s=10)
         total = manifest["tensors"][EMBED]["nbytes"]
         part = partial_path(folder, EMBED)
         part.parent.mkdir(parents=True)
         part.write_bytes(b"\xa5" * (total - chunk))  # the right length but one chunk, wrong bytes
-        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder, client="dev0-h1")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [EMBED], folder,
+                                    device_id="dev0", client="h1")
 
         # A source whose bytes never match the manifest: the second mismatch is an error.
         wrong = json.loads(json.dumps(manifest))
         wrong["tensors"]["model.norm.weight"]["sha256"] = "0" * 64
         with pytest.raises(WeightsError, match=r"'model\.norm\.weight'.*sha256 check twice"):
             await fetch_tensors(broker.transport(), cluster_name, wrong, ["model.norm.weight"], folder,
-                                client="dev0-h2")
+                                device_id="dev0", client="h2")
 
     assert stats.hash_failures == 1
     assert stats.resumed_from == {EMBED: total - chunk}
@@ -209,8 +215,8 @@ async def test_bad_requests_never_stop_the_source(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     topics = Topics(cluster_name)
-    reply = topics.weights_reply("probe")
-    outside = f"{topics.root}/elsewhere"
+    reply = "probe"
+    outside = "elsewhere/x"
     layer = "model.layers.0.input_layernorm.weight"
 
     def request(**fields: Any) -> bytes:
@@ -231,14 +237,17 @@ async def test_bad_requests_never_stop_the_source(
         request(op="manifest", id="good"),
     ]
     async with serving(broker.url, cluster_name, tiny_model) as source, connect(broker.url) as probe:
-        await probe.subscribe(reply, outside, qos=1)
+        await probe.subscribe(f"{topics.root}/#", qos=1)  # whatever the source sends, wherever
         for payload in requests:
-            await probe.publish(topics.weights_requests, payload, qos=1)
+            await probe.publish(topics.weights_request("dev9"), payload, qos=1)
         answers: dict[str, dict[str, Any]] = {}
         elsewhere = []
         async with asyncio.timeout(10):
             async for message in probe.messages():  # in order: "good" comes last
-                if message.topic == outside:
+                route = topics.parse(message.topic)
+                if route is None or route.kind != "weights_reply":
+                    continue  # the requests themselves
+                if route.arg != reply:
                     elsewhere.append(message)
                     continue
                 answer = cbor2.loads(message.payload)
@@ -257,18 +266,19 @@ async def test_bad_requests_never_stop_the_source(
         assert "out of range" in errors["past-end"]
 
         # Still serving: a real fetch works, and unknown names fail clearly on either side.
-        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=10)
+        manifest = await fetch_manifest(broker.transport(), cluster_name, MODEL, device_id="dev0", timeout_s=10)
         folder = tmp_path / "device"
-        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [layer], folder, client="dev0-g1")
+        stats = await fetch_tensors(broker.transport(), cluster_name, manifest, [layer], folder,
+                                    device_id="dev0", client="g1")
         assert stats.tensors_fetched == 1
         with pytest.raises(WeightsError, match=r"has no tensor 'model\.layers\.99\.weight' \(not in its manifest\)"):
             await fetch_tensors(broker.transport(), cluster_name, manifest, ["model.layers.99.weight"], folder,
-                                client="dev0-g2")
+                                device_id="dev0", client="g2")
         stale = json.loads(json.dumps(manifest))
         stale["tensors"]["model.layers.9.extra"] = stale["tensors"][layer]
         with pytest.raises(WeightsError, match=r"cannot send tensor 'model\.layers\.9\.extra'.*has no tensor"):
             await fetch_tensors(broker.transport(), cluster_name, stale, ["model.layers.9.extra"], folder,
-                                client="dev0-g3")
+                                device_id="dev0", client="g3")
     assert source.requests_answered >= 9
 
 
@@ -276,8 +286,8 @@ async def test_without_a_source_fetches_fail_clearly(
     broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(WeightsError, match="no weight source answered for model 'tiny-llama'"):
-        await fetch_manifest(broker.transport(), cluster_name, MODEL, timeout_s=0.3)
+        await fetch_manifest(broker.transport(), cluster_name, MODEL, device_id="dev0", timeout_s=0.3)
     manifest = build_manifest(Checkpoint(tiny_model), MODEL)
     with pytest.raises(WeightsError, match=r"no data for tensor 'model\.norm\.weight'.*2 waits of 0\.2 s"):
         await fetch_tensors(broker.transport(), cluster_name, manifest, ["model.norm.weight"], tmp_path,
-                            client="lonely", chunk_timeout_s=0.2, max_retries=1)
+                            device_id="lonely", client="l1", chunk_timeout_s=0.2, max_retries=1)

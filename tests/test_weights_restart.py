@@ -86,7 +86,7 @@ async def _source_answers(broker: LocalBroker, cluster: str, model_id: str, time
     async with asyncio.timeout(timeout_s):
         while True:
             try:
-                manifest = await fetch_manifest(broker.transport(), cluster, model_id, timeout_s=2)
+                manifest = await fetch_manifest(broker.transport(), cluster, model_id, device_id="dev0", timeout_s=2)
             except WeightsError:
                 continue  # asked before the source's subscription was back: ask again
             assert manifest["model"] == model_id

@@ -37,7 +37,7 @@ def test_wire_bytes_are_little_endian_raw() -> None:
 def test_envelope_round_trip() -> None:
     hidden = torch.randn(1, 3, 8)
     env = Step("r1", 4, 2, 17, hidden=hidden, sampling=Sampling(0.7, 40, 0.9, 123),
-               reply="lime/v1/c/coordinator/results/x")
+               reply="coord-x")
     back = decode_envelope(env.encode())
     assert isinstance(back, Step)
     assert (back.kind, back.request_id, back.step, back.epoch, back.pos) == ("step", "r1", 4, 2, 17)

@@ -29,6 +29,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder or built-in name: smollm2, tiny (env LIME_MODEL)")
     parser.add_argument("--config", help="settings file (TOML; env LIME_CONFIG)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (env LIME_LOG_LEVEL; default INFO)")
+    parser.add_argument("--username", help="MQTT user name, role/name with a broker folder (env LIME_USERNAME); "
+                        "the password comes from --password-file, LIME_PASSWORD or the settings file, never argv")
+    parser.add_argument("--password-file", help="a file whose first line is the password (env LIME_PASSWORD_FILE)")
+    parser.add_argument("--ca-file", help="the CA that signed the broker's certificate (env LIME_CA_FILE)")
+    parser.add_argument("--cert-file", help="a client certificate, for a broker that asks for one (env LIME_CERT_FILE)")
+    parser.add_argument("--key-file", help="the client certificate's key (env LIME_KEY_FILE)")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow plaintext mqtt:// to a host that is not this machine (env LIME_INSECURE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("broker", help="run a local Mosquitto with the project's configuration")
-    _common(p)
-    p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--data", help="folder for the config, log and persistence (default: a temp folder)")
+    from lime_mqtt.cli import broker_cmd  # init, add, rotate, remove, run, insecure-loopback
+
+    broker_cmd.add_parser(sub, _common)
 
     p = sub.add_parser("planner", help="watch devices and publish the plan")
     _common(p)
+    p.add_argument("--name", help="this planner's name: it publishes as planner/NAME (default: its user name's, "
+                   "else main)")
     p.add_argument("--quorum", type=int, default=1, help="devices to wait for before the first plan")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet membership before planning")
     p.add_argument("--heartbeat-timeout", type=float, default=15.0,
@@ -68,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="serve requests from the request topic")
     _common(p)
+    p.add_argument("--name", help="this coordinator's name: it answers as coordinator/NAME (default: its user "
+                   "name's, else a random one)")
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds to wait for one step")
     p.add_argument("--step-retry", type=float, default=5.0, help="resend a step with no answer after this")
     p.add_argument("--ready-timeout", type=float, default=30.0, help="seconds a request waits for devices")
@@ -78,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generated at once (also bounded by the plan's KV capacity)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait for a turn; more get an 'overloaded' error")
+    p.add_argument("--max-request-bytes", type=int, default=1024 * 1024,
+                   help="the largest request message; larger ones get 'request_too_large' (default 1 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="the longest prompt, in tokens; longer ones get 'prompt_too_long' (default: the context)")
+    p.add_argument("--client-rate", type=float, default=32.0,
+                   help="messages per second one client may send, sustained; more are dropped with a "
+                   "'rate_limited' error (default 32)")
+    p.add_argument("--client-burst", type=int, default=256,
+                   help="messages one client may send at once before --client-rate applies (default 256)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="cut prompts longer than this many tokens into chunks of this size, so that other "
                    "requests' decode steps pass between them (0: never cut)")
@@ -86,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("device", help="run a device agent")
     _common(p)
+    p.add_argument("--max-activation-mb", type=float, default=64.0,
+                   help="the largest step message (hidden states) this device takes; larger ones are dropped "
+                   "unread (default 64)")
     p.add_argument("--device-id", help="unique name of this device (or device_id in the settings file)")
     p.add_argument("--leave-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds to serve on while the cluster replans without this device")
@@ -115,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="send one request and stream the answer")
     _common(p)
+    p.add_argument("--client", help="the client name it asks as, client/NAME (default: its user name's, else "
+                   "default)")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -148,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
-        args.config, broker=args.broker, cluster=args.cluster, model=args.model, log_level=args.log_level
+        args.config, broker=args.broker, cluster=args.cluster, model=args.model, log_level=args.log_level,
+        username=args.username, password_file=args.password_file, ca_file=args.ca_file, cert_file=args.cert_file,
+        key_file=args.key_file, insecure=args.insecure,
     )
 
 
@@ -172,19 +198,9 @@ def _run_service(main: Callable[[], Awaitable[Any]]) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.transport.mosquitto import LocalBroker
+    from lime_mqtt.cli import broker_cmd
 
-    broker = LocalBroker(args.port, Path(args.data) if args.data else None, args.bind).start()
-    print(f"mosquitto listening on {broker.url} (config in {broker.folder})", flush=True)
-
-    async def main() -> int:
-        assert broker.process is not None
-        try:
-            return await asyncio.to_thread(broker.process.wait)
-        finally:
-            broker.stop()
-
-    return _run_service(main)
+    return broker_cmd.run(args, settings)
 
 
 def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
@@ -196,16 +212,21 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
-        trusted_ends=args.trusted_ends,
+        trusted_ends=args.trusted_ends, name=args.name,
     )
     return _run_service(service.run)
 
 
 def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.coordinator.service import Coordinator
+    from lime_mqtt.core.protocol import Limits
     from lime_mqtt.model.builtin import resolve_model
 
     folder = resolve_model(settings.model)
+    try:
+        Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     async def main() -> None:
         coordinator = Coordinator(
@@ -213,18 +234,30 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
             step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, replan_timeout_s=args.replan_timeout,
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
-            serve_weights=not args.no_weight_source,
+            serve_weights=not args.no_weight_source, name=args.name,
+            limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst),
         )
         await coordinator.run()
 
     return _run_service(main)
 
 
+def _own_name(settings: Settings, role: str) -> str | None:
+    """The name in the settings' user name ``{role}/{name}``, when it is of ``role``."""
+    from lime_mqtt.core.topics import Identity
+
+    try:
+        identity = Identity.parse(settings.username or "")
+    except ValueError:
+        return None
+    return identity.name if identity.role == role else None
+
+
 def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.device.agent import DeviceAgent
     from lime_mqtt.model.builtin import resolve_model
 
-    device_id = args.device_id or settings.device_id
+    device_id = args.device_id or settings.device_id or _own_name(settings, "device")
     memory_mb = args.memory_mb or settings.memory_mb
     if not device_id or not memory_mb:
         raise ConfigError("a device needs --device-id and --memory-mb (or device_id and memory_mb in --config)")
@@ -242,7 +275,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             torch_device=args.torch_device,
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
-            trusted=args.trusted or settings.trusted,
+            trusted=args.trusted or settings.trusted, max_activation_bytes=int(args.max_activation_mb * 1024 * 1024),
         )
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -281,7 +314,7 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def stream_answer(broker: Broker, cluster: str, request: dict[str, Any], timeout_s: float,
-                        as_json: bool = False) -> int:
+                        as_json: bool = False, client: str | None = None) -> int:
     """Print an answer as it streams; return 0 on success, 1 on an error message. Stopped
     (Ctrl-C), it cancels the request, so the devices free its KV cache at once."""
     import uuid
@@ -290,11 +323,11 @@ async def stream_answer(broker: Broker, cluster: str, request: dict[str, Any], t
 
     request = {"id": f"ask-{uuid.uuid4().hex[:12]}", **request}
     try:
-        return await _print_answer(ask(broker, cluster, request, timeout_s=timeout_s), as_json)
+        return await _print_answer(ask(broker, cluster, request, timeout_s=timeout_s, client=client), as_json)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
-                await cancel(broker, cluster, request["id"])
+                await cancel(broker, cluster, request["id"], client=client)
         raise
 
 
@@ -320,7 +353,8 @@ async def _print_answer(messages: AsyncIterator[dict[str, Any]], as_json: bool) 
 
 def _cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     return _run_service(
-        lambda: stream_answer(settings.transport(), settings.cluster, _request_from_args(args), args.timeout, args.json)
+        lambda: stream_answer(settings.transport(), settings.cluster, _request_from_args(args), args.timeout, args.json,
+                              args.client)
     )
 
 
@@ -331,7 +365,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> int:
         topics = Topics(settings.cluster)
         async with settings.transport().connection() as conn:
-            await conn.subscribe(topics.plan)
+            await conn.subscribe(topics.all_plans)
             try:
                 async with asyncio.timeout(args.timeout):
                     async for message in conn.messages():
@@ -340,7 +374,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
                             return 0
             except TimeoutError:
                 pass
-        print(f"no plan on {topics.plan} after {args.timeout:.0f} s", file=sys.stderr)
+        print(f"no plan on {topics.all_plans} after {args.timeout:.0f} s", file=sys.stderr)
         return 1
 
     return _run_service(main)

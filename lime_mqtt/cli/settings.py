@@ -1,7 +1,10 @@
 """Settings shared by every role: command-line options over environment over file.
 
 Environment variables are ``LIME_BROKER``, ``LIME_CLUSTER``, ``LIME_MODEL`` and so on;
-a settings file (TOML) is named by ``--config`` or ``LIME_CONFIG``.
+a settings file (TOML) is named by ``--config`` or ``LIME_CONFIG``. A broker folder's
+identity files (docs/broker.md) are such files. A password comes from the settings file,
+``LIME_PASSWORD`` or a ``password_file``, never from the command line (where every user
+of the machine can read it in the process list).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class Settings(BaseSettings):
     model: str = Field("smollm2", description="a local Hugging Face folder or a built-in name")
     username: str | None = None
     password: str | None = None
+    password_file: str | None = Field(None, description="a file whose first line is the password; wins over password")
+    ca_file: str | None = Field(None, description="the CA that signed the broker's certificate (mqtts://)")
+    cert_file: str | None = Field(None, description="a client certificate, for a broker that asks for one")
+    key_file: str | None = Field(None, description="the client certificate's key")
+    insecure: bool = Field(False, description="allow plaintext mqtt:// to a host that is not this machine")
     log_level: str = "INFO"
     # A device profile (devices/*.toml) may carry these; the command line wins.
     device_id: str | None = None
@@ -36,10 +44,30 @@ class Settings(BaseSettings):
     trusted: bool = False  # a device profile may mark the device trusted (docs/security.md)
 
     def transport(self) -> MqttTransport:
-        """The broker these settings name, with their credentials: what every service is given."""
+        """The broker these settings name, with their credentials and TLS files: what every
+        service is given."""
         from lime_mqtt.transport.mqtt import MqttTransport
 
-        return MqttTransport(self.broker, self.username, self.password)
+        return MqttTransport(
+            self.broker, self.username, self.resolved_password(), ca_file=self.ca_file, cert_file=self.cert_file,
+            key_file=self.key_file, insecure=self.insecure,
+        )
+
+    def resolved_password(self) -> str | None:
+        """The first line of ``password_file`` if there is one, else ``password``."""
+        if self.password_file is None:
+            return self.password
+        try:
+            lines = Path(self.password_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"password_file {self.password_file}: {exc.strerror or exc}") from exc
+        if not lines or not lines[0]:
+            raise ConfigError(f"password_file {self.password_file} is empty: the password goes on its first line")
+        return lines[0]
+
+
+# Paths in a settings file are relative to the file's folder.
+_PATHS = ("password_file", "ca_file", "cert_file", "key_file")
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
@@ -51,6 +79,9 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
             file_values = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"settings file {path}: {exc}") from exc
+        for key in _PATHS:
+            if isinstance(file_values.get(key), str):
+                file_values[key] = str(Path(path).parent / Path(file_values[key]).expanduser())
     env_values = Settings().model_dump(exclude_defaults=True)
     cli_values = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**{**file_values, **env_values, **cli_values})

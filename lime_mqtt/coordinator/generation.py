@@ -27,7 +27,7 @@ from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import RequestError
 from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.protocol import Request
-from lime_mqtt.core.topics import STEP_QOS, Topics
+from lime_mqtt.core.topics import STEP_QOS, Identity, Topics
 from lime_mqtt.core.wire import End, Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport.base import Connection
@@ -72,19 +72,21 @@ class Generation:
     """Runs requests on the plan of a :class:`PlanWatch`, one task per request."""
 
     def __init__(
-        self, connection: Connection, topics: Topics, results_topic: str, watch: PlanWatch, checkpoint: Checkpoint,
-        tokenizer: Any, *, timing: Timing, prefill_chunk: int,
+        self, connection: Connection, topics: Topics, name: str, watch: PlanWatch, checkpoint: Checkpoint,
+        tokenizer: Any, *, timing: Timing, prefill_chunk: int, max_prompt_tokens: int | None = None,
     ) -> None:
         if prefill_chunk < 0:
             raise ValueError("prefill_chunk must be 0 (never cut) or a number of tokens")
         self.connection = connection
         self.topics = topics
-        self.results_topic = results_topic
+        self.name = name  # the coordinator's: the last stage answers to it
+        self.me = Identity("coordinator", name)
         self.watch = watch
         self.tokenizer = tokenizer
         self.timing = timing
         self.prefill_chunk = prefill_chunk  # prompts longer than this go in chunks of this size
         self.context_length = int(checkpoint.config_dict.get("max_position_embeddings", 2048))
+        self.max_prompt_tokens = max_prompt_tokens  # a limit below the context, if set
         self.eos_ids = _eos_ids(checkpoint, tokenizer)
         self.admission = KvAdmission()
         self.active: dict[str, Active] = {}  # by the request's id on the devices
@@ -93,13 +95,19 @@ class Generation:
     def __repr__(self) -> str:
         return f"Generation(active={len(self.active)}, peak={self.peak_active}, {self.admission!r})"
 
-    def deliver(self, payload: bytes) -> None:
-        """A result from the last stage (or a device's stage error): wake the step that waits for it.
-        Malformed results raise :class:`WireError` for the caller to log."""
+    def deliver(self, payload: bytes, sender: str) -> None:
+        """A result from the last stage (or a device's stage error), sent by device
+        ``sender``: wake the step that waits for it. A token counts only from the device
+        that the request's plan puts last, an error only from a device of that plan (and
+        naming itself). Malformed results raise :class:`WireError` for the caller to log."""
         envelope = decode_envelope(payload)
         if not isinstance(envelope, Token | StageError):
             return
         active = self.active.get(envelope.request_id)
+        if active is not None and not _sent_by_plan(envelope, sender, active.plan):
+            log.warning("ignoring a %s for request %s from device %s, which the plan of epoch %d does not "
+                        "put there", envelope.kind, envelope.request_id, sender, active.plan.epoch)
+            return
         future = active.pending.get(envelope.step) if active else None
         if future is not None and not future.done():
             future.set_result(envelope)
@@ -125,6 +133,11 @@ class Generation:
             raise RequestError(
                 "prompt_too_long",
                 f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}",
+            )
+        if self.max_prompt_tokens is not None and len(prompt_ids) > self.max_prompt_tokens:
+            raise RequestError(
+                "prompt_too_long",
+                f"the prompt has {len(prompt_ids)} tokens; this coordinator takes at most {self.max_prompt_tokens}",
             )
         plan = await self.watch.wait_ready()
         max_new = min(request.max_tokens, self.context_length - len(prompt_ids))
@@ -225,7 +238,7 @@ class Generation:
     async def _end_on_devices(self, active: Active, plan: Plan | None = None) -> None:
         """Tell every device to free this request's state (its KV cache)."""
         end = End(active.rid, (plan or active.plan).epoch)
-        await self.connection.publish(self.topics.control, end.encode(), qos=1)
+        await self.connection.publish(self.topics.control(self.name), end.encode(), qos=1)
 
     async def _prefill_leading_chunks(self, active: Active, ids: list[int], sampling: Sampling) -> int:
         """Send all but the last chunk of a long prefill, one after the other, so that the
@@ -243,18 +256,19 @@ class Generation:
         active.pending[step] = future
         rid, plan = active.rid, active.plan
         envelope = Step(rid, step, plan.epoch, pos, tokens=inputs, sampling=sampling,
-                        want_logits=active.request.return_logits, reply=self.results_topic)
+                        want_logits=active.request.return_logits, reply=self.name)
         # A step may be lost (QoS 0): send it again, under the same identity, when no answer
         # comes in time. Devices recompute a repeated step from the same cache position.
         retry_s = self.timing.step_retry_s + PREFILL_RETRY_S_PER_TOKEN * len(inputs)
         deadline = asyncio.get_running_loop().time() + self.timing.step_timeout_s
         payload = envelope.encode()
+        topic = self.topics.stage_in(self.me, plan.stages[0].device_id, 0)
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
                     if self.watch.plan is not plan or not self.watch.plan_alive():
                         raise _PlanLost()
-                    await self.connection.publish(self.topics.stage_in(0), payload, qos=STEP_QOS)
+                    await self.connection.publish(topic, payload, qos=STEP_QOS)
                     disturbance = self.watch.disturbance()
                     waits: set[asyncio.Future[Any]] = {future, disturbance}
                     await asyncio.wait(waits, timeout=retry_s, return_when=asyncio.FIRST_COMPLETED)
@@ -278,6 +292,13 @@ class Generation:
         if result.token is None and step >= 0:
             raise RequestError("stage_error", f"step {step} came back without a token")
         return result
+
+
+def _sent_by_plan(envelope: Token | StageError, sender: str, plan: Plan) -> bool:
+    """Whether ``sender`` may send ``envelope`` under ``plan``: a token only the last stage's device."""
+    if isinstance(envelope, StageError):
+        return envelope.device_id == sender and any(s.device_id == sender for s in plan.stages)
+    return plan.stages[-1].device_id == sender
 
 
 def _eos_ids(checkpoint: Checkpoint, tokenizer: Any) -> set[int]:

@@ -1,8 +1,11 @@
 """Intake: request messages in, replies out.
 
-Each message on the request topic is a request (served as a task of its own), a cancel
-(``{"cancel": id}``) or a resume (``{"resume": id, "after": n}``, from a client that lost
-its connection). Every request gets a whole answer or one error message, never silence.
+Each message on a client's request topic (``client/{name}/requests``: the topic says who
+sent it) is a request (served as a task of its own), a cancel (``{"cancel": id}``) or a
+resume (``{"resume": id, "after": n}``, from a client that lost its connection). Request
+ids belong to their client: a client can cancel or resume only its own requests, and its
+answers go only to its own answer topics. Every request gets a whole answer or one error
+message, never silence.
 What was sent about each request is kept, so that a client that reconnects gets what it
 missed; the answers of the last ``KEPT_ANSWERS`` requests are kept after they end.
 """
@@ -19,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lime_mqtt.coordinator.generation import Generation, deadline_exceeded
+from lime_mqtt.coordinator.ratelimit import ClientRates
 from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import LimeError, RequestError
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Topics, valid_arg
 from lime_mqtt.transport.base import Connection, Message
 
 log = logging.getLogger(__name__)
@@ -56,34 +60,48 @@ class _Running:
 
 class Intake:
     def __init__(
-        self, connection: Connection, topics: Topics, generation: Generation, *, max_concurrent: int,
-        max_waiting: int,
+        self, connection: Connection, topics: Topics, name: str, generation: Generation, *, max_concurrent: int,
+        max_waiting: int, limits: protocol.Limits | None = None,
     ) -> None:
         self.connection = connection
         self.topics = topics
+        self.name = name  # the coordinator's, which its answers go out under
+        self.limits = limits or protocol.Limits()
+        self.rates = ClientRates(self.limits.client_rate, self.limits.client_burst)
         self.generation = generation
         self._slots = asyncio.Semaphore(max_concurrent)  # wakes waiters first come, first served
         self.max_waiting = max_waiting
         self.waiting = 0  # requests received and not yet generating
         self.served = 0
-        self.by_client_id: dict[str, _Running] = {}  # for cancelling
-        self.sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()  # for resuming
+        self.by_client_id: dict[tuple[str, str], _Running] = {}  # (client, id): for cancelling
+        self.sent: collections.OrderedDict[tuple[str, str], _Sent] = collections.OrderedDict()  # for resuming
 
     def __repr__(self) -> str:
         return f"Intake(running={len(self.by_client_id)}, waiting={self.waiting}, served={self.served})"
 
-    async def serve(self, message: Message) -> None:
-        """Answer one request message: a whole answer or one error, never silence."""
+    async def serve(self, message: Message, client: str) -> None:
+        """Answer one request message of ``client``: a whole answer or one error, never silence."""
         received_at = time.perf_counter()
-        try:
-            raw = json.loads(message.payload)
-        except (ValueError, RecursionError):  # parse_request below says why, to the client
-            raw = None
+        if not self.rates.take(client):
+            if self.rates.should_warn(client):
+                log.warning("client %s sends more than %g messages per second; dropping (%d so far)", client,
+                            self.limits.client_rate, self.rates.dropped(client))
+                await self._send((client, "rate-limited"), ReplyTarget(
+                    self.topics.answer(self.name, client, "rate-limited"), message.correlation_data),
+                    protocol.error_message(None, "rate_limited", f"more than {self.limits.client_rate:g} messages "
+                                           "per second from this client: dropped; send more slowly"))
+            return
+        raw = None
+        if len(message.payload) <= self.limits.max_request_bytes:  # else parse_request says so
+            try:
+                raw = json.loads(message.payload)
+            except (ValueError, RecursionError):  # parse_request below says why, to the client
+                pass
         if (victim := protocol.cancel_target(message.payload)) is not None:
-            self.cancel(victim)
+            self.cancel(client, victim)
             return
         if (resume := protocol.resume_target(message.payload)) is not None:
-            if await self._resume(resume) or resume.request is None:
+            if await self._resume(client, resume) or resume.request is None:
                 return
             # The broker took the request, then lost it (a restart before it was delivered).
             log.info("request %s: first heard of in a resume; serving it", resume.request_id)
@@ -91,20 +109,23 @@ class Intake:
             message = Message(message.topic, json.dumps(raw).encode(), response_topic=message.response_topic,
                               correlation_data=message.correlation_data)
         client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        if client_id is not None and not valid_arg(client_id):
+            client_id = None  # not a topic level: parse_request says so, under a generated id
         request_id = client_id or uuid.uuid4().hex
-        if request_id in self.by_client_id:
-            log.info("request %s is already being served; ignoring a second copy", request_id)
+        key = (client, request_id)
+        if key in self.by_client_id:
+            log.info("request %s of %s is already being served; ignoring a second copy", request_id, client)
             return
-        target = self._reply_target(message, raw, request_id)
+        target = ReplyTarget(self.topics.answer(self.name, client, request_id), message.correlation_data)
         task = asyncio.current_task()
         assert task is not None
-        running = self.by_client_id[request_id] = _Running(task)
+        running = self.by_client_id[key] = _Running(task)
 
         async def send(reply: dict[str, Any]) -> None:
-            await self._send(target, reply)
+            await self._send(key, target, reply)
 
         try:
-            request = protocol.parse_request(message.payload)
+            request = protocol.parse_request(message.payload, self.limits.max_request_bytes)
             waiting = self.waiting + self.generation.admission.waiting
             if waiting >= self.max_waiting:
                 raise RequestError("overloaded", f"{waiting} requests are already waiting; try again later")
@@ -137,52 +158,40 @@ class Intake:
             await send(protocol.error_message(request_id, "internal_error", str(exc)))
         finally:
             self.served += 1
-            if self.by_client_id.get(request_id) is running:
-                del self.by_client_id[request_id]
+            if self.by_client_id.get(key) is running:
+                del self.by_client_id[key]
 
-    def cancel(self, request_id: str) -> None:
-        """A client's cancel: stop its request wherever it is (waiting, queued, generating);
-        the request's own cleanup frees its KV cache on every device."""
-        running = self.by_client_id.get(request_id)
+    def cancel(self, client: str, request_id: str) -> None:
+        """A client's cancel of one of its own requests: stop it wherever it is (waiting,
+        queued, generating); the request's own cleanup frees its KV cache on every device."""
+        running = self.by_client_id.get((client, request_id))
         if running is None or running.cancelled:
-            log.info("cancel for %s, which is not running here", request_id)
+            log.info("cancel from %s for %s, which is not one of its requests running here", client, request_id)
             return
         running.cancelled = True
         running.task.cancel()
 
-    def _reply_target(self, message: Message, raw: Any, request_id: str) -> ReplyTarget:
-        if message.response_topic:
-            return ReplyTarget(message.response_topic, message.correlation_data)
-        reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
-        if isinstance(reply_to, str) and reply_to and "+" not in reply_to and "#" not in reply_to:
-            return ReplyTarget(reply_to)
-        client = raw.get("client") if isinstance(raw, dict) and isinstance(raw.get("client"), str) else "default"
-        if not client or any(c in client for c in "/+#"):
-            client = "default"
-        return ReplyTarget(self.topics.responses(client, request_id))
-
-    async def _send(self, target: ReplyTarget, message: dict[str, Any]) -> None:
-        request_id = message.get("id")
-        if isinstance(request_id, str):
-            sent = self.sent.get(request_id)
-            if sent is None or sent.target != target:
-                sent = self.sent[request_id] = _Sent(target)
-            sent.messages.append(message)
-            if message["type"] in ("final", "error"):
-                sent.done = True
-                self.sent.move_to_end(request_id)
-                while len(self.sent) > KEPT_ANSWERS and next(iter(self.sent.values())).done:
-                    self.sent.popitem(last=False)
+    async def _send(self, key: tuple[str, str], target: ReplyTarget, message: dict[str, Any]) -> None:
+        sent = self.sent.get(key)
+        if sent is None or sent.target != target:
+            sent = self.sent[key] = _Sent(target)
+        sent.messages.append(message)
+        if message["type"] in ("final", "error"):
+            sent.done = True
+            self.sent.move_to_end(key)
+            while len(self.sent) > KEPT_ANSWERS and next(iter(self.sent.values())).done:
+                self.sent.popitem(last=False)
         await self.connection.publish(
             target.topic, protocol.dumps(message), qos=1, correlation_data=target.correlation_data
         )
 
-    async def _resume(self, resume: protocol.Resume) -> bool:
-        """Send a reconnected client what it missed of a request; ``False`` if this
-        coordinator never heard of the request (then the caller may serve it as new)."""
-        sent = self.sent.get(resume.request_id)
+    async def _resume(self, client: str, resume: protocol.Resume) -> bool:
+        """Send a reconnected client what it missed of one of its requests; ``False`` if
+        this coordinator never heard of the request (then the caller may serve it as new)."""
+        key = (client, resume.request_id)
+        sent = self.sent.get(key)
         if sent is None:
-            return resume.request_id in self.by_client_id  # running, nothing sent yet: nothing missed
+            return key in self.by_client_id  # running, nothing sent yet: nothing missed
         again = [m for m in list(sent.messages) if m["type"] != "chunk" or m["index"] > resume.after]
         log.info("request %s: a client asks again after chunk %d: %d messages", resume.request_id, resume.after,
                  len(again))

@@ -21,14 +21,15 @@ from lime_mqtt.coordinator.admission import KvAdmission
 from lime_mqtt.coordinator.generation import Generation, Timing
 from lime_mqtt.coordinator.intake import Intake
 from lime_mqtt.coordinator.plans import PlanWatch
+from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import LimeError, MessageError
 from lime_mqtt.core.messages import CoordinatorStatus
 from lime_mqtt.core.plan import Plan
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Route, Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.adapter import adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
-from lime_mqtt.transport.base import LastWill, Message, Transport
+from lime_mqtt.transport.base import LastWill, Message, Transport, own_name
 from lime_mqtt.weights.source import WeightSource
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Coordinator:
         max_waiting: int = 1024,
         prefill_chunk: int = 256,
         serve_weights: bool = False,
+        name: str | None = None,
+        limits: protocol.Limits | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -60,11 +63,14 @@ class Coordinator:
         # A model whose family no device can run: say so now, not on every request.
         adapter_for(self.checkpoint.config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.folder)
+        # Its identity (coordinator/{name}, the MQTT user name where the broker checks
+        # one): every message it sends is under that name.
+        self.name = own_name(transport, "coordinator", name, f"coord-{uuid.uuid4().hex[:8]}")
+        self.me = Identity("coordinator", self.name)
         self.weight_source: WeightSource | None = None
         if serve_weights:
-            self.weight_source = WeightSource(transport, cluster, self.checkpoint.folder, model_id=self.model_id)
-        self.name = f"coord-{uuid.uuid4().hex[:8]}"
-        self.results_topic = f"{self.topics.results}/{self.name}"
+            self.weight_source = WeightSource(transport, cluster, self.checkpoint.folder, model_id=self.model_id,
+                                              identity=self.me)
         self.serving = asyncio.Event()  # set once requests are subscribed to
         # Retained while serving; a clean exit or the last will (empty, retained) clears it.
         will = LastWill(self.topics.coordinator_status(self.name), b"")
@@ -77,11 +83,12 @@ class Coordinator:
         self.watch = PlanWatch(ClusterView(self.topics, model=self.model_id),
                                ready_timeout_s=ready_timeout_s, replan_timeout_s=replan_timeout_s)
         self.generation = Generation(
-            self.transport, self.topics, self.results_topic, self.watch, self.checkpoint, self.tokenizer,
+            self.transport, self.topics, self.name, self.watch, self.checkpoint, self.tokenizer,
             timing=Timing(step_timeout_s, step_retry_s), prefill_chunk=prefill_chunk,
+            max_prompt_tokens=(limits or protocol.Limits()).max_prompt_tokens,
         )
-        self.intake = Intake(self.transport, self.topics, self.generation, max_concurrent=max_concurrent,
-                             max_waiting=max_waiting)
+        self.intake = Intake(self.transport, self.topics, self.name, self.generation, max_concurrent=max_concurrent,
+                             max_waiting=max_waiting, limits=limits)
 
     def __repr__(self) -> str:
         epoch = self.plan.epoch if self.plan else None
@@ -102,29 +109,32 @@ class Coordinator:
 
     async def run(self) -> None:
         async with self.transport:
-            await self.transport.subscribe(*self.watch.view.subscriptions(), self.results_topic,
-                                           self.topics.requests)
+            await self.transport.subscribe(*self.watch.view.subscriptions(), self.topics.results_inbox(self.name),
+                                           self.topics.all_requests)
             await self._publish_status()
             self.serving.set()
-            log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.requests)
+            log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.all_requests)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     if self.weight_source is not None:
                         tasks.create_task(self._serve_weights(self.weight_source), name=f"{self.name}-weights")
                     async for message in self.transport.messages():
-                        if message.topic == self.topics.requests:
-                            tasks.create_task(self._serve_request(message), name=f"{self.name}-request")
+                        route = self.topics.parse(message.topic)
+                        if route is not None and route.kind == "requests":
+                            client = route.sender.name
+                            tasks.create_task(self._serve_request(message, client), name=f"{self.name}-request")
                         else:
-                            await self._route(message)
+                            await self._route(message, route)
             finally:
                 self.serving.clear()
                 await asyncio.shield(self._say_offline())
 
-    async def _serve_request(self, message: Message) -> None:
-        """One request message, supervised: whatever it does, the coordinator serves on
-        (``Intake.serve`` answers every error it can name to its client)."""
+    async def _serve_request(self, message: Message, client: str) -> None:
+        """One request message of ``client`` (the topic it came on says who), supervised:
+        whatever it does, the coordinator serves on (``Intake.serve`` answers every error
+        it can name to its client)."""
         try:
-            await self.intake.serve(message)
+            await self.intake.serve(message, client)
         except Exception:
             log.exception("%s: a request message failed outside its own error handling", self.name)
 
@@ -136,10 +146,10 @@ class Coordinator:
         except Exception:
             log.exception("%s: the weight source stopped; serving requests without it", self.name)
 
-    async def _route(self, message: Message) -> None:
+    async def _route(self, message: Message, route: Route | None) -> None:
         try:
-            if message.topic == self.results_topic:
-                self.generation.deliver(message.payload)
+            if route is not None and route.kind == "result" and route.to == self.me:
+                self.generation.deliver(message.payload, route.sender.name)
                 return
             update = await self.watch.take(message.topic, message.payload, message.retain)
         except MessageError as exc:

@@ -5,10 +5,10 @@ JSON, version, types and ranges before anything uses the message, and raises
 :class:`~lime_mqtt.core.errors.MessageError` (never a library's error). Receivers drop
 what does not decode and log why; a malformed message changes nothing.
 
-- :class:`DeviceStatus`: ``devices/{id}/status``, retained; an empty payload (cleared) is offline.
-- :class:`DeviceTelemetry`: ``devices/{id}/telemetry``, every few seconds.
-- :class:`PlannerStatus`: ``planner/status``, retained: why there is (no) plan.
-- :class:`CoordinatorStatus`: ``coordinators/{name}/status``, retained while it serves.
+- :class:`DeviceStatus`: ``device/{id}/status``, retained; an empty payload (cleared) is offline.
+- :class:`DeviceTelemetry`: ``device/{id}/telemetry``, every few seconds.
+- :class:`PlannerStatus`: ``planner/{name}/status``, retained: why there is (no) plan.
+- :class:`CoordinatorStatus`: ``coordinator/{name}/status``, retained while it serves.
 
 Plans (``core.plan.Plan``), stage envelopes (``core.wire``), client requests
 (``core.protocol``) and weight messages (``core.weight_messages``) have their own modules
@@ -143,6 +143,7 @@ class DeviceTelemetry(_Message):
     steps_done: int = Field(ge=0)
     batches: int = Field(ge=0)
     duplicates: int = Field(ge=0)
+    impostors: int = Field(0, ge=0)  # steps dropped: their sender is not the one the plan puts before the stage
     adaptations: int = Field(ge=0)
     last_adaptation: Adaptation | None = None
     streamed: list[int] = Field(default_factory=list, max_length=65536)

@@ -40,14 +40,15 @@ class Request(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list)
     stream: bool = True
-    reply_to: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^[^+#]+$")
-    client: str = Field("default", min_length=1, max_length=64, pattern=r"^[^/+#\s]+$")
     return_logits: bool = False
     deadline_s: float | None = Field(None, gt=0.0, le=86400.0)  # a whole answer within this, or a timeout error
 
     @model_validator(mode="before")
     @classmethod
     def _stop_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("reply_to" in data or "client" in data):
+            raise ValueError("'reply_to' and 'client' are gone in topic layout 2: a client is the name its "
+                             "request topic carries, and answers go to coordinator/+/to/client/{name}/answer/{id}")
         if isinstance(data, dict) and isinstance(data.get("stop"), str):
             data = {**data, "stop": [data["stop"]]}
         return data
@@ -63,6 +64,28 @@ class Request(BaseModel):
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise ValueError(f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings")
         return self
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a coordinator accepts from clients (``lime-mqtt coordinator --max-...``).
+
+    ``max_request_bytes``: the largest request message (``request_too_large``);
+    ``max_prompt_tokens``: the longest prompt after tokenizing (``prompt_too_long``; None:
+    the model's context); ``client_rate`` and ``client_burst``: messages per second one
+    client may send on its request topic, sustained and at once (``rate_limited``).
+    """
+
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_prompt_tokens: int | None = None
+    client_rate: float = 32.0
+    client_burst: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 64 or (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1):
+            raise ValueError("max_request_bytes must be at least 64 and max_prompt_tokens at least 1")
+        if self.client_rate <= 0 or self.client_burst < 1:
+            raise ValueError("client_rate must be positive and client_burst at least 1")
 
 
 def cancel_target(payload: bytes) -> str | None:
@@ -102,11 +125,11 @@ def resume_target(payload: bytes) -> Resume | None:
     return Resume(data["resume"], after, request)
 
 
-def parse_request(payload: bytes) -> Request:
+def parse_request(payload: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
     """Parse and validate a request, or raise :class:`RequestError` with a client-facing code."""
-    if len(payload) > MAX_REQUEST_BYTES:
+    if len(payload) > max_bytes:
         raise RequestError("request_too_large",
-                           f"the request has {len(payload)} bytes; at most {MAX_REQUEST_BYTES} are accepted")
+                           f"the request has {len(payload)} bytes; at most {max_bytes} are accepted")
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError) as exc:  # not JSON, too deep, or a number past the digit limit

@@ -64,38 +64,37 @@ class ClusterView:
 
     def subscriptions(self, telemetry: bool = False) -> list[str]:
         """The topics that feed this view (device telemetry only if asked: it is chatty)."""
-        topics = [self.topics.plan, self.topics.planner_status, self.topics.all_coordinator_status,
+        topics = [self.topics.all_plans, self.topics.all_planner_status, self.topics.all_coordinator_status,
                   self.topics.all_device_status]
         return [*topics, self.topics.all_device_telemetry] if telemetry else topics
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> Update | None:
         """Absorb one message. ``None``: not a topic of the view, or nothing changed.
         :class:`MessageError`: malformed (the view is unchanged)."""
-        if topic == self.topics.plan:
-            return self._take_plan(payload, retained)
-        if topic == self.topics.planner_status:
-            if not payload:
-                self.planner = None
-            else:
-                self.planner = decode_planner_status(payload)
-            return Update("planner", retained=retained)
-        parts = self.topics.parse(topic)
-        if parts is None:
+        route = self.topics.parse(topic)
+        if route is None or route.to is not None:
             return None
-        kind, name = parts
-        if kind == "coordinator":
+        role, name, kind = route.sender.role, route.sender.name, route.kind
+        if role == "planner" and kind == "plan":
+            return self._take_plan(payload, retained)
+        if role == "planner" and kind == "status":
+            self.planner = decode_planner_status(payload) if payload else None
+            return Update("planner", retained=retained)
+        if role == "coordinator" and kind == "status":
             status = decode_coordinator_status(payload)
             if status is None:
                 self.coordinators.pop(name, None)
             else:
                 self.coordinators[name] = status
             return Update("coordinator", name, retained=retained)
-        if kind == "device":
+        if role == "device" and kind == "status":
             before = self.devices.get(name)
             self.devices[name] = decode_device_status(payload, name)
             return Update("device", name, before, retained)
-        self.telemetry[name] = decode_device_telemetry(payload, name)
-        return Update("telemetry", name, retained=retained)
+        if role == "device" and kind == "telemetry":
+            self.telemetry[name] = decode_device_telemetry(payload, name)
+            return Update("telemetry", name, retained=retained)
+        return None
 
     def _take_plan(self, payload: bytes, retained: bool) -> Update | None:
         if not payload:

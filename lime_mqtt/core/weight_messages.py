@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lime_mqtt.core.errors import BadWeightMessage
 from lime_mqtt.core.messages import V1, problems
-from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.wire import cbor_map
 
 WEIGHTS_VERSION = 1
@@ -77,14 +76,15 @@ def check_manifest(obj: Any) -> dict[str, Any]:
 
 
 class WeightRequest(BaseModel):
-    """A JSON request on ``weights/request``."""
+    """A JSON request on ``device/{id}/weights``; the source answers on
+    ``{source}/to/device/{id}/weights/{reply}``."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     v: V1
     op: Literal["manifest", "tensor"]
     model: str = Field(min_length=1, max_length=256)
-    reply: str = Field(max_length=1024)
+    reply: str = Field(min_length=1, max_length=128, pattern=r"^[^/+#\s]+$")  # the fetch's tag
     id: str = Field(min_length=1, max_length=128)
     name: str | None = Field(None, min_length=1, max_length=1024)
     offset: int = Field(0, ge=0)
@@ -110,12 +110,6 @@ def decode_weights_request(payload: bytes) -> WeightRequest:
 def valid_client(client: str) -> bool:
     """A fetching client's name: one topic level, no wildcards or spaces, at most 128 characters."""
     return isinstance(client, str) and _CLIENT.fullmatch(client) is not None
-
-
-def valid_reply_topic(topics: Topics, reply: Any) -> bool:
-    """Sources answer only on ``weights/to/{client}`` of their own cluster, never anywhere else."""
-    prefix = topics.weights_reply("")
-    return isinstance(reply, str) and reply.startswith(prefix) and valid_client(reply[len(prefix):])
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ import numpy
 import torch
 
 from lime_mqtt.core.errors import MessageError, WireError
+from lime_mqtt.core.topics import valid_name
 
 # Version 2: a stage error is an envelope kind of its own ("error"), no longer a token
-# with an error in a "meta" map.
-WIRE_VERSION = 2
+# with an error in a "meta" map. Version 3 (topic layout 2): a step's "reply" names the
+# coordinator to answer (one topic level), no longer a topic.
+WIRE_VERSION = 3
 MAX_ENVELOPE_BYTES = 256 * 1024 * 1024  # the MQTT maximum; the broker may set a lower one
 MAX_STEP_TOKENS = 1 << 20
 MAX_POSITION = 1 << 24
@@ -110,7 +112,8 @@ class Step:
 
     ``pos`` is the position of the step's first token; ``step`` numbers the request's
     outputs (0 gives the first token; negative: a leading chunk of a prefill, which gives
-    none). The last stage needs ``sampling`` and ``reply``.
+    none). The last stage needs ``sampling`` and ``reply``, the name of the coordinator
+    to send the token to.
     """
 
     request_id: str
@@ -302,9 +305,8 @@ def _decode_envelope(payload: bytes, hidden_size: int | None, max_bytes: int) ->
     if pos + width > MAX_POSITION:
         raise WireError(f"positions {pos} .. {pos + width} pass the limit of {MAX_POSITION}")
     reply = body.get("reply")
-    if reply is not None and (not isinstance(reply, str) or not reply or "+" in reply or "#" in reply
-                              or len(reply) > 1024):
-        raise WireError("reply must be a topic name")
+    if reply is not None and not (isinstance(reply, str) and valid_name(reply)):
+        raise WireError("reply must be a coordinator's name (one topic level)")
     want_logits = body.get("want_logits", False)
     if not isinstance(want_logits, bool):
         raise WireError("want_logits must be true or false")

@@ -21,15 +21,15 @@ from typing import Any
 from lime_mqtt.core.errors import LimeError, WireError
 from lime_mqtt.core.messages import STATUS_VERSION, Adaptation, DeviceState, DeviceStatus, DeviceTelemetry
 from lime_mqtt.core.plan import Plan, StagePlan
-from lime_mqtt.core.topics import STEP_QOS, Topics, valid_device_id
+from lime_mqtt.core.topics import STEP_QOS, Identity, Topics, valid_device_id
 from lime_mqtt.core.wire import End, StageError, Step, Token, decode_envelope
 from lime_mqtt.device.compute import Compute, Sequence
 from lime_mqtt.device.memory import anon_rss_bytes, peak_rss_bytes, return_freed_memory_promptly, rss_bytes, trim_heap
-from lime_mqtt.device.scheduler import Accepted, Scheduler
+from lime_mqtt.device.scheduler import MAX_ACTIVATION_BYTES, Accepted, Scheduler
 from lime_mqtt.device.shards import ShardHost
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.planning.plan import MIB
-from lime_mqtt.transport.base import LastWill, Message, Transport
+from lime_mqtt.transport.base import LastWill, Message, Transport, check_identity
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class DeviceAgent:
         fetch_weights: bool = False,
         serve_weights: bool = False,
         trusted: bool = False,
+        max_activation_bytes: int = MAX_ACTIVATION_BYTES,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
@@ -71,6 +72,7 @@ class DeviceAgent:
             raise LimeError("--max-batch must be between 1 and 256")
         if threads is not None and not 1 <= threads <= 4096:
             raise LimeError("--threads must be between 1 and 4096")
+        check_identity(transport, "device", device_id)  # its credentials must be device/{device_id}'s
         self.topics = Topics(cluster)
         self.network = transport  # opens this agent's connection, and those of weight fetches
         self.device_id = device_id
@@ -88,7 +90,8 @@ class DeviceAgent:
                               layer_delay_ms=layer_delay_ms, fetch_weights=fetch_weights)
         self.model_id = self.host.model_id
         self.compute = Compute(device_id, threads)
-        self.scheduler = Scheduler(device_id, self.compute, max_batch)
+        self.scheduler = Scheduler(device_id, self.compute, max_batch, self.topics, max_activation_bytes)
+        self.me = Identity("device", device_id)
         self.state: DeviceState = "idle"
         self.leaving = False  # SIGTERM: waiting for a plan without this device before exiting
         self._left = asyncio.Event()  # a plan without this device has been applied
@@ -179,7 +182,8 @@ class DeviceAgent:
             peak_rss_mb=round(peak_rss_bytes() / MIB, 1), kv_sequences=len(self.sequences),
             kv_tokens=self.compute.kv_tokens(), peak_kv_tokens=self.compute.peak_kv_tokens,
             queue_depth=self.scheduler.queue.qsize(), steps_done=self.compute.steps_done,
-            batches=self.compute.batches, duplicates=self.scheduler.duplicates, adaptations=self.adaptations,
+            batches=self.compute.batches, duplicates=self.scheduler.duplicates, impostors=self.scheduler.impostors,
+            adaptations=self.adaptations,
             last_adaptation=self.last_adaptation, streamed=sorted(self.host.streamed_now()),
             held_mb=round(held / MIB, 2) if held is not None else None, compute_s=round(self.compute.compute_s, 4),
             streamed_mb=round(stream.bytes_read / 1e6, 1) if stream else 0.0,
@@ -225,7 +229,10 @@ class DeviceAgent:
                 await self._publish_status("measuring")
                 await self._measure()
             await self._publish_status("idle")
-            await self.transport.subscribe(self.topics.plan, self.topics.control)
+            # Every step sent to this device, for any stage: the scheduler accepts only
+            # those from the sender the plan puts before the stage.
+            await self.transport.subscribe(self.topics.all_plans, self.topics.all_control,
+                                           self.topics.stage_inbox(self.device_id))
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._receive(), name=f"{self.device_id}-receive")
@@ -235,7 +242,7 @@ class DeviceAgent:
                         from lime_mqtt.weights.source import WeightSource
 
                         source = WeightSource(self.network, self.topics.cluster, self.host.model_folder,
-                                              model_id=self.model_id)
+                                              model_id=self.model_id, identity=self.me)
                         tasks.create_task(source.run(), name=f"{self.device_id}-weights")
             finally:
                 await asyncio.shield(self._say_offline())
@@ -253,7 +260,7 @@ class DeviceAgent:
             host.checkpoint, self.device_id, cache_dir().parent, self.torch_device, layer_delay_ms=self.layer_delay_ms,
         ))
         trim_heap()  # what measuring used is not this device's to keep
-        echo = f"{self.topics.root}/devices/{self.device_id}/echo"
+        echo = self.topics.echo(self.device_id)
         rtt_ms, mb_s = await measure_link(self.transport, echo)
         self.capabilities = {**measured.to_json(), "link_rtt_ms": round(rtt_ms, 3), "link_mb_s": round(mb_s, 1)}
 
@@ -266,7 +273,10 @@ class DeviceAgent:
 
     async def _receive(self) -> None:
         async for message in self.transport.messages():
-            if message.topic == self.topics.plan:
+            route = self.topics.parse(message.topic)
+            if route is None:
+                continue
+            if route.kind == "plan" and route.sender.role == "planner":
                 if not message.payload:
                     continue
                 try:
@@ -275,7 +285,7 @@ class DeviceAgent:
                     log.warning("%s: ignoring a malformed plan: %s", self.device_id, exc)
                     continue
                 await self.scheduler.put(plan)
-            else:
+            elif route.kind in ("control", "stage"):
                 await self.scheduler.put(message)
 
     async def _housekeeping(self) -> None:
@@ -292,7 +302,7 @@ class DeviceAgent:
             try:
                 if isinstance(item, Plan):
                     await self._apply_plan(item)
-                elif item.topic == self.topics.control:
+                elif getattr(self.topics.parse(item.topic), "kind", None) == "control":
                     self._handle_control(item)
                     await self._govern_memory()  # a cache freed: perhaps hold layers again
                 else:
@@ -312,14 +322,10 @@ class DeviceAgent:
             log.warning("%s: plan %d is for model %s, this device serves %s", self.device_id, plan.epoch,
                         plan.model, self.model_id)
             return
-        old_topics = set(self.scheduler.stage_by_topic)
         stages = plan.stages_of(self.device_id)
         self.plan = plan
         self.compute.free_all()  # caches belong to the old split
-        by_topic = {self.topics.stage_in(s.stage): s for s in stages}
-        self.scheduler.follow(plan, by_topic)
-        if old_topics - set(by_topic):
-            await self.transport.unsubscribe(*sorted(old_topics - set(by_topic)))
+        self.scheduler.follow(plan, stages)
         host = self.host
         if not stages:
             host.drop()
@@ -335,8 +341,6 @@ class DeviceAgent:
             self.error = str(exc)[:MAX_ERROR_CHARS]
             await self._publish_status("error")
             raise
-        if set(by_topic) - old_topics:
-            await self.transport.subscribe(*sorted(set(by_topic) - old_topics))
         log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
                  [s.stage for s in stages], list(host.shards.values()))
         await self._publish_status("ready")
@@ -394,22 +398,25 @@ class DeviceAgent:
         if step.reply:
             failure = StageError(step.request_id, step.step, step.epoch, self.device_id,
                                  (str(exc) or type(exc).__name__)[:MAX_ERROR_CHARS])
-            await self.transport.publish(step.reply, failure.encode(), qos=1)
+            await self.transport.publish(self.topics.result(self.device_id, step.reply), failure.encode(), qos=1)
 
     async def _emit(self, step: Step, stage: StagePlan, output: Any) -> None:
         """Pass a step's hidden state on to the next stage, or (last stage) the token back."""
         if not stage.head:
             onward = Step(step.request_id, step.step, step.epoch, step.pos, hidden=output, sampling=step.sampling,
                           want_logits=step.want_logits, reply=step.reply)
-            await self.transport.publish(self.topics.stage_in(stage.stage + 1), onward.encode(), qos=STEP_QOS)
+            assert self.plan is not None
+            successor = self.plan.stages[stage.stage + 1].device_id
+            await self.transport.publish(self.topics.stage_in(self.me, successor, stage.stage + 1), onward.encode(),
+                                         qos=STEP_QOS)
             return
         if step.sampling is None or step.reply is None:
-            raise WireError("the last stage needs sampling parameters and a reply topic")
+            raise WireError("the last stage needs sampling parameters and the coordinator to answer")
         if step.step < 0:  # a leading chunk of a prefill: the cache is filled, no token yet
             done = Token(step.request_id, step.step, step.epoch, step.pos)
-            await self.transport.publish(step.reply, done.encode(), qos=STEP_QOS)
+            await self.transport.publish(self.topics.result(self.device_id, step.reply), done.encode(), qos=STEP_QOS)
             return
         token = choose_token(output, step.sampling, step.step)
         result = Token(step.request_id, step.step, step.epoch, step.pos, token=token,
                        logits=output if step.want_logits else None)
-        await self.transport.publish(step.reply, result.encode(), qos=STEP_QOS)
+        await self.transport.publish(self.topics.result(self.device_id, step.reply), result.encode(), qos=STEP_QOS)

@@ -3,7 +3,9 @@
 Plan changes, activation steps and end-of-request messages all go through one queue and
 are handled one after another, so a request's steps always meet the shard they were
 planned for. A step is accepted only for a stage this device runs now, under the
-current plan's epoch, and not as a late copy of a step already run (duplicates). With
+current plan's epoch, from the sender the plan puts before that stage (the coordinator
+for stage 0, else the device of the stage before: the topic says who sent it), and not
+as a late copy of a step already run (duplicates). With
 ``max_batch`` > 1, the decode steps waiting right behind a decode step at the same stage
 are gathered into one batch.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from lime_mqtt.core.errors import WireError
 from lime_mqtt.core.plan import Plan, StagePlan
+from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.core.wire import Step, decode_envelope
 from lime_mqtt.device.compute import Compute
 from lime_mqtt.transport.base import Message
@@ -25,6 +28,9 @@ from lime_mqtt.transport.base import Message
 log = logging.getLogger(__name__)
 
 WORK_QUEUE_SIZE = 256
+# The largest step a device takes by default (``--max-activation-mb``): a 256-token
+# prefill chunk of a model 16384 wide in float32 is 16 MiB.
+MAX_ACTIVATION_BYTES = 64 * 1024 * 1024
 
 Work = Message | Plan
 
@@ -37,21 +43,26 @@ class Accepted:
 
 
 class Scheduler:
-    def __init__(self, name: str, compute: Compute, max_batch: int = 1) -> None:
+    def __init__(self, name: str, compute: Compute, max_batch: int = 1, topics: Topics | None = None,
+                 max_envelope_bytes: int = MAX_ACTIVATION_BYTES) -> None:
         self.name = name
+        self.max_envelope_bytes = max_envelope_bytes  # larger steps are dropped unread
+        self.me = Identity("device", name)
+        self.topics = topics or Topics()
         self.compute = compute
         self.max_batch = max_batch  # >1: decode steps waiting at a stage run together
         self.queue: asyncio.Queue[Work] = asyncio.Queue(WORK_QUEUE_SIZE)
         self._stash: collections.deque[Work] = collections.deque()  # taken from the queue, not batched
         self._arrived = asyncio.Event()  # a message reached the work queue
         self.plan: Plan | None = None
-        self.stage_by_topic: dict[str, StagePlan] = {}  # the stages this device runs now, by input topic
+        self.stages: dict[int, StagePlan] = {}  # the stages this device runs now, by number
         self.hidden_size: int | None = None  # what hidden states must measure, once the model is known
         self.duplicates = 0  # steps dropped as late copies of steps already run
+        self.impostors = 0  # steps dropped because the plan does not put their sender before the stage
 
     def __repr__(self) -> str:
         return (f"Scheduler(queued={self.queue.qsize()}, stashed={len(self._stash)}, "
-                f"stages={sorted(s.stage for s in self.stage_by_topic.values())}, duplicates={self.duplicates})")
+                f"stages={sorted(self.stages)}, duplicates={self.duplicates}, impostors={self.impostors})")
 
     async def put(self, item: Work) -> None:
         await self.queue.put(item)
@@ -61,21 +72,42 @@ class Scheduler:
     async def next(self) -> Work:
         return self._stash.popleft() if self._stash else await self.queue.get()
 
-    def follow(self, plan: Plan, stages: dict[str, StagePlan]) -> None:
-        """From now on accept steps of ``plan`` for these stages (by input topic)."""
+    def follow(self, plan: Plan, stages: list[StagePlan]) -> None:
+        """From now on accept steps of ``plan`` for these stages."""
         self.plan = plan
-        self.stage_by_topic = stages
+        self.stages = {s.stage: s for s in stages}
+
+    def _stage_of(self, message: Message) -> StagePlan | None:
+        """The stage a step on this topic is for, if its sender is the one the plan puts
+        before that stage; None (logged) otherwise."""
+        route = self.topics.parse(message.topic)
+        if route is None or route.kind != "stage" or route.to != self.me or route.arg is None \
+                or not route.arg.isdigit() or self.plan is None:
+            return None
+        stage = self.stages.get(int(route.arg))
+        if stage is None:
+            return None
+        expected = (route.sender.role == "coordinator" if stage.stage == 0
+                    else route.sender == Identity("device", self.plan.stages[stage.stage - 1].device_id))
+        if not expected:
+            self.impostors += 1
+            before = "a coordinator" if stage.stage == 0 else f"device {self.plan.stages[stage.stage - 1].device_id}"
+            log.warning("%s: ignoring a step for stage %d from %s: plan %d puts %s before it", self.name,
+                        stage.stage, route.sender, self.plan.epoch, before)
+            return None
+        return stage
 
     def accept(self, message: Message, ready: set[int]) -> Accepted | None:
         """A step this device should run now, with its stage; ``None`` (logged) otherwise.
         ``ready``: the stages whose shards are loaded."""
+        stage = self._stage_of(message)  # from the topic alone: an impostor's bytes are not even decoded
+        if self.plan is None or stage is None or stage.stage not in ready:
+            return None
         try:
-            envelope = decode_envelope(message.payload, hidden_size=self.hidden_size)
+            envelope = decode_envelope(message.payload, hidden_size=self.hidden_size,
+                                       max_bytes=self.max_envelope_bytes)
         except WireError as exc:
             log.warning("%s: dropping a malformed message on %s: %s", self.name, message.topic, exc)
-            return None
-        stage = self.stage_by_topic.get(message.topic)
-        if self.plan is None or stage is None or stage.stage not in ready:
             return None
         if not isinstance(envelope, Step) or envelope.epoch != self.plan.epoch:
             log.debug("%s: dropping a %s of %s of epoch %d (current %d)", self.name, envelope.kind,

@@ -90,8 +90,8 @@ class ShardHost:
 
         while True:
             try:
-                self.manifest = await fetch_manifest(transport, cluster, self.model_id, timeout_s=3,
-                                                     client=f"{self.name}-{uuid.uuid4().hex[:8]}")
+                self.manifest = await fetch_manifest(transport, cluster, self.model_id, device_id=self.name,
+                                                     timeout_s=3, client=uuid.uuid4().hex[:12])
                 break
             except WeightsError as exc:
                 log.warning("%s: %s; asking again", self.name, exc)
@@ -119,7 +119,7 @@ class ShardHost:
 
         started = time.perf_counter()
         stats = await fetch_tensors(transport, cluster, self.manifest or {}, self.tensor_names(stages),
-                                    self.model_folder, client=f"{self.name}-{uuid.uuid4().hex[:8]}")
+                                    self.model_folder, device_id=self.name, client=uuid.uuid4().hex[:12])
         log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.name,
                  stats.tensors_fetched, stats.bytes_received / 1e6, time.perf_counter() - started,
                  stats.tensors_skipped, stats.resumed_from or "nothing")

@@ -16,7 +16,7 @@ from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
 from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
 from lime_mqtt.planning.plan import Plan, Strategy, make_plan
-from lime_mqtt.transport.base import Transport
+from lime_mqtt.transport.base import Transport, own_name
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ class PlannerService:
         interleaving: bool = True,
         heartbeat_timeout_s: float = 15.0,
         trusted_ends: bool = False,
+        name: str | None = None,
     ) -> None:
         if quorum < 1:
             raise PlanError("quorum must be at least 1")
         self.topics = Topics(cluster)
+        self.name = own_name(transport, "planner", name, "main")  # it publishes the plan as planner/{name}
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = self.checkpoint.folder.name
         self.size = model_size(self.checkpoint, self.model_id)
@@ -125,7 +127,7 @@ class PlannerService:
 
     async def run(self) -> None:
         async with self.transport:
-            await self.transport.subscribe(self.topics.plan, self.topics.all_device_status)
+            await self.transport.subscribe(self.topics.all_plans, self.topics.all_device_status)
             if self.heartbeat_timeout_s:
                 await self.transport.subscribe(self.topics.all_device_telemetry, qos=0)
             async with asyncio.TaskGroup() as tasks:
@@ -146,7 +148,7 @@ class PlannerService:
             message = message[: MAX_MESSAGE_CHARS - 16] + " ... (cut short)"
         status = PlannerStatus(v=STATUS_VERSION, state=state, message=message, model=self.model_id,
                                devices=sorted(self.online())[:4096], ts=time.time())
-        await self.transport.publish(self.topics.planner_status, status.encode(), qos=1, retain=True)
+        await self.transport.publish(self.topics.planner_status(self.name), status.encode(), qos=1, retain=True)
 
     def _heard_from(self, device_id: str) -> None:
         self.heard[device_id] = time.monotonic()
@@ -250,4 +252,4 @@ class PlannerService:
             self.plan, self.considered = plan, set(self.online())
             log.info("publishing plan %d (%s): %s", plan.epoch, reason,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))
-            await self.transport.publish(self.topics.plan, plan.to_json(), qos=1, retain=True)
+            await self.transport.publish(self.topics.plan(self.name), plan.to_json(), qos=1, retain=True)

@@ -18,6 +18,7 @@ from typing import Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
 
 from lime_mqtt.core.errors import ConfigError, TransportError
+from lime_mqtt.core.topics import Identity, Role
 
 ReconnectHook = Callable[[], Awaitable[None]]
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
@@ -133,3 +134,37 @@ class Transport(Protocol):
         session_expiry_s: int = 0,
         on_reconnect: ReconnectHook | None = None,
     ) -> Connection: ...
+
+
+def identity_of(transport: object) -> Identity | None:
+    """The identity a transport's credentials name (its MQTT user name ``{role}/{name}``),
+    or None: no user name (anonymous, the twin), or one of another form."""
+    username = getattr(transport, "username", None)
+    if not isinstance(username, str):
+        return None
+    try:
+        return Identity.parse(username)
+    except ValueError:
+        return None
+
+
+def check_identity(transport: object, role: Role, name: str) -> None:
+    """:class:`ConfigError` when the transport's user name is another identity than
+    ``role/name``: the broker's ACL would refuse everything it publishes."""
+    identity = identity_of(transport)
+    username = getattr(transport, "username", None)
+    if username is None:
+        return
+    if identity is None or identity != Identity(role, name):
+        raise ConfigError(f"this {role} is {role}/{name}, but its credentials are for user {username!r}: the "
+                          f"broker lets a user publish only under its own name (docs/topics.md)")
+
+
+def own_name(transport: object, role: Role, name: str | None, default: str) -> str:
+    """The name a ``role`` component goes by: ``name`` if given, else its user name's
+    (when the credentials are of that role), else ``default``; checked against the
+    credentials (:func:`check_identity`)."""
+    identity = identity_of(transport)
+    chosen = name or (identity.name if identity is not None and identity.role == role else default)
+    check_identity(transport, role, chosen)
+    return chosen

@@ -1,4 +1,6 @@
-"""Start a local Mosquitto with the project's configuration (``broker/mosquitto.conf``)."""
+"""Start a local Mosquitto: an open one on loopback with the project's configuration
+(``broker/mosquitto.conf``, :class:`LocalBroker`), or a secure one from a broker folder
+(``lime-mqtt broker init``, :class:`SecureBroker`)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 from lime_mqtt.core.errors import ConfigError, TransportError
 
 if TYPE_CHECKING:
+    from lime_mqtt.broker.folder import BrokerFolder
     from lime_mqtt.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -134,6 +137,104 @@ class LocalBroker:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def identity_transport(folder: BrokerFolder, role: str, name: str, broker: str | None = None) -> MqttTransport:
+    """The transport of one identity of a broker folder, from its identity file: its user
+    name, password and CA; ``broker`` instead of the file's URL if given (a test's port)."""
+    from lime_mqtt.transport.mqtt import MqttTransport
+
+    settings = folder.identity_settings(role, name)
+    return MqttTransport(broker or settings["broker"], settings["username"], settings["password"],
+                         ca_file=settings["ca_file"])
+
+
+class SecureBroker:
+    """Mosquitto run from a broker folder: TLS, passwords, ACL and persistence as the
+    folder's ``mosquitto.conf`` says; a context manager that stops it.
+
+    It listens where the folder says (``init(port=...)``: a test gives a free port there).
+    Clients on this machine reach it at :attr:`url`, on ``host`` (by default the bind
+    address, or 127.0.0.1 for every interface), which the certificate names."""
+
+    def __init__(self, folder: BrokerFolder | str | Path, host: str | None = None) -> None:
+        from lime_mqtt.broker.folder import BrokerFolder  # cryptography, for secure brokers only
+
+        self.folder = folder if isinstance(folder, BrokerFolder) else BrokerFolder(folder)
+        config = self.folder.config()
+        self.port = config.port
+        self.host = host or {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.bind, config.bind)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        running = self.process is not None and self.process.poll() is None
+        return f"SecureBroker({str(self.folder.path)!r}, port={self.port}, running={running})"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtts://{host}:{self.port}"
+
+    def transport(self, role: str, name: str) -> MqttTransport:
+        """The transport of identity ``role/name`` (its identity file) to this broker."""
+        return identity_transport(self.folder, role, name, self.url)
+
+    def start(self) -> SecureBroker:
+        self.folder.check_runnable()
+        pid = self.folder.running_pid()
+        if pid is not None:
+            raise TransportError(f"a mosquitto already runs from {self.folder.path} (pid {pid})")
+        console = (self.folder.run_dir / "console.log").open("ab")
+        try:
+            self.process = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(self.folder.config_file)], stdout=console, stderr=console
+            )
+        finally:
+            console.close()
+        try:
+            wait_for_port(self.host, self.port, process=self.process)
+        except TransportError as exc:
+            self._terminate()
+            raise TransportError(f"{exc}; see {self.folder.log_file} and {self.folder.run_dir / 'console.log'}: "
+                                 f"{self._console_tail()}") from None
+        log.info("mosquitto listening on %s (folder %s)", self.url, self.folder.path)
+        return self
+
+    def _console_tail(self) -> str:
+        try:
+            lines = (self.folder.run_dir / "console.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " / ".join(lines[-3:])
+
+    def reload(self) -> bool:
+        """SIGHUP: Mosquitto reads the password file and ACL again (``BrokerFolder.add`` does this)."""
+        return self.folder.reload()
+
+    def _terminate(self) -> None:
+        """SIGTERM: Mosquitto writes its persistence file (retained messages, sessions) and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop, stay down ``down_s`` seconds, start again with what it persisted."""
+        self._terminate()
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        self._terminate()
+
+    def __enter__(self) -> SecureBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

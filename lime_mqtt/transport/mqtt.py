@@ -7,22 +7,27 @@ become :class:`~lime_mqtt.core.errors.TransportError` at this boundary.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncGenerator
 from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from lime_mqtt.core.errors import NoSubscribers, PublishRefused, TransportError
+from lime_mqtt.core.errors import ConfigError, NoSubscribers, PublishRefused, TransportError
 from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook, check_topic
 
 CONNECT_TIMEOUT_S = 10.0
@@ -36,6 +41,39 @@ log = logging.getLogger(__name__)
 
 # The message id of the QoS 1 publish the current task is waiting for (see _hear_acks).
 _PUBLISH_MID: ContextVar[int | None] = ContextVar("lime_publish_mid", default=None)
+
+# CONNACK reason codes that say the credentials are wrong (MQTT 5: 0x86 bad user name or
+# password, 0x87 not authorized, which Mosquitto 2.0 sends for a wrong password too;
+# MQTT 3.1.1: 4 and 5).
+_LOGIN_REFUSED = {0x86, 0x87, 4, 5}
+
+
+class _LoginRefused(TransportError):
+    """The broker's CONNACK refused the credentials."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The files of a TLS connection: the CA to trust (None: the system's CAs) and an
+    optional client certificate and key. The broker's name is always checked against its
+    certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def parameters(self) -> aiomqtt.TLSParameters:
+        return aiomqtt.TLSParameters(ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MqttConnection:
@@ -63,9 +101,11 @@ class MqttConnection:
         reconnect: bool = False,
         session_expiry_s: int = 0,
         on_reconnect: ReconnectHook | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self.client_id = client_id or f"lime-{uuid.uuid4().hex[:12]}"
+        self._tls = tls or TlsFiles()
         self._will = will
         self._username = username
         self._password = password
@@ -95,7 +135,7 @@ class MqttConnection:
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
             timeout=CONNECT_TIMEOUT_S,
             keepalive=30,
-            tls_params=aiomqtt.TLSParameters() if self.address.tls else None,
+            tls_params=self._tls.parameters() if self.address.tls else None,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             clean_start=first or not self.session_expiry_s,
             properties=properties,
@@ -125,12 +165,30 @@ class MqttConnection:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
                 await client.__aenter__()
+        except MqttConnectError as exc:
+            raise self._refused(exc) from exc
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-            raise TransportError(f"cannot connect to broker {self.address}: {exc}") from exc
+            if _is_tls_failure(exc):
+                raise TransportError(
+                    f"TLS handshake with broker {self.address} failed: {exc or type(exc).__name__} (is ca_file the "
+                    "CA that signed the broker's certificate, and is the host one of its names?)"
+                ) from exc
+            raise TransportError(f"cannot connect to broker {self.address}: {exc or type(exc).__name__}") from exc
         self._client = client
         self._connected = True
         self._up.set()
         client._disconnected.add_done_callback(lambda done: self._on_disconnect(client, done))
+
+    def _refused(self, exc: MqttConnectError) -> TransportError:
+        """The broker's CONNACK said no: a clear word for a refused login."""
+        code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+        if code in _LOGIN_REFUSED:
+            who = f"user {self._username!r}" if self._username else "an anonymous client (no username)"
+            return _LoginRefused(
+                f"broker {self.address} refused the login of {who}: {exc}; check username and password "
+                "(or password_file) in the settings"
+            )
+        return TransportError(f"broker {self.address} refused the connection: {exc}")
 
     def _hear_acks(self, client: aiomqtt.Client) -> None:
         """aiomqtt drops the reason code of a PUBACK; keep it for the publish that waits.
@@ -188,7 +246,9 @@ class MqttConnection:
                         await self._client.subscribe(list(self._subscriptions.items()))
                     break
                 except (TransportError, aiomqtt.MqttError) as exc:
-                    log.info("%s: reconnect failed (%s); next try in about %.1f s", self.client_id, exc, delay)
+                    # A refused login (rotated or removed credentials) does not mend itself: say it louder.
+                    level = logging.WARNING if isinstance(exc, _LoginRefused) else logging.INFO
+                    log.log(level, "%s: reconnect failed (%s); next try in about %.1f s", self.client_id, exc, delay)
                     self._connected = False
                     self._up.clear()
                     delay = min(2 * delay, RECONNECT_MAX_S)
@@ -320,20 +380,62 @@ class MqttConnection:
             )
 
 
+def _is_tls_failure(exc: BaseException) -> bool:
+    """aiomqtt turns paho's ssl errors into a plain MqttError with the same text."""
+    return isinstance(exc, ssl.SSLError) or any(word in str(exc) for word in ("SSL", "TLS", "certificate"))
+
+
 class MqttTransport:
     """How to reach one MQTT broker: its address and this process's credentials.
 
     ``connection(...)`` opens an :class:`MqttConnection` with a client id, last will and
     reconnect policy of the caller's choosing.
+
+    ``mqtts://`` verifies the broker's certificate against ``ca_file`` (the system's CAs
+    without it) and its host name against the certificate; ``cert_file`` and ``key_file``
+    add a client certificate. Plaintext ``mqtt://`` is refused for a host that is not
+    loopback, unless ``insecure``: credentials and prompts would cross the network in
+    the clear.
     """
 
-    def __init__(self, broker: str | BrokerAddress, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        broker: str | BrokerAddress,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        insecure: bool = False,
+    ) -> None:
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
         self._username = username
         self._password = password
+        self.insecure = insecure
+        if not self.address.tls and not insecure and not is_loopback(self.address.host):
+            raise ConfigError(
+                f"broker {self.address} is plaintext MQTT to a host that is not this machine: use mqtts:// "
+                "(with ca_file, see docs/broker.md), or set insecure = true (--insecure, LIME_INSECURE=1) "
+                "on a network you trust"
+            )
+        if key_file is not None and cert_file is None:
+            raise ConfigError("key_file is set without cert_file (the client certificate it belongs to)")
+        for what, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{what} {str(path)!r} is not a file")
+        if not self.address.tls and (ca_file or cert_file):
+            log.warning("broker %s is plaintext mqtt://: ca_file and cert_file are not used", self.address)
+        self.tls = TlsFiles(*(str(p) if p is not None else None for p in (ca_file, cert_file, key_file)))
+
+    @property
+    def username(self) -> str | None:
+        """The MQTT user name, ``{role}/{name}`` with a broker folder's identities."""
+        return self._username
 
     def __repr__(self) -> str:
-        return f"MqttTransport({self.address}, user={self._username!r})"
+        tls = f", ca_file={self.tls.ca_file!r}" if self.address.tls and self.tls.ca_file else ""
+        return f"MqttTransport({self.address}, user={self._username!r}{tls})"
 
     def connection(
         self,
@@ -346,5 +448,5 @@ class MqttTransport:
     ) -> MqttConnection:
         return MqttConnection(
             self.address, client_id, will, self._username, self._password,
-            reconnect=reconnect, session_expiry_s=session_expiry_s, on_reconnect=on_reconnect,
+            reconnect=reconnect, session_expiry_s=session_expiry_s, on_reconnect=on_reconnect, tls=self.tls,
         )

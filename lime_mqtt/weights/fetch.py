@@ -34,6 +34,8 @@ from lime_mqtt.weights.files import PARTIAL_DIR, finish_tensor, is_complete, par
 
 log = logging.getLogger(__name__)
 
+SOURCE_ROLES = ("coordinator", "device")  # the identities that may serve weights
+
 WINDOW_BYTES = 8 << 20  # the most bytes one tensor request asks for (bounds what the broker queues)
 
 Progress = Callable[[str, int, int], None]  # (tensor name, bytes done, tensor bytes)
@@ -49,10 +51,13 @@ class FetchStats:
 
 
 class _Replies:
-    """Replies to this client, one request id at a time, each wait with a deadline."""
+    """Replies to this fetch, one request id at a time, each wait with a deadline. Only a
+    coordinator or a device serves weights: a reply from any other identity is dropped
+    (and every tensor is checked against the manifest's sha256 anyway)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, topics: Topics) -> None:
         self._conn = conn
+        self._topics = topics
         self._messages = conn.messages()
 
     async def wait(self, request_id: str, timeout_s: float) -> WeightReply | None:
@@ -61,8 +66,14 @@ class _Replies:
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
+                    message = await anext(self._messages)
+                    route = self._topics.parse(message.topic)
+                    if route is None or route.kind != "weights_reply" or route.sender.role not in SOURCE_ROLES:
+                        log.warning("ignoring weights on %s: only a coordinator or a device serves weights",
+                                    message.topic)
+                        continue
                     try:
-                        reply = decode_weight_reply((await anext(self._messages)).payload)
+                        reply = decode_weight_reply(message.payload)
                     except BadWeightMessage as exc:
                         log.warning("ignoring a weights reply: %s", exc)
                         continue
@@ -86,20 +97,21 @@ async def fetch_manifest(
     cluster: str,
     model_id: str,
     *,
+    device_id: str,
     timeout_s: float = 30.0,
     client: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of ``model_id`` from the first weight source that answers."""
+    """The manifest of ``model_id`` from the first weight source that answers, asked as
+    device ``device_id`` (the weights topics are under the device's name)."""
     client = client or f"manifest-{uuid.uuid4().hex[:12]}"
     _check_client(client)
     topics = Topics(cluster)
     request_id = uuid.uuid4().hex
-    request = {"v": WEIGHTS_VERSION, "op": "manifest", "model": model_id,
-               "reply": topics.weights_reply(client), "id": request_id}
-    async with transport.connection(f"lime-weights-{client}-{uuid.uuid4().hex[:8]}", reconnect=True) as conn:
-        await conn.subscribe(topics.weights_reply(client), qos=1)
-        await conn.publish(topics.weights_requests, json.dumps(request).encode(), qos=1)
-        replies = _Replies(conn)
+    request = {"v": WEIGHTS_VERSION, "op": "manifest", "model": model_id, "reply": client, "id": request_id}
+    async with transport.connection(f"lime-weights-{device_id}-{client}", reconnect=True) as conn:
+        await conn.subscribe(topics.weights_inbox(device_id, client), qos=1)
+        await conn.publish(topics.weights_request(device_id), json.dumps(request).encode(), qos=1)
+        replies = _Replies(conn, topics)
         try:
             reply = await replies.wait(request_id, timeout_s)
         finally:
@@ -122,7 +134,7 @@ class _Fetcher:
     """Fetches tensors one by one over one connection into ``folder``."""
 
     def __init__(
-        self, conn: Connection, topics: Topics, manifest: dict[str, Any], folder: Path, client: str,
+        self, conn: Connection, topics: Topics, manifest: dict[str, Any], folder: Path, device_id: str, client: str,
         stats: FetchStats, chunk_timeout_s: float, max_retries: int, window_bytes: int, progress: Progress | None,
     ) -> None:
         self.conn = conn
@@ -130,13 +142,14 @@ class _Fetcher:
         self.model: str = manifest["model"]
         self.tensors: dict[str, dict[str, Any]] = manifest["tensors"]
         self.folder = folder
-        self.reply = topics.weights_reply(client)
+        self.device_id = device_id
+        self.reply = client  # the fetch's tag: the last level of its reply topic
         self.stats = stats
         self.chunk_timeout_s = chunk_timeout_s
         self.max_retries = max_retries
         self.window_bytes = window_bytes
         self.progress = progress
-        self.replies = _Replies(conn)
+        self.replies = _Replies(conn, topics)
 
     async def fetch(self, name: str) -> None:
         """Download, verify, write; on a hash mismatch, once more from the start."""
@@ -212,7 +225,7 @@ class _Fetcher:
     async def _request(self, name: str, request_id: str, offset: int, length: int) -> None:
         body = {"v": WEIGHTS_VERSION, "op": "tensor", "model": self.model, "name": name, "offset": offset,
                 "length": length, "reply": self.reply, "id": request_id}
-        await self.conn.publish(self.topics.weights_requests, json.dumps(body).encode(), qos=1)
+        await self.conn.publish(self.topics.weights_request(self.device_id), json.dumps(body).encode(), qos=1)
 
     async def aclose(self) -> None:
         await self.replies.aclose()
@@ -225,6 +238,7 @@ async def fetch_tensors(
     names: Iterable[str],
     folder: Path,
     *,
+    device_id: str,
     client: str,
     chunk_timeout_s: float = 10.0,
     max_retries: int = 5,
@@ -233,8 +247,9 @@ async def fetch_tensors(
 ) -> FetchStats:
     """Fetch ``names`` of ``manifest`` into ``folder``: one verified safetensors file each.
 
-    ``client`` names this fetcher's reply topic and must be unique in the cluster (e.g.
-    the device id with a random suffix). Tensors already complete in ``folder`` are
+    ``device_id`` is the fetching device (the weights topics are under its name);
+    ``client`` tags this fetch's reply topic and must be unique on that device (a random
+    suffix). Tensors already complete in ``folder`` are
     skipped; a ``.part`` left by an interrupted fetch is resumed. ``config.json`` is
     written too, so ``Checkpoint(folder)`` opens the result. ``progress(name, done,
     total)`` is called after every chunk; an exception from it ends the fetch (the
@@ -262,9 +277,9 @@ async def fetch_tensors(
     if todo:
         topics = Topics(cluster)
         # Reconnecting: after a broker restart, a chunk that does not come is asked for again.
-        async with transport.connection(f"lime-weights-{client}-{uuid.uuid4().hex[:8]}", reconnect=True) as conn:
-            await conn.subscribe(topics.weights_reply(client), qos=1)
-            fetcher = _Fetcher(conn, topics, manifest, folder, client, stats,
+        async with transport.connection(f"lime-weights-{device_id}-{client}", reconnect=True) as conn:
+            await conn.subscribe(topics.weights_inbox(device_id, client), qos=1)
+            fetcher = _Fetcher(conn, topics, manifest, folder, device_id, client, stats,
                                chunk_timeout_s, max_retries, window_bytes, progress)
             try:
                 for name in todo:

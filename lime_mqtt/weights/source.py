@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import BadWeightMessage, ConfigError
-from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.core.weight_messages import (
     CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     WeightRequest,
     decode_weights_request,
     encode_reply,
-    valid_reply_topic,
+    valid_client,
 )
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.transport.base import Transport
@@ -46,11 +46,15 @@ class WeightSource:
         *,
         model_id: str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        identity: Identity | None = None,
     ) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be from 1 to {MAX_CHUNK_BYTES} (what fetchers accept), "
                               f"not {chunk_bytes}")
         self.topics = Topics(cluster)
+        # Who it answers as: the process's own identity (a coordinator's, or a device's that
+        # has the model files); anonymous sources are named by a random coordinator name.
+        self.identity = identity or Identity("coordinator", f"weights-{uuid.uuid4().hex[:8]}")
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = model_id or self.checkpoint.folder.name
         self.chunk_bytes = chunk_bytes
@@ -71,43 +75,44 @@ class WeightSource:
         if self.manifest is None:
             self.manifest = await asyncio.to_thread(build_manifest, self.checkpoint, self.model_id)
         async with self.transport:
-            await self.transport.subscribe(self.topics.weights_requests, qos=1)
+            await self.transport.subscribe(self.topics.all_weights_requests, qos=1)
             self.serving.set()
-            log.info("serving the weights of %s on %s", self.model_id, self.topics.weights_requests)
+            log.info("serving the weights of %s on %s as %s", self.model_id, self.topics.all_weights_requests,
+                     self.identity)
             try:
                 async for message in self.transport.messages():
-                    await self._handle(message.payload)
+                    route = self.topics.parse(message.topic)
+                    if route is None or route.kind != "weights" or route.sender.role != "device":
+                        continue
+                    await self._handle(message.payload, route.sender.name)
             finally:
                 self.serving.clear()
 
-    async def _handle(self, payload: bytes) -> None:
-        """Answer one request. A malformed one is refused with an error reply if it names a
-        reply topic of this cluster, else dropped; a request for another model is left to
-        that model's sources."""
+    async def _handle(self, payload: bytes, device_id: str) -> None:
+        """Answer one request of device ``device_id``, always on that device's reply
+        topics. A malformed one is refused with an error reply if it names a valid fetch
+        tag, else dropped; a request for another model is left to that model's sources."""
         try:
             request = decode_weights_request(payload)
         except BadWeightMessage as exc:
             body = _json_object(payload)
             reply = body.get("reply")
-            if not isinstance(reply, str) or not valid_reply_topic(self.topics, reply):
-                log.warning("ignoring a weights request (%s) whose reply topic %r is not under %s",
-                            exc, reply, self.topics.weights_reply(""))
+            if not isinstance(reply, str) or not valid_client(reply):
+                log.warning("ignoring a weights request of %s (%s) with no valid reply tag", device_id, exc)
                 return
             if isinstance(body.get("model"), str) and body["model"] != self.model_id:
                 return
-            await self._refuse(body["id"] if isinstance(body.get("id"), str) else "", reply, str(exc))
-            return
-        if not valid_reply_topic(self.topics, request.reply):
-            log.warning("ignoring a weights request whose reply topic %r is not under %s",
-                        request.reply, self.topics.weights_reply(""))
+            topic = self.topics.weights_reply(self.identity, device_id, reply)
+            await self._refuse(body["id"] if isinstance(body.get("id"), str) else "", topic, str(exc))
             return
         if request.model != self.model_id:
             log.debug("ignoring a weights request for model %s", request.model)
             return
+        topic = self.topics.weights_reply(self.identity, device_id, request.reply)
         if request.op == "manifest":
-            await self._send(request.reply, encode_reply(request.id, "manifest", manifest=self.manifest))
+            await self._send(topic, encode_reply(request.id, "manifest", manifest=self.manifest))
         else:
-            await self._serve_tensor(request)
+            await self._serve_tensor(request, topic)
 
     async def _send(self, topic: str, payload: bytes) -> None:
         await self.transport.publish(topic, payload, qos=1)
@@ -117,14 +122,14 @@ class WeightSource:
         log.warning("weights request %s: %s", request_id, message)
         await self._send(topic, encode_reply(request_id, "error", message=message))
 
-    async def _serve_tensor(self, request: WeightRequest) -> None:
+    async def _serve_tensor(self, request: WeightRequest, topic: str) -> None:
         name = request.name or ""
         info = self.checkpoint.tensors.get(name)
         if info is None:
-            await self._refuse(request.id, request.reply, f"model {self.model_id!r} has no tensor {name!r}")
+            await self._refuse(request.id, topic, f"model {self.model_id!r} has no tensor {name!r}")
             return
         if not 0 <= request.offset < info.nbytes:
-            await self._refuse(request.id, request.reply,
+            await self._refuse(request.id, topic,
                                f"offset {request.offset} is out of range for tensor {name!r} of {info.nbytes} bytes")
             return
         end = info.nbytes if request.length is None else min(info.nbytes, request.offset + request.length)
@@ -133,13 +138,13 @@ class WeightSource:
             try:
                 data = await asyncio.to_thread(read_range, info.file, info.offset + start, size)
             except OSError as exc:
-                await self._refuse(request.id, request.reply, f"cannot read tensor {name!r}: {exc}")
+                await self._refuse(request.id, topic, f"cannot read tensor {name!r}: {exc}")
                 return
             if len(data) != size:
-                await self._refuse(request.id, request.reply, f"{info.file.name} ends inside tensor {name!r}")
+                await self._refuse(request.id, topic, f"{info.file.name} ends inside tensor {name!r}")
                 return
             chunk = encode_reply(request.id, "chunk", name=name, offset=start, total=info.nbytes, data=data)
-            await self.transport.publish(request.reply, chunk, qos=1)
+            await self.transport.publish(topic, chunk, qos=1)
             self.bytes_served += size
         self.requests_answered += 1
 
