@@ -85,7 +85,7 @@ def engine_runner(folder: Path, ids: Any, tokens: int) -> Callable[[], tuple[flo
     return run
 
 
-def cluster_runner(broker: str, name: str, tokens: int) -> Callable[[], tuple[float, list[int]]]:
+def cluster_runner(broker: Any, name: str, tokens: int) -> Callable[[], tuple[float, list[int]]]:
     def run() -> tuple[float, list[int]]:
         request = {"prompt": PROMPT, "max_tokens": tokens, "stream": False}
         final = asyncio.run(ask_final(broker, name, request))

@@ -14,12 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lime_mqtt.core.errors import LimeError, MessageError
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.planning.plan import Plan
 from lime_mqtt.transport import BrokerAddress, Transport, transport_for
+
+if TYPE_CHECKING:
+    from lime_mqtt.broker.folder import BrokerFolder
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,13 @@ class ProcessCluster:
         planner_args: tuple[str, ...] = (),
         planner: bool = True,
         coordinator_args: tuple[str, ...] = (),
+        identities: BrokerFolder | None = None,
     ) -> None:
         self.broker, self.cluster, self.model = broker, cluster, model
+        # With a broker folder (lime-mqtt broker init), each process runs with its own
+        # identity file (--config): planner/main, coordinator/main, device/{id}, and the
+        # helper's own waits use operator/admin.
+        self.identities = identities
         self.devices = devices
         self.log_dir = log_dir
         self.with_coordinator = coordinator
@@ -99,22 +108,34 @@ class ProcessCluster:
         alive = sorted(n for n, p in self.processes.items() if p.poll() is None)
         return f"ProcessCluster({self.cluster!r}, alive={alive})"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    @property
+    def transport(self) -> str | Transport:
+        """How this helper itself reaches the broker (as operator/admin with identities)."""
+        if self.identities is None:
+            return self.broker
+        from lime_mqtt.transport.mosquitto import identity_transport
+
+        return identity_transport(self.identities, "operator", "admin", broker=self.broker)
+
+    def _spawn(self, name: str, *args: str, identity: tuple[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = (self.log_dir / f"{name}.log").open("ab")
         command = [
             sys.executable, "-m", "lime_mqtt.cli", *args,
             "--broker", self.broker, "--cluster", self.cluster, "--model", self.model,
         ]
+        if self.identities is not None and identity is not None:
+            command += ["--config", str(self.identities.identity_file(*identity))]
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         self.processes[name] = process
         return process
 
     def start(self) -> ProcessCluster:
         if self.with_planner:
-            self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args)
+            self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args,
+                        identity=("planner", "main"))
         if self.with_coordinator:
-            self._spawn("coordinator", "coordinator", *self.coordinator_args)
+            self._spawn("coordinator", "coordinator", *self.coordinator_args, identity=("coordinator", "main"))
         for device in self.devices:
             self.start_device(device)
         return self
@@ -125,7 +146,7 @@ class ProcessCluster:
         if device.threads:
             args += ["--threads", str(device.threads)]
         args += device.extra_args
-        return self._spawn(device.device_id, *args)
+        return self._spawn(device.device_id, *args, identity=("device", device.device_id))
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (default SIGKILL: no goodbye, no cleanup) to one process and reap it; it no
@@ -139,7 +160,7 @@ class ProcessCluster:
 
         async def watch() -> Plan:
             waiter = asyncio.create_task(  # awaited below, cancelled on the way out
-                wait_for_ready_plan(self.broker, self.cluster, timeout_s, coordinator=self.with_coordinator),
+                wait_for_ready_plan(self.transport, self.cluster, timeout_s, coordinator=self.with_coordinator),
                 name=f"{self.cluster}-wait-ready",
             )
             try:

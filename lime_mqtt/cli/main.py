@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--question", default="What is the boiling point of water at sea level? Answer in one sentence.")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="run an anonymous, plaintext broker on 127.0.0.1 instead of the TLS broker with an "
+                   "identity per role (generated on the first run)")
     return parser
 
 
@@ -397,7 +400,8 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.cli.demo import run_demo
 
-    return run_demo(settings, devices=args.devices, question=args.question, max_tokens=args.max_tokens)
+    return run_demo(settings, devices=args.devices, question=args.question, max_tokens=args.max_tokens,
+                    secure=not args.insecure_loopback)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
