@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from lime_mqtt.core.errors import ConfigError, TransportError
 
@@ -79,7 +79,33 @@ def wait_for_port(
     raise TransportError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
 
 
-class LocalBroker:
+class _MosquittoProcess:
+    """A Mosquitto child process that can be stopped and started again (the brokers below)."""
+
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _terminate(self) -> None:
+        """SIGTERM: Mosquitto writes its persistence file (retained messages, sessions) and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the broker, stay down ``down_s`` seconds, start it again on the same port
+        with what it persisted."""
+        self._terminate()
+        time.sleep(down_s)
+        self.start()
+
+
+class LocalBroker(_MosquittoProcess):
     """A Mosquitto child process on a loopback port; a context manager that stops it."""
 
     def __init__(
@@ -114,22 +140,6 @@ class LocalBroker:
         log.info("mosquitto listening on %s", self.url)
         return self
 
-    def _terminate(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (retained messages, sessions) and exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop the broker, stay down ``down_s`` seconds, start it again on the same port
-        with what it persisted."""
-        self._terminate()
-        time.sleep(down_s)
-        self.start()
 
     def stop(self) -> None:
         self._terminate()
@@ -153,7 +163,7 @@ def identity_transport(folder: BrokerFolder, role: str, name: str, broker: str |
                          ca_file=settings["ca_file"])
 
 
-class SecureBroker:
+class SecureBroker(_MosquittoProcess):
     """Mosquitto run from a broker folder: TLS, passwords, ACL and persistence as the
     folder's ``mosquitto.conf`` says; a context manager that stops it.
 
@@ -215,21 +225,6 @@ class SecureBroker:
         """SIGHUP: Mosquitto reads the password file and ACL again (``BrokerFolder.add`` does this)."""
         return self.folder.reload()
 
-    def _terminate(self) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (retained messages, sessions) and exits."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def restart(self, down_s: float = 0.0) -> None:
-        """Stop, stay down ``down_s`` seconds, start again with what it persisted."""
-        self._terminate()
-        time.sleep(down_s)
-        self.start()
 
     def stop(self) -> None:
         self._terminate()
