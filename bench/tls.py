@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tpot import cluster_runner, interleaved_rounds  # noqa: E402  (the same runner and rounds as bench/tpot.py)
+from tpot import cluster_runner, interleaved_rounds
 
-from lime_mqtt.broker import BrokerFolder  # noqa: E402
-from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster  # noqa: E402
-from lime_mqtt.model.builtin import resolve_model  # noqa: E402
-from lime_mqtt.transport.mosquitto import LocalBroker, SecureBroker, free_port  # noqa: E402
+from lime_mqtt.broker import BrokerFolder
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.model.builtin import resolve_model
+from lime_mqtt.transport.mosquitto import LocalBroker, SecureBroker, free_port
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ import torch
 
 from lime_mqtt.broker import BrokerFolder
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
-from lime_mqtt.client import ask, ask_final, cancel
+from lime_mqtt.client import ask, cancel
 from lime_mqtt.core.errors import PublishRefused
 from lime_mqtt.core.messages import decode_device_telemetry
 from lime_mqtt.core.plan import Plan

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.cli.settings import Settings
+from lime_mqtt.core.topics import Identity
 from lime_mqtt.model.builtin import resolve_model
 from lime_mqtt.planning.plan import format_plan
-from lime_mqtt.core.topics import Identity
 from lime_mqtt.transport.mosquitto import LocalBroker, SecureBroker
 
 if TYPE_CHECKING:

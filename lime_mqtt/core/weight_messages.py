@@ -1,8 +1,9 @@
 """Messages of weights through the broker (docs/wire-format.md#weights-through-the-broker).
 
-Requests are JSON on ``weights/request``; replies are CBOR maps on ``weights/to/{client}``:
-a manifest (the model's config and each tensor's dtype, shape, size, file offset and
-sha256), a chunk of one tensor's bytes, or an error. Each has one strict decoder that
+Requests are JSON on ``device/{id}/weights``; replies are CBOR maps on
+``{source}/to/device/{id}/weights/{tag}``: a manifest (the model's config and each
+tensor's dtype, shape, size, file offset and sha256), a chunk of one tensor's bytes, or
+an error. Each has one strict decoder that
 raises :class:`~lime_mqtt.core.errors.BadWeightMessage` for anything malformed.
 """
 
