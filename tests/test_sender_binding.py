@@ -15,6 +15,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import torch
+
 from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.coordinator.generation import _sent_by_plan
 from lime_mqtt.coordinator.ratelimit import ClientRates
@@ -80,9 +82,7 @@ async def test_a_stage_takes_steps_only_from_the_sender_the_plan_puts_before_it(
     assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, GOOD["prompt"]), 8)
 
 
-def _hidden(width: int):  # type: ignore[no-untyped-def]
-    import torch
-
+def _hidden(width: int) -> torch.Tensor:
     return torch.randn(1, 2, width)
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-PREFIX = "lime/v2"
-LAYOUT_VERSION = 2
+PREFIX = "lime/v2"  # topic layout version 2
 
 # Activations and sampled tokens go at QoS 0: they are on the per-token path, and the
 # coordinator, which holds every request's history, retries a step that goes missing.
@@ -68,10 +67,6 @@ class Identity:
         if not sep:
             raise ValueError(f"user name {username!r} is not of the form role/name ({', '.join(ROLES)})")
         return cls(role, name)  # type: ignore[arg-type]  # checked in __post_init__
-
-
-Kind = Literal["status", "telemetry", "plan", "control", "requests", "weights", "stage", "result", "answer",
-               "weights_reply", "echo"]
 
 
 @dataclass(frozen=True)
