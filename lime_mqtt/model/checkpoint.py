@@ -38,12 +38,15 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # a safetensors dtype, or a GGUF type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)
+    shape: tuple[int, ...]  # as transformers holds it ([out, in] for a matrix)
     offset: int = 0  # byte offset of the tensor in the file
+    stored: int | None = None  # bytes in the file, for block formats
 
     @property
     def nbytes(self) -> int:
+        if self.stored is not None:
+            return self.stored
         count = 1
         for dim in self.shape:
             count *= dim
@@ -60,7 +63,7 @@ class TensorInfo:
 _ALIGN = 64
 
 
-def _buffer_aligned_like(file_offset: int, nbytes: int) -> Any:
+def buffer_aligned_like(file_offset: int, nbytes: int) -> Any:
     """A uint8 tensor of ``nbytes`` whose address has the same remainder mod 64 as ``file_offset``.
 
     CPU kernels pick their vector code paths by address alignment, and the last bits of a
@@ -104,7 +107,17 @@ class Checkpoint:
         return int(self.config_dict["num_hidden_layers"])
 
     @cached_property
+    def gguf_file(self) -> Path | None:
+        """The GGUF file this folder serves its tensors from (lime-mqtt's GGUF folders), if any."""
+        files = sorted(self.folder.glob("*.gguf"))
+        return files[0] if files and not any(self.folder.glob("*.safetensors")) else None
+
+    @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
+        if self.gguf_file is not None:
+            from lime_mqtt.model.gguf_file import gguf_tensors
+
+            return gguf_tensors(self.gguf_file, self.config_dict)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -153,12 +166,31 @@ class Checkpoint:
         head = self.tensors.get("lm_head.weight") or self.tensors["model.embed_tokens.weight"]
         return norm + head.nbytes
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per value of activations and KV cache (the compute dtype's)."""
+        return int(self.compute_dtype.itemsize)
+
     def kv_bytes_per_token_per_layer(self) -> int:
         cfg = self.config_dict
         heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-        itemsize = _DTYPE_BYTES.get(next(iter(self.tensors.values())).dtype, 4)
-        return 2 * heads * head_dim * itemsize
+        return 2 * heads * head_dim * self.itemsize
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The dtype the model computes in (float32, bfloat16 or float16)."""
+        import torch
+
+        if self.gguf_file is not None:
+            return torch.float32  # transformers dequantizes GGUF files to float32
+        # The config's dtype, as transformers loads it (``dtype="auto"``); read from the
+        # config alone, as a device fetching its tensors over MQTT has no tensors yet.
+        named = self.config_dict.get("dtype") or self.config_dict.get("torch_dtype")
+        if named is None:
+            info = self.tensors.get("model.embed_tokens.weight") or next(iter(self.tensors.values()))
+            named = _TORCH_DTYPES.get(info.dtype, "float32")
+        return getattr(torch, str(named)) if named in ("float16", "bfloat16") else torch.float32
 
     @property
     def total_bytes(self) -> int:
@@ -177,6 +209,10 @@ class Checkpoint:
         """
         import torch
 
+        if self.gguf_file is not None:
+            from lime_mqtt.model.gguf_file import read_gguf
+
+            return read_gguf(self, keys, drop_page_cache)
         out: dict[str, Any] = {}
         handles: dict[Path, BufferedReader] = {}
         try:
@@ -190,7 +226,7 @@ class Checkpoint:
                 if not info.numel:
                     out[key] = torch.empty(info.shape, dtype=getattr(torch, dtype))
                     continue
-                raw = _buffer_aligned_like(info.offset, info.nbytes)
+                raw = buffer_aligned_like(info.offset, info.nbytes)
                 fh = handles.get(info.file) or handles.setdefault(info.file, info.file.open("rb"))
                 fh.seek(info.offset)
                 if fh.readinto(memoryview(raw.numpy())) != info.nbytes:
@@ -207,7 +243,7 @@ def model_size(checkpoint: Checkpoint, name: str) -> ModelSize:
     """The byte sizes the planner needs, from the safetensors headers alone."""
     from lime_mqtt.planning.cost import ModelSize
 
-    itemsize = _DTYPE_BYTES.get(next(iter(checkpoint.tensors.values())).dtype, 4)
+    itemsize = checkpoint.itemsize
     return ModelSize(
         name=name,
         layer_bytes=tuple(checkpoint.layer_bytes(i) for i in range(checkpoint.num_layers)),

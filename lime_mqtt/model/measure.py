@@ -131,9 +131,10 @@ def _drop_cached(path: Path) -> None:
 
 
 def measure_disk(checkpoint: Checkpoint, sample_bytes: int = DISK_SAMPLE_BYTES) -> float:
-    """MB/s reading the model's first safetensors file, after asking the kernel to drop
+    """MB/s reading the model's largest safetensors (or GGUF) file, after asking the kernel to drop
     its cached pages (no root needed for clean pages), so the disk itself is measured."""
-    files = sorted(checkpoint.folder.glob("*.safetensors"), key=lambda f: -f.stat().st_size)
+    files = sorted([*checkpoint.folder.glob("*.safetensors"), *checkpoint.folder.glob("*.gguf")],
+                   key=lambda f: -f.stat().st_size)
     scratch = None
     if not files or files[0].stat().st_size < sample_bytes // 4:
         # Too little of the model is here (it comes over MQTT): measure a scratch file.

@@ -1,11 +1,11 @@
 """A contiguous span of a model's layers, loaded alone, with a KV cache per request.
 
-The skeleton is built on the meta device; only this span's tensors (plus the
-embedding on the first stage and the final norm and head on the last) are read from
-safetensors and assigned, so the process never holds any other layer. Layers the plan
-marks as streamed stay on the meta device: a background thread reads their tensors
-from disk just before they are needed, at most ``slots`` layers at a time, and they are
-dropped again once used.
+Only this span's tensors (plus the embedding on the first stage and the final norm and
+head on the last) are read, so the process never holds any other layer; they stay in
+the checkpoint's own format (float32, bfloat16, float16, or GGUF blocks). Layers the
+plan marks as streamed are not held: a background thread reads their tensors from disk
+just before they are needed, at most ``slots`` layers at a time, and they are dropped
+again once used. The forward pass is :mod:`lime_mqtt.model.lean`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 
 from lime_mqtt.core.errors import ModelError
+from lime_mqtt.model import kernels
 from lime_mqtt.model.adapter import DecoderAdapter, adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
-
-if TYPE_CHECKING:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+from lime_mqtt.model.kernels import PackedWeight
+from lime_mqtt.model.lean import KERNEL_ROWS, KVCache, LayerWeights, Rows, layer_forward, project, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -117,27 +114,11 @@ class LayerStream:
 
 
 def import_runtime(checkpoint: Checkpoint) -> None:
-    """Import all code a shard of this model runs, so that memory measured afterwards is data.
-
-    Importing transformers' config and modelling modules costs about 100 MB here; a
-    device measures its baseline after this and before any weight is read.
-    """
-    import transformers.masking_utils  # noqa: F401
-    from transformers import DynamicCache  # noqa: F401
-
+    """Import and load all code a shard of this model runs, so that memory measured
+    afterwards is data: transformers' config and rotary modules (about 100 MB here) and
+    the engine's kernels."""
     adapter_for(checkpoint.config)
-
-
-def _load_module(module: nn.Module, checkpoint: Checkpoint, prefix: str) -> int:
-    """Assign ``module``'s parameters from the tensors under ``prefix``; strict. Returns numel."""
-    keys = checkpoint.keys_with_prefix(prefix)
-    state = {k[len(prefix):]: v for k, v in checkpoint.read(keys).items()}
-    expected = set(module.state_dict().keys())
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise ModelError(f"{prefix}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    module.load_state_dict(state, strict=True, assign=True)
-    return sum(t.numel() for t in state.values())
+    kernels.library()
 
 
 class Shard:
@@ -153,9 +134,11 @@ class Shard:
         the checkpoint's (for timing a layer on a device that does not have it).
         ``stream``: a reader shared with the device's other segments (an interleaved
         plan), which must read this shard's streamed layers; by default the shard reads
-        its own."""
+        its own. ``device`` must be "cpu": the engine's kernels are CPU code."""
         if spec.stop > checkpoint.num_layers:
             raise ModelError(f"layer range stops at {spec.stop}, the model has {checkpoint.num_layers}")
+        if torch.device(device).type != "cpu":
+            raise ModelError(f"the engine runs on the CPU, not {device!r}")
         started = time.perf_counter()
         self.checkpoint = checkpoint
         self.spec = spec
@@ -163,43 +146,39 @@ class Shard:
         self.device = torch.device(device)
         self.config = checkpoint.config
         self.adapter: DecoderAdapter = adapter_for(self.config)
+        self.dtype = checkpoint.compute_dtype
         self.param_count = 0
-        with torch.device("meta"):
-            self.layers = nn.ModuleList(
-                [self.adapter.build_layer(self.config, i) for i in range(spec.start, spec.stop)]
-            )
-            self.embed = nn.Embedding(self.config.vocab_size, self.config.hidden_size) if spec.embed else None
-            self.norm = self.adapter.build_norm(self.config) if spec.head else None
-            self.head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False) if spec.head else None
+        self.layers: list[LayerWeights | None] = []
         streamed_keys = []
-        for offset, layer in enumerate(self.layers):
-            prefix = self.adapter.layer_prefix(spec.start + offset)
-            if random_weights:
-                layer.to_empty(device="cpu")
-                generator = torch.Generator().manual_seed(spec.start + offset)
-                for parameter in layer.parameters():
-                    parameter.data.normal_(0.0, 0.02, generator=generator)
-                self.param_count += sum(p.numel() for p in layer.parameters())
-            elif spec.start + offset in spec.streamed:
-                streamed_keys.append((spec.start + offset, checkpoint.keys_with_prefix(prefix)))
+        for index in range(spec.start, spec.stop):
+            if random_weights:  # shapes from the config: the device may have none of its tensors
+                generator = torch.Generator().manual_seed(index)
+                state = {name: torch.empty(shape).normal_(0.0, 0.02, generator=generator).to(self.dtype)
+                         for name, shape in self.adapter.layer_shapes(self.config, index).items()}
+                self.layers.append(self._layer(state))
+            elif index in spec.streamed:
+                streamed_keys.append((index, checkpoint.keys_with_prefix(self.adapter.layer_prefix(index))))
+                self.layers.append(None)
             else:
-                self.param_count += _load_module(layer, checkpoint, prefix)
-        if self.embed is not None:
-            self.param_count += _load_module(self.embed, checkpoint, self.adapter.embed_key.removesuffix("weight"))
-        if self.norm is not None and self.head is not None:
-            self.param_count += _load_module(self.norm, checkpoint, self.adapter.norm_prefix)
+                self.layers.append(self._load_layer(index))
+        self.embed: PackedWeight | None = None
+        self.norm: torch.Tensor | None = None
+        self.head: PackedWeight | None = None
+        if spec.embed:
+            self.embed = self._matrix(self.adapter.embed_key)
+        if spec.head:
+            norm_key = self.adapter.norm_prefix + "weight"
+            norm = checkpoint.read([norm_key])[norm_key]
+            self.norm = _vector(norm, self.dtype)
+            self.param_count += int(norm.numel()) if isinstance(norm, torch.Tensor) else norm.out * norm.n
             head_key = self.adapter.head_source_key(self.config, set(checkpoint.tensors))
-            weight = checkpoint.read([head_key])[head_key]
-            self.head.load_state_dict({"weight": weight}, strict=True, assign=True)
-            self.param_count += weight.numel()
+            tied = head_key == self.adapter.embed_key and self.embed is not None
+            self.head = self.embed if tied else self._matrix(head_key)  # tied: one copy for both
+        from lime_mqtt.model.lean import prepare_norm
+
+        if self.norm is not None:
+            self.norm = prepare_norm(self.adapter, self.norm)
         self.rotary = self.adapter.build_rotary(self.config)
-        for offset, layer in enumerate(self.layers):
-            if spec.start + offset not in spec.streamed:
-                layer.to(self.device)
-            layer.eval()
-        for module in (self.embed, self.norm, self.head, self.rotary):
-            if module is not None:
-                module.to(self.device).eval()
         self._prefixes = {i: self.adapter.layer_prefix(i) for i in spec.streamed}
         self._own_stream = stream is None and bool(streamed_keys)
         self.stream = stream if stream is not None else (
@@ -211,8 +190,48 @@ class Shard:
         s = self.spec
         return (
             f"Shard(layers=[{s.start}, {s.stop}), embed={s.embed}, head={s.head}, "
-            f"streamed={len(s.streamed)}, params={self.param_count}, device={self.device})"
+            f"streamed={len(s.streamed)}, params={self.param_count}, dtype={self.dtype})"
         )
+
+    # ----- weights ------------------------------------------------------------------------------
+
+    def _layer(self, state: dict[str, Any]) -> LayerWeights:
+        return LayerWeights(self.adapter, state, self.dtype)
+
+    def _load_layer(self, index: int) -> LayerWeights:
+        prefix = self.adapter.layer_prefix(index)
+        keys = self.checkpoint.keys_with_prefix(prefix)
+        if not keys:
+            raise ModelError(f"the checkpoint has no tensors for layer {index} ({prefix}*)")
+        state = {k[len(prefix):]: v for k, v in self.checkpoint.read(keys).items()}
+        self.param_count += sum(_numel(v) for v in state.values())
+        return self._layer(state)
+
+    def _matrix(self, key: str) -> PackedWeight:
+        item = self.checkpoint.read([key])[key]
+        self.param_count += _numel(item)
+        return item if isinstance(item, PackedWeight) else PackedWeight.of(item)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this shard holds (streamed layers not counted)."""
+        total = sum(layer.nbytes for layer in self.layers if layer is not None)
+        for matrix in (self.embed, self.head):
+            if matrix is not None:
+                total += matrix.nbytes
+        if self.embed is not None and self.head is not None and self.embed.data.data_ptr() == self.head.data.data_ptr():
+            total -= self.head.nbytes
+        if self.norm is not None:
+            total += int(self.norm.numel()) * self.norm.element_size()
+        return total
+
+    def formats(self) -> set[str]:
+        """The formats of the matrices this shard holds (F32, BF16, F16, Q4_1, ...)."""
+        found = {m.fmt for m in (self.embed, self.head) if m is not None}
+        for layer in self.layers:
+            if layer is not None:
+                found |= {v.fmt for v in vars(layer).values() if isinstance(v, PackedWeight)}
+        return found
 
     def set_streamed(self, streamed: tuple[int, ...], stream: LayerStream | None, slots: int) -> None:
         """Change, in place and between steps, which layers are read from disk (through
@@ -221,13 +240,13 @@ class Shard:
         old, new = set(self.spec.streamed), set(streamed)
         for index in sorted(new - old):
             offset = index - self.spec.start
-            self.param_count -= sum(p.numel() for p in self.layers[offset].parameters())
-            with torch.device("meta"):
-                self.layers[offset] = self.adapter.build_layer(self.config, index).eval()
+            layer = self.layers[offset]
+            if layer is not None:
+                self.param_count -= sum(_numel(v) for v in vars(layer).values() if isinstance(v, (torch.Tensor,
+                                                                                                    PackedWeight)))
+            self.layers[offset] = None
         for index in sorted(old - new):
-            offset = index - self.spec.start
-            self.param_count += _load_module(self.layers[offset], self.checkpoint, self.adapter.layer_prefix(index))
-            self.layers[offset].to(self.device).eval()
+            self.layers[index - self.spec.start] = self._load_layer(index)
         if self.stream is not None and self._own_stream:
             self.stream.close()
         self.spec = replace(self.spec, streamed=tuple(sorted(new)), slots=max(1, slots))
@@ -239,115 +258,127 @@ class Shard:
         if self.stream is not None and self._own_stream:
             self.stream.close()
 
+    # ----- caches -------------------------------------------------------------------------------
+
+    def new_cache(self) -> KVCache:
+        a = self.adapter
+        return KVCache(self.spec.start, self.spec.stop - self.spec.start, a.kv_heads, a.head_dim, self.dtype)
+
+    def _align_cache(self, cache: KVCache, pos: int) -> None:
+        """Before a step at ``pos``: forget what a first attempt of a retried step stored."""
+        if self.spec.start == self.spec.stop:
+            return
+        seen = cache.get_seq_length()
+        if seen > pos:
+            cache.crop(pos)
+        elif seen < pos:
+            raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
+
+    # ----- forward passes -----------------------------------------------------------------------
+
     def batch_rows(self, max_batch: int) -> int:
-        """The fewest rows from which every row count up to ``max_batch`` gives each row
-        the same bits (probed once on this machine's kernels with this model's matrix
-        shapes); :meth:`forward_batch` pads smaller batches to it."""
-        if getattr(self, "_batch_floor", None) is None:
-            self._batch_floor = stable_row_floor(self.config, max_batch, self.device)
-        return self._batch_floor
+        """Rows a batch is padded to: none, as every row count gives each row the same bits
+        (the engine's kernels sum each output in one fixed order)."""
+        return 1
+
+    def _embed(self, tokens: list[int]) -> torch.Tensor:
+        if self.embed is None:
+            raise ModelError("the first stage needs token ids")
+        ids = torch.tensor(tokens, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.embed.out):
+            raise ModelError(f"token id out of range [0, {self.embed.out})")
+        if self.embed.fmt in ("F32", "F16", "BF16"):
+            x = torch.nn.functional.embedding(ids, self.embed.data)
+        else:
+            x = kernels.rows(self.embed, ids).to(self.dtype)
+        if self.adapter.family.scaled_embedding:
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        return x
+
+    def _run(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """All of this shard's layers on ``x`` [R, hidden]."""
+        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+            self._align_cache(cache, start)
+            cache.reserve(start + count)
+        if not self.layers:
+            return x
+        positions = rows.positions().view(1, -1)
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        probe = x.view(1, x.shape[0], -1)
+        kinds = sorted(set(self.adapter.layer_types[self.spec.start : self.spec.stop]))
+        shared = None if self.adapter.family.rotary_by_layer_type else self.rotary(probe, positions)
+        for kind in kinds:
+            cos, sin = shared if shared is not None else self.rotary(probe, positions, kind)
+            tables[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [R, 1, rotary dim]
+        for offset in range(len(self.layers)):
+            index = self.spec.start + offset
+            if self.layer_delay_s:
+                time.sleep(self.layer_delay_s)
+            cos, sin = tables[self.adapter.layer_types[index]]
+            window = self.adapter.window(index)
+            layer = self.layers[offset]
+            if layer is not None:
+                x = layer_forward(self.adapter, layer, x, rows, offset, window, cos, sin)
+                continue
+            if self.stream is None:
+                raise ModelError(f"layer {index} is streamed but no reader is set")
+            weights = self.stream.take(index)
+            try:
+                prefix = self._prefixes[index]
+                streamed = self._layer({k[len(prefix):]: v for k, v in weights.items()})
+                x = layer_forward(self.adapter, streamed, x, rows, offset, window, cos, sin)
+            finally:
+                del weights
+                self.stream.release()
+        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+            cache.length = start + count
+        return x
+
+    def _logits(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """Logits [rows, vocab] of final hidden states ``x`` [rows, hidden]."""
+        if self.norm is None or self.head is None:
+            raise ModelError("this shard has no head")
+        logits = project(x, self.head, None, self.dtype, batched)
+        cap = self.adapter.final_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.inference_mode()
     def forward_batch(
         self,
-        caches: list[DynamicCache],  # one per sequence
+        caches: list[KVCache],  # one per sequence
         positions: list[int],
         rows: int,
         tokens: list[int] | None = None,
         hidden: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """One decode step (one new token) of several sequences at once.
-
-        Every matrix product runs on ``rows`` rows (the ones beyond the sequences are
-        zero padding), and attention runs per sequence on its own cache. CPU matrix
-        kernels round differently for some row counts (here: 1, then 2-3, then 4 and
-        more) but never let one row change another, so with ``rows`` at least
-        :meth:`batch_rows` a sequence's result is the same bits whether it runs alone or
-        with others. (They are not the bits of a one-row product, which is what
-        :meth:`forward` computes, like transformers: within about 5e-5.) Returns, per
-        sequence, its hidden state [1, 1, H] or, on the last stage, its logits [vocab].
-        """
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
-
+        """One decode step (one new token) of several sequences at once, each on its own
+        cache: one matrix product per weight for all of them, and each sequence's result
+        the same bits as alone (``rows`` is kept for callers; no padding is needed).
+        Returns, per sequence, its hidden state [1, 1, H] or, on the last stage, its
+        logits [vocab]."""
         count = len(positions)
-        if not 0 < count <= rows:
-            raise ModelError(f"a batch of {count} sequences does not fit {rows} rows")
+        if not 0 < count <= KERNEL_ROWS:
+            raise ModelError(f"a batch of {count} sequences is not in [1, {KERNEL_ROWS}]")
         if self.embed is not None:
             if tokens is None or len(tokens) != count:
                 raise ModelError("the first stage needs one token id per sequence")
-            ids = torch.tensor(tokens + [0] * (rows - count), dtype=torch.long, device=self.device).view(rows, 1)
-            x = self.embed(ids)  # [rows, 1, H]
+            x = self._embed(tokens)
         else:
             if hidden is None or len(hidden) != count:
                 raise ModelError("a later stage needs one hidden state per sequence")
-            x = torch.zeros(rows, 1, self.config.hidden_size, dtype=hidden[0].dtype, device=self.device)
-            for i, h in enumerate(hidden):
-                x[i] = h.reshape(1, -1).to(self.device)
-        for cache, pos in zip(caches, positions, strict=True):
-            self._align_cache(cache, pos)
-        position_ids = torch.tensor(positions + [0] * (rows - count), device=self.device).view(rows, 1)
-        cos, sin = self.rotary(x, position_ids=position_ids)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-
-        def run_layer(layer: Any, x: torch.Tensor) -> torch.Tensor:
-            attn = layer.self_attn
-            residual = x
-            h = layer.input_layernorm(x)
-            shape = (rows, 1, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            outputs = []
-            for i, cache in enumerate(caches):
-                keys, values = cache.update(k[i : i + 1], v[i : i + 1], attn.layer_idx)
-                out, _ = attention(attn, q[i : i + 1], keys, values, None, dropout=0.0, scaling=attn.scaling)
-                outputs.append(out.reshape(1, 1, -1))
-            padding = torch.zeros(rows - count, 1, outputs[0].shape[-1], dtype=x.dtype, device=self.device)
-            x = residual + attn.o_proj(torch.cat([*outputs, padding]).contiguous())
-            residual = x
-            return cast(torch.Tensor, residual + layer.mlp(layer.post_attention_layernorm(x)))
-
-        for offset, layer in enumerate(self.layers):
-            index = self.spec.start + offset
-            if self.layer_delay_s:
-                time.sleep(self.layer_delay_s)
-            if self.stream is None or index not in self.spec.streamed:
-                x = run_layer(layer, x)
-                continue
-            weights = self.stream.take(index)
-            try:
-                prefix = self._prefixes[index]
-                state = {"layer." + k[len(prefix):]: v for k, v in weights.items()}
-                x = torch.func.functional_call(_LayerCall(layer, run_layer), state, (x,), strict=False)
-            finally:
-                del weights
-                self.stream.release()
-        if self.norm is None or self.head is None:
-            return [x[i : i + 1] for i in range(count)]
-        logits = self.head(self.norm(x))[:, -1]  # [rows, vocab]
+            x = torch.cat([h.reshape(1, -1) for h in hidden]).to(self.dtype)
+        x = self._run(x, Rows(caches, positions, [1] * count, batched=True))
+        if self.head is None or self.norm is None:
+            return [x[i : i + 1].view(1, 1, -1) for i in range(count)]
+        logits = self._logits(rms_norm(self.adapter, x, self.norm), batched=True)
         return [logits[i] for i in range(count)]
-
-    def _align_cache(self, cache: DynamicCache, pos: int) -> None:
-        """Before a step at ``pos``: forget what a first attempt of a retried step stored."""
-        seen = cache.get_seq_length(self.spec.start) if self.spec.start < self.spec.stop else pos
-        if seen > pos:
-            for index in range(self.spec.start, self.spec.stop):
-                # the layers of a DynamicCache are DynamicLayer; its type says any cache layer
-                cast("DynamicLayer", cache.layers[index]).crop(pos - seen)
-        elif seen < pos:
-            raise ModelError(f"step at position {pos} but the cache holds only {seen} tokens")
-
-    def new_cache(self) -> DynamicCache:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
 
     @torch.inference_mode()
     def forward(
         self,
-        cache: DynamicCache,  # this request's
+        cache: KVCache,  # this request's
         pos: int,
         tokens: list[int] | None = None,
         hidden: torch.Tensor | None = None,
@@ -359,92 +390,34 @@ class Shard:
         [1, S, H], or, on the last stage, the logits of the last position [vocab] (``None``
         with ``logits=False``: a leading prefill chunk only fills the cache).
         """
-        from transformers.masking_utils import create_causal_mask
-
         if self.embed is not None:
             if tokens is None:
                 raise ModelError("the first stage needs token ids")
-            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)  # [1, S]
-            x = self.embed(ids)  # [1, S, H]
+            x = self._embed(tokens)
         else:
             if hidden is None:
                 raise ModelError("a later stage needs hidden states")
-            x = hidden.to(self.device)
-        self._align_cache(cache, pos)  # a retried step: forget what the first attempt stored
-        if self.layers:
-            position_ids = torch.arange(pos, pos + x.shape[1], device=self.device).unsqueeze(0)  # [1, S]
-            if x.shape[1] == 1 and self.config._attn_implementation == "sdpa":
-                mask = None  # what create_causal_mask returns for one new token under sdpa, minus its cost
-            else:
-                mask = create_causal_mask(
-                    config=self.config,
-                    inputs_embeds=x,
-                    attention_mask=None,
-                    cache=cache,
-                    position_ids=position_ids,
-                    layer_idx=self.spec.start,
-                )
-            position_embeddings = self.rotary(x, position_ids=position_ids)
-            arguments = {"attention_mask": mask, "position_embeddings": position_embeddings,
-                         "position_ids": position_ids, "cache": cache, "use_cache": True}
-            for offset, layer in enumerate(self.layers):
-                index = self.spec.start + offset
-                if self.layer_delay_s:
-                    time.sleep(self.layer_delay_s)
-                if self.stream is None or index not in self.spec.streamed:
-                    x = layer(x, **arguments)
-                    continue
-                weights = self.stream.take(index)
-                try:
-                    x = torch.func.functional_call(layer, {k[len(self._prefixes[index]):]: v for k, v in
-                                                          weights.items()}, (x,), arguments, strict=True)
-                finally:
-                    del weights
-                    self.stream.release()
+            x = hidden.reshape(-1, hidden.shape[-1]).to(self.dtype)
+        count = int(x.shape[0])
+        if count == 0:
+            raise ModelError("a step needs at least one token")
+        x = self._run(x, Rows([cache], [pos], [count]))
         if self.norm is None or self.head is None:
-            return cast(torch.Tensor, x)  # the layers' output; nn.Module calls are typed Any
+            return x.view(1, count, -1)
         if not logits:
             return None
-        # Norm over all positions, then keep the last: the same order of operations as
-        # transformers (a norm of the sliced row alone rounds differently).
-        last = self.norm(x)[:, -1:, :]  # [1, 1, H]
-        return cast(torch.Tensor, self.head(last)[0, -1])  # [vocab]
+        # Norm over all positions, then keep the last, as transformers does.
+        last = rms_norm(self.adapter, x, self.norm)[-1:]
+        return self._logits(last)[0]
 
 
-def stable_row_floor(config: Any, max_batch: int, device: torch.device) -> int:
-    """The smallest row count ``m`` (at least 2) such that a matrix product gives each row
-    the same bits for every row count from ``m`` to ``max_batch``, for the matrix shapes
-    of this model's layers; ``max_batch`` if there is none. Random matrices, a few ms."""
-    if max_batch <= 1:
-        return 1
-    generator = torch.Generator().manual_seed(0)
-    hidden = int(config.hidden_size)
-    inner = int(getattr(config, "intermediate_size", 4 * hidden))
-    shapes = [(hidden, hidden), (inner, hidden), (hidden, inner)]
-    floor = 2
-    for out_features, in_features in shapes:
-        weight = torch.randn(out_features, in_features, generator=generator).to(device)
-        row = torch.randn(1, in_features, generator=generator).to(device)
-        results = {}
-        for count in range(2, max_batch + 1):
-            batch = torch.randn(count, in_features, generator=generator).to(device)
-            batch[0] = row[0]
-            results[count] = torch.nn.functional.linear(batch, weight)[0]
-        # the smallest m whose result every larger count up to max_batch repeats
-        m = max_batch
-        while m > 2 and torch.equal(results[m - 1], results[max_batch]):
-            m -= 1
-        floor = max(floor, m)
-    return floor
+def _numel(item: Any) -> int:
+    if isinstance(item, PackedWeight):
+        return item.out * item.n
+    return int(item.numel())
 
 
-class _LayerCall(nn.Module):
-    """A streamed layer's batched step, as a module call (for ``functional_call``)."""
-
-    def __init__(self, layer: nn.Module, run: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.layer = layer
-        self._run = run
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self.layer, x)
+def _vector(item: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(item, PackedWeight):
+        return item.dense().view(-1).to(dtype)
+    return item  # type: ignore[no-any-return]

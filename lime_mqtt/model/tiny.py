@@ -1,4 +1,5 @@
-"""A tiny random-weight Llama with a byte-level BPE tokenizer, made offline.
+"""Tiny random-weight models (a Llama by default, or any supported family) with a
+byte-level BPE tokenizer, made offline.
 
 It behaves like a real Hugging Face model folder (config, safetensors, tokenizer, chat
 template), so it exercises exactly the code paths of a real model in milliseconds.
@@ -7,7 +8,7 @@ template), so it exercises exactly the code paths of a real model in millisecond
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -45,10 +46,47 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def write_tiny_model(folder: Path, *, layers: int = 6, hidden: int = 64, seed: int = 0) -> Path:
-    """Write a random Llama (``layers`` decoder layers) and its tokenizer into ``folder``."""
+# Each family's config class, with what makes it that family switched on at a tiny size:
+# sliding windows shorter than the tests' contexts, soft-capping, partial rotary, biases.
+FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 7}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 3}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5, "sliding_window": None}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16,
+                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16,
+                                         "sliding_window_pattern": 2, "final_logit_softcapping": 30.0}),
+}
+
+
+def tiny_config(family: str, vocab_size: int, hidden: int, layers: int, **ids: Any) -> Any:
+    """A transformers config of ``family`` (a model_type) at a tiny size."""
+    import transformers
+
+    name, extra = FAMILY_CONFIGS[family]
+    config = getattr(transformers, name)(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **{**extra, **ids},
+    )
+    return config
+
+
+def write_tiny_model(folder: Path, *, layers: int = 6, hidden: int = 64, seed: int = 0, family: str = "llama",
+                     dtype: str = "float32") -> Path:
+    """Write a random model of ``family`` (``layers`` decoder layers, weights in ``dtype``)
+    and its tokenizer into ``folder``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     # transformers' fast tokenizer (TokenizersBackend) has an unannotated __init__
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
@@ -58,27 +96,18 @@ def write_tiny_model(folder: Path, *, layers: int = 6, hidden: int = 64, seed: i
         pad_token="<|endoftext|>",
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 3,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_config(family, len(tokenizer), hidden, layers, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
+    model = AutoModelForCausalLM.from_config(config).eval()  # type: ignore[no-untyped-call]
     # Larger random weights give peaked, varied logits, so greedy text is not one token repeated.
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, 0.4 if family.startswith('gemma') else 0.5)
+            elif family.startswith("gemma"):
+                param.normal_(0.0, 0.1)  # Gemma norms scale by 1 + w; w starts at zero
+    model = model.to(getattr(torch, dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

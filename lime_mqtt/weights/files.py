@@ -118,6 +118,9 @@ def tensor_hashes(checkpoint: Checkpoint) -> dict[str, str]:
 
 def build_manifest(checkpoint: Checkpoint, model_id: str) -> dict[str, Any]:
     """What a fetching device needs to know: the config and each tensor's layout and hash."""
+    if checkpoint.gguf_file is not None:
+        raise WeightsError(f"{checkpoint.gguf_file.name} is a GGUF file: its tensors are not served over MQTT "
+                           "(give each device the file, or serve a safetensors folder)")
     hashes = tensor_hashes(checkpoint)
     return {
         "v": WEIGHTS_VERSION,

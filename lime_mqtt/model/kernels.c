@@ -1,0 +1,328 @@
+/* Matrix products for decode steps: y[r][o] = sum_i W[o][i] * x[r][i].
+ *
+ * The weights are read once per call whatever the number of rows (a tile of four
+ * output rows of W stays in the L1 cache while every row of x passes over it), so a
+ * step of 1 to 32 sequences costs about one read of the weights.
+ *
+ * Every output is the same sum in the same order whatever the number of rows and
+ * whatever tile computed it: sixteen lanes of fused multiply-adds over the input, in
+ * blocks of sixteen, then one fixed reduction of the lanes. A sequence's result is
+ * therefore the same bits alone or in any batch. (It is not the bits of torch's own
+ * kernels, which sum in another order: the difference is rounding, about 1e-7 relative.)
+ *
+ * Weight formats: float32, bfloat16 and float16 rows, and GGUF's Q8_0, Q4_0, Q4_1,
+ * Q4_K and Q6_K blocks, dequantized in registers to exactly the float32 values that
+ * gguf-py's dequantize gives (one rounding per product, in the same order: see each
+ * format). Built by lime_mqtt/model/kernels.py with the machine's own compiler.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) {
+    /* a fixed tree: halves, then quarters, ... */
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+}
+#else
+#define LANES 16
+typedef struct { float v[LANES]; } vec;
+static inline vec vzero(void) { vec z; memset(&z, 0, sizeof z); return z; }
+static inline vec vload(const float *p) { vec z; memcpy(z.v, p, sizeof z.v); return z; }
+static inline vec vfma(vec a, vec b, vec c) {
+    for (int l = 0; l < LANES; l++) c.v[l] = fmaf(a.v[l], b.v[l], c.v[l]);
+    return c;
+}
+static inline float vsum(vec v) {
+    float h[8], q[4];
+    for (int l = 0; l < 8; l++) h[l] = v.v[l] + v.v[l + 8];
+    for (int l = 0; l < 4; l++) q[l] = h[l] + h[l + 4];
+    float a = q[0] + q[2], b = q[1] + q[3];
+    return a + b;
+}
+#endif
+
+/* ---- weight rows to float32, LANES values at a time ------------------------------- */
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* GGML's type numbers */
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+
+/* Dequantize one weight row of `n` values into `out` (float32, n a multiple of the
+ * format's block). The formulas are gguf-py's (gguf/quants.py), product by product. */
+static void row_to_f32(int fmt, const uint8_t *row, int64_t n, float *out) {
+    switch (fmt) {
+    case F32: memcpy(out, row, (size_t)n * 4); return;
+    case BF16: { const uint16_t *p = (const uint16_t *)row; for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(p[i]); return; }
+    case F16: { const uint16_t *p = (const uint16_t *)row; for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(p[i]); return; }
+    case Q8_0: /* 34 bytes: f16 d, 32 int8 q; w = d * q */
+        for (int64_t b = 0; b < n / 32; b++) {
+            const uint8_t *blk = row + b * 34;
+            uint16_t dh; memcpy(&dh, blk, 2);
+            float d = f16_to_f32(dh);
+            const int8_t *q = (const int8_t *)(blk + 2);
+            for (int j = 0; j < 32; j++) out[b * 32 + j] = d * (float)q[j];
+        }
+        return;
+    case Q4_0: /* 18 bytes: f16 d, 16 bytes of nibbles (low: 0-15, high: 16-31); w = d * (q - 8) */
+        for (int64_t b = 0; b < n / 32; b++) {
+            const uint8_t *blk = row + b * 18;
+            uint16_t dh; memcpy(&dh, blk, 2);
+            float d = f16_to_f32(dh);
+            for (int j = 0; j < 16; j++) {
+                out[b * 32 + j] = d * (float)((int)(blk[2 + j] & 0x0f) - 8);
+                out[b * 32 + j + 16] = d * (float)((int)(blk[2 + j] >> 4) - 8);
+            }
+        }
+        return;
+    case Q4_1: /* 20 bytes: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m */
+        for (int64_t b = 0; b < n / 32; b++) {
+            const uint8_t *blk = row + b * 20;
+            uint16_t dh, mh; memcpy(&dh, blk, 2); memcpy(&mh, blk + 2, 2);
+            float d = f16_to_f32(dh), m = f16_to_f32(mh);
+            for (int j = 0; j < 16; j++) {
+                float lo = d * (float)(blk[4 + j] & 0x0f), hi = d * (float)(blk[4 + j] >> 4);
+                out[b * 32 + j] = lo + m;
+                out[b * 32 + j + 16] = hi + m;
+            }
+        }
+        return;
+    case Q4_K: /* 144 bytes per 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles */
+        for (int64_t b = 0; b < n / 256; b++) {
+            const uint8_t *blk = row + b * 144;
+            uint16_t dh, mh; memcpy(&dh, blk, 2); memcpy(&mh, blk + 2, 2);
+            float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
+            const uint8_t *s = blk + 4, *qs = blk + 16;
+            uint8_t sc[8], mn[8];
+            for (int j = 0; j < 4; j++) {
+                sc[j] = s[j] & 0x3f;
+                mn[j] = s[j + 4] & 0x3f;
+                sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
+                mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+            }
+            for (int g = 0; g < 8; g++) {
+                float dl = d * (float)sc[g], ml = dmin * (float)mn[g];
+                const uint8_t *q = qs + (g / 2) * 32;
+                int shift = (g % 2) * 4;
+                for (int j = 0; j < 32; j++) {
+                    float v = dl * (float)((q[j] >> shift) & 0x0f);
+                    out[b * 256 + g * 32 + j] = v - ml;
+                }
+            }
+        }
+        return;
+    case Q6_K: /* 210 bytes per 256: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d */
+        for (int64_t b = 0; b < n / 256; b++) {
+            const uint8_t *blk = row + b * 210;
+            const uint8_t *ql = blk, *qh = blk + 128;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            uint16_t dh; memcpy(&dh, blk + 208, 2);
+            float d = f16_to_f32(dh);
+            float *o = out + b * 256;
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *l = ql + half * 64, *h = qh + half * 32;
+                for (int j = 0; j < 128; j++) {
+                    /* value j of this half: which of 4 groups of 32, and its position */
+                    int grp = j / 32, k = j % 32;
+                    uint8_t byte = l[k + (grp & 1) * 32];
+                    int low = grp >= 2 ? byte >> 4 : byte & 0x0f;
+                    int high = (h[k] >> (2 * grp)) & 3;
+                    int q = (low | (high << 4)) - 32;
+                    float scale = d * (float)sc[half * 8 + j / 16];
+                    o[half * 128 + j] = scale * (float)q;
+                }
+            }
+        }
+        return;
+    }
+}
+
+/* Bytes of one weight row of `n` values. */
+static int64_t row_bytes(int fmt, int64_t n) {
+    switch (fmt) {
+    case F32: return n * 4;
+    case BF16: case F16: return n * 2;
+    case Q8_0: return n / 32 * 34;
+    case Q4_0: return n / 32 * 18;
+    case Q4_1: return n / 32 * 20;
+    case Q4_K: return n / 256 * 144;
+    case Q6_K: return n / 256 * 210;
+    }
+    return -1;
+}
+
+/* Dot products of TO weight rows (float32, zero-padded to a multiple of LANES) with TR
+ * rows of x; the same instruction sequence per output for any TO and TR. Instantiated
+ * for each constant TO, TR (so that the accumulators live in registers). */
+#ifndef TILE_O
+#define TILE_O 6
+#endif
+#ifndef TILE_R
+#define TILE_R 4
+#endif
+
+static inline __attribute__((always_inline)) void tile(const float *const *w, const int to, const float *x,
+                                                       int64_t xstride, const int tr, int64_t npad, float *y,
+                                                       int64_t ystride, int64_t o0) {
+    vec acc[TILE_R][TILE_O];
+    for (int r = 0; r < tr; r++)
+        for (int o = 0; o < to; o++) acc[r][o] = vzero();
+    for (int64_t i = 0; i < npad; i += LANES) {
+        vec wv[TILE_O];
+        for (int o = 0; o < to; o++) wv[o] = vload(w[o] + i);
+        for (int r = 0; r < tr; r++) {
+            vec xv = vload(x + r * xstride + i);
+            for (int o = 0; o < to; o++) acc[r][o] = vfma(wv[o], xv, acc[r][o]);
+        }
+    }
+    for (int r = 0; r < tr; r++)
+        for (int o = 0; o < to; o++) y[r * ystride + o0 + o] = vsum(acc[r][o]);
+}
+
+#define TILE_CASE(TO, TR) \
+    case (TO) * 16 + (TR): tile(w, TO, x, xstride, TR, npad, y, ystride, o0); return;
+#define TILE_ROW(TO) TILE_CASE(TO, 1) TILE_CASE(TO, 2) TILE_CASE(TO, 3) TILE_CASE(TO, 4)
+
+static void tile_any(const float *const *w, int to, const float *x, int64_t xstride, int tr, int64_t npad,
+                     float *y, int64_t ystride, int64_t o0) {
+    switch (to * 16 + tr) {
+        TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6)
+    }
+}
+
+/* y[rows][out] = x[rows][n] . W[out][n]^T for W in format `fmt`, rows of `row_stride`
+ * bytes (0: packed). `xpad`: rows x copied with zero padding to npad, given by the
+ * caller (rows * npad floats); `scratch`: TILE_O * npad floats. Returns 0, or -1 for an
+ * unknown format or a width the format's blocks do not divide. */
+int lime_linear(int fmt, const uint8_t *weight, int64_t row_stride, int64_t out, int64_t n,
+                const float *x, int64_t rows, float *y, float *xpad, float *scratch) {
+    int64_t rb = row_bytes(fmt, n);
+    if (rb < 0) return -1;
+    if ((fmt == Q8_0 || fmt == Q4_0 || fmt == Q4_1) && n % 32) return -1;
+    if ((fmt == Q4_K || fmt == Q6_K) && n % 256) return -1;
+    if (row_stride == 0) row_stride = rb;
+    int64_t npad = (n + LANES - 1) / LANES * LANES;
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(xpad + r * npad, x + r * n, (size_t)n * 4);
+        for (int64_t i = n; i < npad; i++) xpad[r * npad + i] = 0.0f;
+    }
+    const float *w[TILE_O];
+    for (int64_t o0 = 0; o0 < out; o0 += TILE_O) {
+        int to = out - o0 < TILE_O ? (int)(out - o0) : TILE_O;
+        for (int o = 0; o < to; o++) {
+            const uint8_t *src = weight + (o0 + o) * row_stride;
+            float *dst = scratch + o * npad;
+            if (fmt == F32 && npad == n) dst = (float *)src; /* read in place */
+            else {
+                row_to_f32(fmt, src, n, dst);
+                for (int64_t i = n; i < npad; i++) dst[i] = 0.0f;
+            }
+            w[o] = dst;
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE_R) {
+            int tr = rows - r0 < TILE_R ? (int)(rows - r0) : TILE_R;
+            tile_any(w, to, xpad + r0 * npad, npad, tr, npad, y + r0 * out, out, o0);
+        }
+    }
+    return 0;
+}
+
+/* Rows `index[k]` of a weight matrix of `n` columns, dequantized to float32 (embedding
+ * lookups and tests). */
+int lime_rows(int fmt, const uint8_t *weight, int64_t row_stride, int64_t n, const int64_t *index,
+              int64_t count, float *out) {
+    int64_t rb = row_bytes(fmt, n);
+    if (rb < 0) return -1;
+    if (row_stride == 0) row_stride = rb;
+    for (int64_t k = 0; k < count; k++) row_to_f32(fmt, weight + index[k] * row_stride, n, out + k * n);
+    return 0;
+}
+
+/* ---- attention of one new token per row, float32 ---------------------------------- */
+
+/* q . k in a fixed order: LANES-wide fused multiply-adds when dim allows, else in turn. */
+static inline float dot(const float *a, const float *b, int64_t dim) {
+    if (dim % LANES == 0) {
+        vec acc = vzero();
+        for (int64_t d = 0; d < dim; d += LANES) acc = vfma(vload(a + d), vload(b + d), acc);
+        return vsum(acc);
+    }
+    float s = 0.0f;
+    for (int64_t d = 0; d < dim; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* For each row b and head h: softmax over the keys [first[b], length[b]) of its sequence
+ * of (q . k) * scale (soft-capped when softcap > 0), times the values, divided by the
+ * softmax's sum at the end. Keys and values of row b are at k[b], v[b]:
+ * [kv_heads][stride[b]][dim] float32; head h reads kv head h / (heads / kv_heads).
+ * q: [batch][heads][dim]; out likewise; scratch: the longest length floats. Each row's
+ * result depends on its own data alone. */
+int lime_attention(int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const float *q,
+                   const float *const *k, const float *const *v, const int64_t *stride, const int64_t *first,
+                   const int64_t *length, float scale, float softcap, float *out, float *scratch) {
+    if (kv_heads <= 0 || heads % kv_heads) return -1;
+    int64_t group = heads / kv_heads;
+    for (int64_t b = 0; b < batch; b++) {
+        int64_t start = first[b] < 0 ? 0 : first[b], stop = length[b];
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = q + (b * heads + h) * dim;
+            float *oh = out + (b * heads + h) * dim;
+            const float *kh = k[b] + (h / group) * stride[b] * dim, *vh = v[b] + (h / group) * stride[b] * dim;
+            float top = -INFINITY;
+            for (int64_t t = start; t < stop; t++) {
+                float s = dot(qh, kh + t * dim, dim) * scale;
+                if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+                scratch[t - start] = s;
+                if (s > top) top = s;
+            }
+            float total = 0.0f;
+            for (int64_t t = start; t < stop; t++) {
+                float p = expf(scratch[t - start] - top);
+                scratch[t - start] = p;
+                total += p;
+            }
+            for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
+            for (int64_t t = start; t < stop; t++) {
+                float p = scratch[t - start];
+                const float *vr = vh + t * dim;
+                for (int64_t d = 0; d < dim; d++) oh[d] += p * vr[d];
+            }
+            float inverse = 1.0f / total;
+            for (int64_t d = 0; d < dim; d++) oh[d] = oh[d] * inverse;
+        }
+    }
+    return 0;
+}

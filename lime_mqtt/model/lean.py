@@ -1,0 +1,336 @@
+"""The engine's forward pass over plain tensors, for every family in :mod:`.adapter`.
+
+One step runs ``R`` rows: the new tokens of one or more sequences (a prompt chunk of one
+sequence, or one token each of a batch). Each operation is the one transformers runs,
+in the same order and dtype (norms in float32 where the family does, activations in the
+model's dtype between operations), without its modules, masks and cache objects:
+
+- **Projections** of float32 and GGUF-block matrices, up to :data:`KERNEL_ROWS` rows,
+  run on the engine's own kernels (:mod:`.kernels`): the weights are read once for all
+  rows, in their own format, with float32 sums, and each row's result is the same bits
+  in any batch. Longer prompt chunks use torch's matrix products on the (dequantized)
+  weights. bfloat16 and float16 matrices use torch's products (see :func:`project`).
+- **Attention** in float32 of up to :data:`KERNEL_ROWS` rows runs on the kernels too, all
+  sequences in one call, each row on its own sequence's cache; longer chunks, and
+  bfloat16 and float16 models, use torch's attention per sequence as transformers calls
+  it (see :func:`attention`). Sliding-window layers attend to their last ``window``
+  positions.
+- **The KV cache** (:class:`KVCache`) is one buffer per sequence and shard, in the
+  model's dtype, grown in steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lime_mqtt.core.errors import ModelError
+from lime_mqtt.model import kernels
+from lime_mqtt.model.adapter import DecoderAdapter
+from lime_mqtt.model.kernels import PackedWeight
+
+KERNEL_ROWS = 32  # rows up to which projections and attention run on the engine's kernels
+_GROW = 64  # the cache grows by at least this many positions
+
+
+class KVCache:
+    """Keys and values of one sequence for layers ``[start, start + layers)``.
+
+    ``k``/``v``: [layers, kv_heads, capacity, head_dim] in the model's dtype; positions
+    ``[0, length)`` are filled."""
+
+    def __init__(self, start: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.start, self.layers, self.kv_heads, self.head_dim, self.dtype = start, layers, kv_heads, head_dim, dtype
+        self.k = torch.empty(layers, kv_heads, 0, head_dim, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * int(self.k.numel()) * self.k.element_size()
+
+    def reserve(self, total: int) -> None:
+        """Room for ``total`` positions (grows by a quarter or :data:`_GROW`, whichever is more)."""
+        if total <= self.capacity:
+            return
+        capacity = max(total, self.capacity + max(_GROW, self.capacity // 4))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty(self.layers, self.kv_heads, capacity, self.head_dim, dtype=self.dtype)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def crop(self, length: int) -> None:
+        """Forget positions from ``length`` on (a retried step)."""
+        self.length = min(self.length, max(0, length))
+
+
+@dataclass
+class Rows:
+    """The rows of one step: per sequence, its cache, first new position and row count;
+    ``batched``: a batched decode step (every row's bits must not depend on the others)."""
+
+    caches: list[KVCache]
+    starts: list[int]
+    counts: list[int]
+    batched: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + c) for s, c in zip(self.starts, self.counts, strict=True)])
+
+
+class LayerWeights:
+    """One decoder layer's tensors, by role, from its state dict (keys after the layer prefix)."""
+
+    def __init__(self, adapter: DecoderAdapter, state: dict[str, Any], dtype: torch.dtype) -> None:
+        family = adapter.family
+        self.dtype = dtype
+
+        def weight(key: str) -> PackedWeight:
+            item = state.get(key)
+            if item is None:
+                raise ModelError(f"layer tensor {key} is missing")
+            return item if isinstance(item, PackedWeight) else PackedWeight.of(item)
+
+        def vector(key: str) -> torch.Tensor | None:
+            item = state.get(key)
+            if isinstance(item, PackedWeight):
+                return item.dense().view(-1).to(dtype)
+            return item
+
+        q_size, kv_size = adapter.heads * adapter.head_dim, adapter.kv_heads * adapter.head_dim
+        if family.fused:
+            qkv = weight("self_attn.qkv_proj.weight")
+            self.q, self.k, self.v = (qkv.select(0, q_size), qkv.select(q_size, q_size + kv_size),
+                                      qkv.select(q_size + kv_size, q_size + 2 * kv_size))
+            self.q_bias = self.k_bias = self.v_bias = None
+            gate_up = weight("mlp.gate_up_proj.weight")
+            half = gate_up.out // 2
+            self.gate, self.up = gate_up.select(0, half), gate_up.select(half, gate_up.out)
+        else:
+            self.q, self.k, self.v = (weight(f"self_attn.{p}_proj.weight") for p in "qkv")
+            self.q_bias, self.k_bias, self.v_bias = (vector(f"self_attn.{p}_proj.bias") for p in "qkv")
+            self.gate, self.up = weight("mlp.gate_proj.weight"), weight("mlp.up_proj.weight")
+        self.o, self.o_bias = weight("self_attn.o_proj.weight"), vector("self_attn.o_proj.bias")
+        self.down, self.down_bias = weight("mlp.down_proj.weight"), vector("mlp.down_proj.bias")
+        self.gate_bias = vector("mlp.gate_proj.bias")
+        self.up_bias = vector("mlp.up_proj.bias")
+
+        def norm(key: str) -> torch.Tensor:
+            w = vector(key)
+            if w is None:
+                raise ModelError(f"layer tensor {key} is missing")
+            return prepare_norm(adapter, w)
+
+        self.input_norm = norm("input_layernorm.weight")
+        self.post_attention_norm = norm("post_attention_layernorm.weight")
+        if family.sandwich:
+            self.pre_mlp_norm = norm("pre_feedforward_layernorm.weight")
+            self.post_mlp_norm = norm("post_feedforward_layernorm.weight")
+        if family.qk_norm:
+            self.q_norm = norm("self_attn.q_norm.weight")
+            self.k_norm = norm("self_attn.k_norm.weight")
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for value in vars(self).values():
+            if isinstance(value, PackedWeight):
+                total += value.nbytes
+            elif isinstance(value, torch.Tensor):
+                total += int(value.numel()) * value.element_size()
+        return total
+
+
+def prepare_norm(adapter: DecoderAdapter, weight: torch.Tensor) -> torch.Tensor:
+    """A norm's weight as the forward pass uses it (Gemma's ``1 + w`` in float32, once)."""
+    if adapter.family.norm == "gemma":
+        return 1.0 + weight.float()
+    return weight
+
+
+def rms_norm(adapter: DecoderAdapter, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The family's RMS norm over the last dimension (transformers' operations, in order)."""
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + adapter.eps)
+    if adapter.family.norm == "gemma":
+        return (normed * weight).type_as(x)
+    return weight * normed.to(x.dtype)
+
+
+def project(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+            batched: bool = False) -> torch.Tensor:
+    """``x @ W.T + b`` for ``x`` [rows, n], in ``dtype``.
+
+    bfloat16 and float16 matrices use torch's product, as transformers does: the same
+    bits as transformers' (which half-precision greedy decoding needs, see
+    :func:`attention`). Its kernels give every row the same bits for any count of two or
+    more rows (checked at shapes up to 2048 wide), so a batched step (``batched``) pads a
+    lone row to two. Other formats use the engine's kernels up to :data:`KERNEL_ROWS`
+    rows, and torch's product of the (dequantized) matrix beyond."""
+    if weight.fmt in ("BF16", "F16"):
+        if batched and x.shape[0] == 1:
+            return torch.nn.functional.linear(torch.cat([x, x]), weight.data, bias)[:1]
+        return torch.nn.functional.linear(x, weight.data, bias)
+    if x.shape[0] <= KERNEL_ROWS:
+        y = kernels.linear(x, weight)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        return y.to(dtype)
+    dense = weight.data if weight.fmt == "F32" else weight.dense()
+    return torch.nn.functional.linear(x.to(dense.dtype), dense, bias).to(dtype)
+
+
+def activation(adapter: DecoderAdapter, x: torch.Tensor) -> torch.Tensor:
+    if adapter.family.activation == "silu":
+        return torch.nn.functional.silu(x)
+    if adapter.family.activation == "gelu_pytorch_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    raise ModelError(f"activation {adapter.family.activation} is not supported")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` [rows, heads, dim] with ``cos``/``sin`` [rows, 1, rotary dim] (partial if shorter)."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return (x * cos) + (rotate_half(x) * sin)
+    head, rest = x[..., :rotary], x[..., rotary:]
+    return torch.cat([(head * cos) + (rotate_half(head) * sin), rest], dim=-1)
+
+
+def attention(adapter: DecoderAdapter, q: torch.Tensor, rows: Rows, offset: int, window: int | None) -> torch.Tensor:
+    """Attention of ``q`` [R, heads, dim] on each row's sequence (keys and values of
+    layer ``offset`` already written), [R, heads * dim] in the model's dtype.
+
+    float32 steps of up to :data:`KERNEL_ROWS` rows run in one kernel call for all
+    sequences. bfloat16 and float16 run torch's own attention per sequence, with the
+    shapes transformers gives it: its kernels round the attention weights to the model's
+    dtype inside, and exactly that is what keeps half-precision answers identical to
+    transformers' (where two logits tie in bfloat16, one rounding apart changes the token).
+    """
+    if q.dtype == torch.float32 and rows.total <= KERNEL_ROWS:
+        return _kernel_attention(adapter, q, rows, offset, window)
+    parts, row = [], 0
+    for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+        parts.append(_torch_attention(adapter, q[row : row + count], cache, start, offset, window))
+        row += count
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _kernel_attention(adapter: DecoderAdapter, q: torch.Tensor, rows: Rows, offset: int,
+                      window: int | None) -> torch.Tensor:
+    count = rows.total
+    keys, values, stride, first, length = [], [], [], [], []
+    for cache, start, n in zip(rows.caches, rows.starts, rows.counts, strict=True):
+        k_ptr = cache.k[offset].data_ptr()
+        v_ptr = cache.v[offset].data_ptr()
+        for pos in range(start, start + n):
+            keys.append(k_ptr)
+            values.append(v_ptr)
+            stride.append(cache.capacity)
+            length.append(pos + 1)
+            first.append(pos + 1 - window if window else 0)
+    qf = q.contiguous()
+    out = torch.empty_like(qf)
+    scratch = torch.empty(max(length), dtype=torch.float32)
+    pointers = ctypes.c_void_p * count
+    ints = [np.asarray(a, dtype=np.int64) for a in (stride, first, length)]
+    status = kernels.library().lime_attention(
+        count, adapter.heads, adapter.kv_heads, adapter.head_dim, qf.data_ptr(), pointers(*keys), pointers(*values),
+        ints[0].ctypes.data, ints[1].ctypes.data, ints[2].ctypes.data, ctypes.c_float(adapter.scaling),
+        ctypes.c_float(adapter.attn_softcap or 0.0), out.data_ptr(), scratch.data_ptr(),
+    )
+    if status != 0:
+        raise ModelError(f"the attention kernel refused heads={adapter.heads} kv_heads={adapter.kv_heads}")
+    return out.view(count, -1)
+
+
+def _torch_attention(adapter: DecoderAdapter, q: torch.Tensor, cache: KVCache, start: int, offset: int,
+                     window: int | None) -> torch.Tensor:
+    """One sequence's rows, as transformers computes them: SDPA (a mask only where one is
+    needed), or eager where the family soft-caps."""
+    count = int(q.shape[0])
+    total = start + count
+    keys = cache.k[offset, :, :total].unsqueeze(0)  # [1, kv_heads, total, dim]
+    values = cache.v[offset, :, :total].unsqueeze(0)
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, heads, count, dim]
+    q_pos = torch.arange(start, total).view(-1, 1)
+    kv_pos = torch.arange(total).view(1, -1)
+    allowed = kv_pos <= q_pos
+    windowed = window is not None and total > window
+    if window is not None and windowed:
+        allowed &= kv_pos > q_pos - window
+    groups = adapter.heads // adapter.kv_heads
+    if adapter.attn_softcap:
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, keys.transpose(2, 3)) * adapter.scaling
+        scores = torch.tanh(scores / adapter.attn_softcap) * adapter.attn_softcap
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, values)
+    else:
+        # transformers' masks: none for one new token without a window, a causal flag for
+        # a first chunk without one, an explicit mask otherwise.
+        mask = None if (count == 1 and not windowed) or (start == 0 and not windowed) else allowed
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None and count > 1,
+            scale=adapter.scaling, enable_gqa=groups > 1,
+        )
+    return out[0].transpose(0, 1).reshape(count, -1)
+
+
+def write_cache(rows: Rows, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the new keys and values ([R, kv_heads, dim]) of layer ``offset`` at their positions."""
+    row = 0
+    for cache, start, n in zip(rows.caches, rows.starts, rows.counts, strict=True):
+        cache.k[offset, :, start : start + n] = k[row : row + n].transpose(0, 1)
+        cache.v[offset, :, start : start + n] = v[row : row + n].transpose(0, 1)
+        row += n
+
+
+def layer_forward(adapter: DecoderAdapter, w: LayerWeights, x: torch.Tensor, rows: Rows, offset: int,
+                  window: int | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer on ``x`` [R, hidden] (the model's dtype)."""
+    family, dtype, count = adapter.family, x.dtype, x.shape[0]
+    residual = x
+    h = rms_norm(adapter, x, w.input_norm)
+    b = rows.batched
+    q = project(h, w.q, w.q_bias, dtype, b).view(count, adapter.heads, adapter.head_dim)
+    k = project(h, w.k, w.k_bias, dtype, b).view(count, adapter.kv_heads, adapter.head_dim)
+    v = project(h, w.v, w.v_bias, dtype, b).view(count, adapter.kv_heads, adapter.head_dim)
+    if family.qk_norm:
+        q, k = rms_norm(adapter, q, w.q_norm), rms_norm(adapter, k, w.k_norm)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    write_cache(rows, offset, k, v)
+    a = project(attention(adapter, q, rows, offset, window), w.o, w.o_bias, dtype, b)
+    if family.sandwich:
+        a = rms_norm(adapter, a, w.post_attention_norm)
+    x = residual + a
+    residual = x
+    h = rms_norm(adapter, x, w.pre_mlp_norm if family.sandwich else w.post_attention_norm)
+    gate = project(h, w.gate, w.gate_bias, dtype, b)
+    up = project(h, w.up, w.up_bias, dtype, b)
+    m = project(activation(adapter, gate) * up, w.down, w.down_bias, dtype, b)
+    if family.sandwich:
+        m = rms_norm(adapter, m, w.post_mlp_norm)
+    return residual + m
