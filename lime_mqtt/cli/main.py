@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--telemetry-interval", type=float, default=5.0,
                    help="seconds between telemetry reports (also the device's heartbeat)")
-    p.add_argument("--torch-device", default="cpu", help="cpu, or cuda where there is one")
+    p.add_argument("--torch-device", default="cpu",
+                   help="cpu: the engine's kernels are CPU code (docs/engine.md); other devices are refused")
     p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
     p.add_argument("--weights-from-broker", action="store_true",
                    help="this device has no model files: --model names the model (e.g. smollm2-135m-instruct), "
@@ -128,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted", action="store_true",
                    help="this device may see token ids and text: the planner's --trusted-ends puts the first "
                    "and last stage only on such devices (or trusted = true in the settings file)")
-    p.add_argument("--max-batch", type=int, default=1,
-                   help="run up to this many sequences' decode steps waiting at this device as one batch "
-                   "(default 1: no batching, bit-identical to transformers; see docs/architecture.md)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="run up to this many (at most 32) sequences' decode steps waiting at this device as one "
+                   "batch; a sequence's answer is the same bits alone or in any batch (1: no batching; "
+                   "docs/engine.md#batching)")
     p.add_argument("--emulate-layer-delay-ms", type=float, default=0.0,
                    help="benchmarks: make every layer this much slower, as a slower device would be "
                    "(the measurement at start sees it; the planner is not told)")

@@ -27,6 +27,7 @@ from lime_mqtt.device.compute import Compute, Sequence
 from lime_mqtt.device.memory import anon_rss_bytes, peak_rss_bytes, return_freed_memory_promptly, rss_bytes, trim_heap
 from lime_mqtt.device.scheduler import MAX_ACTIVATION_BYTES, Accepted, Scheduler
 from lime_mqtt.device.shards import ShardHost
+from lime_mqtt.model.lean import KERNEL_ROWS
 from lime_mqtt.model.sampling import choose_token
 from lime_mqtt.planning.plan import MIB
 from lime_mqtt.transport.base import LastWill, Message, Transport, check_identity
@@ -58,7 +59,7 @@ class DeviceAgent:
         torch_device: str = "cpu",
         measure: bool = True,
         layer_delay_ms: float = 0.0,
-        max_batch: int = 1,
+        max_batch: int = 16,
         fetch_weights: bool = False,
         serve_weights: bool = False,
         trusted: bool = False,
@@ -68,8 +69,8 @@ class DeviceAgent:
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
         if memory_mb <= 0:
             raise LimeError("--memory-mb must be positive")
-        if not 1 <= max_batch <= 256:
-            raise LimeError("--max-batch must be between 1 and 256")
+        if not 1 <= max_batch <= KERNEL_ROWS:
+            raise LimeError(f"--max-batch must be between 1 and {KERNEL_ROWS} (the rows of one batched step)")
         if threads is not None and not 1 <= threads <= 4096:
             raise LimeError("--threads must be between 1 and 4096")
         check_identity(transport, "device", device_id)  # its credentials must be device/{device_id}'s

@@ -284,6 +284,34 @@ static inline float dot(const float *a, const float *b, int64_t dim) {
     return s;
 }
 
+/* One head of one row: softmax over keys [start, stop) of (q . k) * scale (soft-capped
+ * when softcap > 0), times the values, divided by the softmax's sum at the end. k and v:
+ * [positions][dim] of its kv head. */
+static void attend_head(const float *qh, const float *kh, const float *vh, int64_t start, int64_t stop,
+                        int64_t dim, float scale, float softcap, float *scores, float *oh) {
+    float top = -INFINITY;
+    for (int64_t t = start; t < stop; t++) {
+        float s = dot(qh, kh + t * dim, dim) * scale;
+        if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+        scores[t - start] = s;
+        if (s > top) top = s;
+    }
+    float total = 0.0f;
+    for (int64_t t = start; t < stop; t++) {
+        float p = expf(scores[t - start] - top);
+        scores[t - start] = p;
+        total += p;
+    }
+    for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
+    for (int64_t t = start; t < stop; t++) {
+        float p = scores[t - start];
+        const float *vr = vh + t * dim;
+        for (int64_t d = 0; d < dim; d++) oh[d] += p * vr[d];
+    }
+    float inverse = 1.0f / total;
+    for (int64_t d = 0; d < dim; d++) oh[d] = oh[d] * inverse;
+}
+
 /* For each row b and head h: softmax over the keys [first[b], length[b]) of its sequence
  * of (q . k) * scale (soft-capped when softcap > 0), times the values, divided by the
  * softmax's sum at the end. Keys and values of row b are at k[b], v[b]:
@@ -301,28 +329,140 @@ int lime_attention(int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, 
             const float *qh = q + (b * heads + h) * dim;
             float *oh = out + (b * heads + h) * dim;
             const float *kh = k[b] + (h / group) * stride[b] * dim, *vh = v[b] + (h / group) * stride[b] * dim;
-            float top = -INFINITY;
-            for (int64_t t = start; t < stop; t++) {
-                float s = dot(qh, kh + t * dim, dim) * scale;
-                if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
-                scratch[t - start] = s;
-                if (s > top) top = s;
-            }
-            float total = 0.0f;
-            for (int64_t t = start; t < stop; t++) {
-                float p = expf(scratch[t - start] - top);
-                scratch[t - start] = p;
-                total += p;
-            }
-            for (int64_t d = 0; d < dim; d++) oh[d] = 0.0f;
-            for (int64_t t = start; t < stop; t++) {
-                float p = scratch[t - start];
-                const float *vr = vh + t * dim;
-                for (int64_t d = 0; d < dim; d++) oh[d] += p * vr[d];
-            }
-            float inverse = 1.0f / total;
-            for (int64_t d = 0; d < dim; d++) oh[d] = oh[d] * inverse;
+            attend_head(qh, kh, vh, start, stop, dim, scale, softcap, scratch, oh);
         }
     }
     return 0;
+}
+
+/* ---- one whole decoder layer, float32 activations ----------------------------------- */
+
+typedef struct {
+    int32_t fmt;
+    int64_t stride;         /* bytes per row (0: packed) */
+    const uint8_t *data;
+    int64_t out, n;
+    const float *bias;      /* NULL: none */
+} lime_matrix;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, rot;
+    float eps, scale, softcap;
+    int32_t sandwich, qk_norm, act; /* act: 0 silu, 1 gelu (tanh approximation) */
+    lime_matrix q, k, v, o, gate, up, down;
+    const float *in_norm, *post_attn_norm, *pre_mlp_norm, *post_mlp_norm, *q_norm, *k_norm;
+} lime_layer_t;
+
+typedef struct {
+    int64_t rows;
+    const float *cos, *sin;      /* [rows][rot] */
+    float *const *kbase, *const *vbase; /* per row: its sequence's cache, layer 0 */
+    const int64_t *stride;       /* per row: positions the cache holds (capacity) */
+    const int64_t *layer_elems;  /* per row: floats per layer of its cache */
+    const int64_t *pos;          /* per row: its position */
+} lime_step_t;
+
+static void rms_norm_rows(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        float acc[LANES] = {0};
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += xr[i + l] * xr[i + l];
+        float sum = 0.0f;
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        for (; i < n; i++) sum += xr[i] * xr[i];
+        float rs = 1.0f / sqrtf(sum / (float)n + eps);
+        for (i = 0; i < n; i++) yr[i] = w[i] * (xr[i] * rs);
+    }
+}
+
+static int project_rows(const lime_matrix *m, const float *x, int64_t rows, float *y, float *xpad, float *scratch) {
+    int status = lime_linear(m->fmt, m->data, m->stride, m->out, m->n, x, rows, y, xpad, scratch);
+    if (status == 0 && m->bias)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t o = 0; o < m->out; o++) y[r * m->out + o] = y[r * m->out + o] + m->bias[o];
+    return status;
+}
+
+static void rope(float *v, int64_t heads, int64_t dim, int64_t rot, const float *c, const float *s) {
+    int64_t half = rot / 2;
+    float tmp[1024];
+    for (int64_t h = 0; h < heads; h++) {
+        float *x = v + h * dim;
+        for (int64_t i = 0; i < rot; i++) {
+            float other = i < half ? -x[i + half] : x[i - half];
+            tmp[i] = x[i] * c[i] + other * s[i];
+        }
+        memcpy(x, tmp, (size_t)rot * 4);
+    }
+}
+
+/* x [rows][hidden] in place: norm, attention (this layer's keys and values written into
+ * each row's cache at its position first), residual, norm, MLP, residual; the operations
+ * of transformers' decoder layers in their order. `window`: positions a row attends to
+ * (0: all). `work`: lime_layer_work() floats. */
+int lime_layer(const lime_layer_t *L, const lime_step_t *S, int64_t offset, int64_t window, float *x,
+               float *work) {
+    int64_t R = S->rows, H = L->hidden, D = L->head_dim, QW = L->heads * D, KW = L->kv_heads * D, I = L->inter;
+    if (D > 1024 || L->kv_heads <= 0 || L->heads % L->kv_heads) return -1;
+    int64_t widest = (H > I ? H : I) > QW ? (H > I ? H : I) : QW;
+    int64_t npad = (widest + LANES - 1) / LANES * LANES;
+    float *h = work, *q = h + R * H, *k = q + R * QW, *v = k + R * KW, *att = v + R * KW, *a = att + R * QW;
+    float *g = a + R * H, *u = g + R * I, *xpad = u + R * I, *scratch = xpad + R * npad, *scores = scratch + 6 * npad;
+    int st = 0;
+    rms_norm_rows(x, R, H, L->in_norm, L->eps, h);
+    st |= project_rows(&L->q, h, R, q, xpad, scratch);
+    st |= project_rows(&L->k, h, R, k, xpad, scratch);
+    st |= project_rows(&L->v, h, R, v, xpad, scratch);
+    if (st) return -1;
+    if (L->qk_norm) {
+        rms_norm_rows(q, R * L->heads, D, L->q_norm, L->eps, q);
+        rms_norm_rows(k, R * L->kv_heads, D, L->k_norm, L->eps, k);
+    }
+    int64_t group = L->heads / L->kv_heads;
+    for (int64_t r = 0; r < R; r++) {
+        rope(q + r * QW, L->heads, D, L->rot, S->cos + r * L->rot, S->sin + r * L->rot);
+        rope(k + r * KW, L->kv_heads, D, L->rot, S->cos + r * L->rot, S->sin + r * L->rot);
+        float *kc = S->kbase[r] + offset * S->layer_elems[r], *vc = S->vbase[r] + offset * S->layer_elems[r];
+        for (int64_t j = 0; j < L->kv_heads; j++) {
+            memcpy(kc + (j * S->stride[r] + S->pos[r]) * D, k + r * KW + j * D, (size_t)D * 4);
+            memcpy(vc + (j * S->stride[r] + S->pos[r]) * D, v + r * KW + j * D, (size_t)D * 4);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const float *kc = S->kbase[r] + offset * S->layer_elems[r], *vc = S->vbase[r] + offset * S->layer_elems[r];
+        int64_t stop = S->pos[r] + 1, start = window > 0 && stop > window ? stop - window : 0;
+        for (int64_t hh = 0; hh < L->heads; hh++) {
+            const float *qh = q + r * QW + hh * D;
+            const float *kh = kc + (hh / group) * S->stride[r] * D, *vh = vc + (hh / group) * S->stride[r] * D;
+            attend_head(qh, kh, vh, start, stop, D, L->scale, L->softcap, scores, att + r * QW + hh * D);
+        }
+    }
+    if (project_rows(&L->o, att, R, a, xpad, scratch)) return -1;
+    if (L->sandwich) rms_norm_rows(a, R, H, L->post_attn_norm, L->eps, a);
+    for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + a[i];
+    rms_norm_rows(x, R, H, L->sandwich ? L->pre_mlp_norm : L->post_attn_norm, L->eps, h);
+    st |= project_rows(&L->gate, h, R, g, xpad, scratch);
+    st |= project_rows(&L->up, h, R, u, xpad, scratch);
+    if (st) return -1;
+    for (int64_t i = 0; i < R * I; i++) {
+        float z = g[i], act;
+        if (L->act == 1) act = 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+        else act = z / (1.0f + expf(-z));
+        g[i] = act * u[i];
+    }
+    if (project_rows(&L->down, g, R, a, xpad, scratch)) return -1;
+    if (L->sandwich) rms_norm_rows(a, R, H, L->post_mlp_norm, L->eps, a);
+    for (int64_t i = 0; i < R * H; i++) x[i] = x[i] + a[i];
+    return 0;
+}
+
+/* Floats of `work` lime_layer needs for `rows` rows and contexts up to `longest`. */
+int64_t lime_layer_work(const lime_layer_t *L, int64_t rows, int64_t longest) {
+    int64_t H = L->hidden, QW = L->heads * L->head_dim, KW = L->kv_heads * L->head_dim, I = L->inter;
+    int64_t widest = (H > I ? H : I) > QW ? (H > I ? H : I) : QW;
+    int64_t npad = (widest + LANES - 1) / LANES * LANES;
+    return rows * (2 * H + 2 * QW + 2 * KW + 2 * I + npad) + 6 * npad + longest + 64;
 }

@@ -96,8 +96,41 @@ def library() -> ctypes.CDLL:
             lib.lime_attention.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float,
                                            ctypes.c_float, ptr, ptr]
             lib.lime_attention.restype = ctypes.c_int
+            lib.lime_layer.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
+            lib.lime_layer.restype = ctypes.c_int
+            lib.lime_layer_work.argtypes = [ptr, i64, i64]
+            lib.lime_layer_work.restype = i64
             _library = lib
         return _library
+
+
+class Matrix(ctypes.Structure):
+    """``lime_matrix`` in kernels.c."""
+
+    _fields_ = [("fmt", ctypes.c_int32), ("stride", ctypes.c_int64), ("data", ctypes.c_void_p),
+                ("out", ctypes.c_int64), ("n", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+class LayerSpec(ctypes.Structure):
+    """``lime_layer_t`` in kernels.c: one decoder layer's numbers, matrices and norms."""
+
+    _fields_ = [
+        ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64), ("rot", ctypes.c_int64),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+        ("sandwich", ctypes.c_int32), ("qk_norm", ctypes.c_int32), ("act", ctypes.c_int32),
+        *((name, Matrix) for name in ("q", "k", "v", "o", "gate", "up", "down")),
+        *((name, ctypes.c_void_p) for name in ("in_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm",
+                                                "q_norm", "k_norm")),
+    ]
+
+
+class StepSpec(ctypes.Structure):
+    """``lime_step_t`` in kernels.c: the rows of one step and where their caches are."""
+
+    _fields_ = [("rows", ctypes.c_int64), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("kbase", ctypes.c_void_p), ("vbase", ctypes.c_void_p), ("stride", ctypes.c_void_p),
+                ("layer_elems", ctypes.c_void_p), ("pos", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
@@ -146,6 +179,11 @@ class PackedWeight:
     def select(self, start: int, stop: int) -> PackedWeight:
         """Output rows ``[start, stop)`` (a view)."""
         return PackedWeight(self.data[start:stop], self.fmt, stop - start, self.n)
+
+    def matrix(self, bias: torch.Tensor | None) -> Matrix:
+        """This matrix (and a float32 ``bias``) as kernels.c reads it; keep both alive."""
+        return Matrix(FORMATS[self.fmt], self.data.stride(0) * self.data.element_size(), self.data.data_ptr(),
+                      self.out, self.n, 0 if bias is None else bias.data_ptr())
 
 
 def linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:

@@ -100,6 +100,8 @@ class LayerWeights:
     def __init__(self, adapter: DecoderAdapter, state: dict[str, Any], dtype: torch.dtype) -> None:
         family = adapter.family
         self.dtype = dtype
+        self._fused_built = False
+        self._fused: kernels.LayerSpec | None = None
 
         def weight(key: str) -> PackedWeight:
             item = state.get(key)
@@ -145,6 +147,32 @@ class LayerWeights:
         if family.qk_norm:
             self.q_norm = norm("self_attn.q_norm.weight")
             self.k_norm = norm("self_attn.k_norm.weight")
+
+    def fused(self, adapter: DecoderAdapter, rotary: int) -> kernels.LayerSpec | None:
+        """The layer as :func:`fused_layer` runs it in one kernel call (float32 models whose
+        matrices are all kernel formats), or None. Built once and kept."""
+        if self._fused_built:
+            return self._fused
+        self._fused_built = True
+        matrices = [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+        if self.dtype != torch.float32 or any(m.fmt in ("BF16", "F16") for m in matrices) or \
+                adapter.family.activation not in ("silu", "gelu_pytorch_tanh") or adapter.head_dim > 1024:
+            return None
+        biases = [self.q_bias, self.k_bias, self.v_bias, self.o_bias, self.gate_bias, self.up_bias, self.down_bias]
+        self._keep = [b.to(torch.float32).contiguous() if b is not None else None for b in biases]
+        family = adapter.family
+        norms = [self.input_norm, self.post_attention_norm, getattr(self, "pre_mlp_norm", None),
+                 getattr(self, "post_mlp_norm", None), getattr(self, "q_norm", None), getattr(self, "k_norm", None)]
+        self._keep_norms = [n.to(torch.float32).contiguous() if n is not None else None for n in norms]
+        spec = kernels.LayerSpec(
+            self.q.n, adapter.heads, adapter.kv_heads, adapter.head_dim, self.gate.out, rotary,
+            adapter.eps, adapter.scaling, adapter.attn_softcap or 0.0,
+            int(family.sandwich), int(family.qk_norm), 0 if family.activation == "silu" else 1,
+            *(m.matrix(b) for m, b in zip(matrices, self._keep, strict=True)),
+            *(0 if n is None else n.data_ptr() for n in self._keep_norms),
+        )
+        self._fused = spec
+        return spec
 
     @property
     def nbytes(self) -> int:
@@ -334,3 +362,41 @@ def layer_forward(adapter: DecoderAdapter, w: LayerWeights, x: torch.Tensor, row
     if family.sandwich:
         m = rms_norm(adapter, m, w.post_mlp_norm)
     return residual + m
+
+
+class FusedStep:
+    """One step's rows for :func:`fused_layer`: positions, rotary tables and cache addresses."""
+
+    def __init__(self, rows: Rows, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos = cos.reshape(rows.total, -1).to(torch.float32).contiguous()
+        self.sin = sin.reshape(rows.total, -1).to(torch.float32).contiguous()
+        k_base, v_base, stride, elems, pos = [], [], [], [], []
+        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+            for p in range(start, start + count):
+                k_base.append(cache.k.data_ptr())
+                v_base.append(cache.v.data_ptr())
+                stride.append(cache.capacity)
+                elems.append(cache.kv_heads * cache.capacity * cache.head_dim)
+                pos.append(p)
+        pointers = ctypes.c_void_p * rows.total
+        self._k, self._v = pointers(*k_base), pointers(*v_base)
+        self._ints = [np.asarray(a, dtype=np.int64) for a in (stride, elems, pos)]
+        self.longest = max(pos) + 1
+        self.spec = kernels.StepSpec(rows.total, self.cos.data_ptr(), self.sin.data_ptr(),
+                                     ctypes.cast(self._k, ctypes.c_void_p), ctypes.cast(self._v, ctypes.c_void_p),
+                                     *(a.ctypes.data for a in self._ints))
+        self.work: torch.Tensor | None = None
+
+
+def fused_layer(spec: kernels.LayerSpec, step: FusedStep, x: torch.Tensor, offset: int,
+                window: int | None) -> torch.Tensor:
+    """One decoder layer in one kernel call, on ``x`` [R, hidden] float32 (in place)."""
+    lib = kernels.library()
+    need = int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.longest))
+    if step.work is None or step.work.numel() < need:
+        step.work = torch.empty(need, dtype=torch.float32)
+    x = x.contiguous()
+    if lib.lime_layer(ctypes.byref(spec), ctypes.byref(step.spec), offset, window or 0, x.data_ptr(),
+                      step.work.data_ptr()) != 0:
+        raise ModelError("the layer kernel refused this layer")
+    return x

@@ -24,7 +24,17 @@ from lime_mqtt.model import kernels
 from lime_mqtt.model.adapter import DecoderAdapter, adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.kernels import PackedWeight
-from lime_mqtt.model.lean import KERNEL_ROWS, KVCache, LayerWeights, Rows, layer_forward, project, rms_norm
+from lime_mqtt.model.lean import (
+    KERNEL_ROWS,
+    FusedStep,
+    KVCache,
+    LayerWeights,
+    Rows,
+    fused_layer,
+    layer_forward,
+    project,
+    rms_norm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +320,24 @@ class Shard:
         for kind in kinds:
             cos, sin = shared if shared is not None else self.rotary(probe, positions, kind)
             tables[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [R, 1, rotary dim]
+        fused = self.dtype == torch.float32 and rows.total <= KERNEL_ROWS
+        steps = {kind: FusedStep(rows, *table) for kind, table in tables.items()} if fused else {}
+        if fused:
+            x = x.to(torch.float32).clone()  # the kernel works in place
         for offset in range(len(self.layers)):
             index = self.spec.start + offset
             if self.layer_delay_s:
                 time.sleep(self.layer_delay_s)
-            cos, sin = tables[self.adapter.layer_types[index]]
+            kind = self.adapter.layer_types[index]
+            cos, sin = tables[kind]
             window = self.adapter.window(index)
             layer = self.layers[offset]
             if layer is not None:
-                x = layer_forward(self.adapter, layer, x, rows, offset, window, cos, sin)
+                spec = layer.fused(self.adapter, int(cos.shape[-1])) if fused else None
+                if spec is not None:
+                    x = fused_layer(spec, steps[kind], x, offset, window)
+                else:
+                    x = layer_forward(self.adapter, layer, x, rows, offset, window, cos, sin)
                 continue
             if self.stream is None:
                 raise ModelError(f"layer {index} is streamed but no reader is set")
@@ -326,7 +345,11 @@ class Shard:
             try:
                 prefix = self._prefixes[index]
                 streamed = self._layer({k[len(prefix):]: v for k, v in weights.items()})
-                x = layer_forward(self.adapter, streamed, x, rows, offset, window, cos, sin)
+                spec = streamed.fused(self.adapter, int(cos.shape[-1])) if fused else None
+                if spec is not None:
+                    x = fused_layer(spec, steps[kind], x, offset, window)
+                else:
+                    x = layer_forward(self.adapter, streamed, x, rows, offset, window, cos, sin)
             finally:
                 del weights
                 self.stream.release()
