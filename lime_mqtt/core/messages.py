@@ -95,6 +95,7 @@ class DeviceStatus(_Message):
     param_count: int | None = Field(None, ge=0)
     weight_bytes: int | None = Field(None, ge=0)  # held by its shards, in their own formats
     formats: list[str] = Field(default_factory=list, max_length=16)  # e.g. ["BF16"], ["F32", "Q4_1", "Q8_0"]
+    loaded_anon_mb: float | None = Field(None, ge=0)  # resident memory its last load of shards added
     capabilities: dict[str, float] = Field(default_factory=dict, max_length=64)
     trusted: bool = False  # its profile says it may see token ids and text (docs/security.md)
     error: str | None = Field(None, max_length=4096)

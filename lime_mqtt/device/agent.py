@@ -156,6 +156,7 @@ class DeviceAgent:
             fields["param_count"] = sum(shard.param_count for shard in host.shards.values())
             fields["weight_bytes"] = sum(shard.weight_bytes for shard in host.shards.values())
             fields["formats"] = sorted({f for shard in host.shards.values() for f in shard.formats()})
+            fields["loaded_anon_mb"] = round(host.load_anon / MIB, 2)
         return DeviceStatus(
             v=STATUS_VERSION, device_id=self.device_id, state=state, model=self.model_id, memory_mb=self.memory_mb,
             host=socket.gethostname(), pid=os.getpid(), torch_device=self.torch_device, threads=self.threads,

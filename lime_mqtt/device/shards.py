@@ -54,6 +54,7 @@ class ShardHost:
         self.fetch_weights = fetch_weights  # model files come over MQTT from a weight source
         self.manifest: dict[str, Any] | None = None
         self.baseline_rss = self.baseline_anon = 0
+        self.load_anon = 0  # anonymous memory the last load of shards added
         self.opened = False  # the model's config is here and its code imported
         self.stages: list[StagePlan] = []  # this device's segments of the plan (several if interleaved)
         self.shards: dict[int, Shard] = {}  # by stage number
@@ -160,9 +161,12 @@ class ShardHost:
         streamed = [(i, self.checkpoint.keys_with_prefix(f"model.layers.{i}."))
                     for spec in specs.values() for i in spec.streamed]
         slots = max(spec.slots for spec in specs.values())
+        before = anon_rss_bytes()
         self.stream = LayerStream(self.checkpoint, streamed, slots) if streamed else None
         self.shards = {n: Shard(self.checkpoint, spec, self.torch_device, self.layer_delay_ms, stream=self.stream)
                        for n, spec in specs.items()}
+        # What loading these shards cost in resident memory: their weights, as held.
+        self.load_anon = max(0, anon_rss_bytes() - before)
 
     def use(self, stages: list[StagePlan]) -> None:
         """These segments are this device's now; with their shards loaded, the governor

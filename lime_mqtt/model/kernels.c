@@ -15,7 +15,9 @@
  * gguf-py's dequantize gives (one rounding per product, in the same order: see each
  * format). Built by lime_mqtt/model/kernels.py with the machine's own compiler.
  */
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -226,6 +228,92 @@ static void tile_any(const float *const *w, int to, const float *x, int64_t xstr
  * bytes (0: packed). `xpad`: rows x copied with zero padding to npad, given by the
  * caller (rows * npad floats); `scratch`: TILE_O * npad floats. Returns 0, or -1 for an
  * unknown format or a width the format's blocks do not divide. */
+/* ---- a pool of threads for large products ---------------------------------------- *
+ * The output rows of a product are split between the threads in whole tiles; each output
+ * is still one thread's fixed-order sum, so the bits do not depend on the thread count. */
+
+#define MAX_THREADS 64
+#define PARALLEL_MIN (1 << 18) /* weights (out * n) below which one thread does it all */
+
+typedef struct {
+    int fmt;
+    const uint8_t *weight;
+    int64_t row_stride, out, n, npad, rows, chunk;
+    const float *xpad;
+    float *y;
+    int threads;
+} linear_job;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER; /* one parallel product at a time */
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_workers = 0, pool_active = 1, pool_pending = 0;
+static uint64_t pool_generation = 0;
+static linear_job pool_job;
+
+static void linear_range(const linear_job *j, int64_t begin, int64_t end, float *scratch) {
+    const float *w[TILE_O];
+    for (int64_t o0 = begin; o0 < end; o0 += TILE_O) {
+        int to = end - o0 < TILE_O ? (int)(end - o0) : TILE_O;
+        for (int o = 0; o < to; o++) {
+            const uint8_t *src = j->weight + (o0 + o) * j->row_stride;
+            float *dst = scratch + o * j->npad;
+            if (j->fmt == F32 && j->npad == j->n) dst = (float *)src; /* read in place */
+            else {
+                row_to_f32(j->fmt, src, j->n, dst);
+                for (int64_t i = j->n; i < j->npad; i++) dst[i] = 0.0f;
+            }
+            w[o] = dst;
+        }
+        for (int64_t r0 = 0; r0 < j->rows; r0 += TILE_R) {
+            int tr = j->rows - r0 < TILE_R ? (int)(j->rows - r0) : TILE_R;
+            tile_any(w, to, j->xpad + r0 * j->npad, j->npad, tr, j->npad, j->y + r0 * j->out, j->out, o0);
+        }
+    }
+}
+
+static void *pool_worker(void *arg) {
+    int index = (int)(intptr_t)arg; /* 1 .. pool_workers; the caller is 0 */
+    uint64_t seen = 0;
+    float *scratch = NULL;
+    int64_t capacity = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool_lock);
+        while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = pool_generation;
+        linear_job job = pool_job;
+        pthread_mutex_unlock(&pool_lock);
+        if (index >= job.threads) continue;
+        if (capacity < TILE_O * job.npad) {
+            free(scratch);
+            capacity = TILE_O * job.npad;
+            scratch = malloc((size_t)capacity * sizeof(float));
+        }
+        int64_t begin = index * job.chunk, end = begin + job.chunk < job.out ? begin + job.chunk : job.out;
+        if (begin < end && scratch) linear_range(&job, begin, end, scratch);
+        pthread_mutex_lock(&pool_lock);
+        if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+        pthread_mutex_unlock(&pool_lock);
+    }
+    return NULL;
+}
+
+/* Use `threads` threads (the caller's included) for large products; returns the count set. */
+int lime_set_threads(int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    pthread_mutex_lock(&pool_lock);
+    while (pool_workers < threads - 1) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, pool_worker, (void *)(intptr_t)(pool_workers + 1)) != 0) break;
+        pthread_detach(thread);
+        pool_workers++;
+    }
+    pool_active = threads <= pool_workers + 1 ? threads : pool_workers + 1;
+    pthread_mutex_unlock(&pool_lock);
+    return pool_active;
+}
+
 int lime_linear(int fmt, const uint8_t *weight, int64_t row_stride, int64_t out, int64_t n,
                 const float *x, int64_t rows, float *y, float *xpad, float *scratch) {
     int64_t rb = row_bytes(fmt, n);
@@ -238,24 +326,27 @@ int lime_linear(int fmt, const uint8_t *weight, int64_t row_stride, int64_t out,
         memcpy(xpad + r * npad, x + r * n, (size_t)n * 4);
         for (int64_t i = n; i < npad; i++) xpad[r * npad + i] = 0.0f;
     }
-    const float *w[TILE_O];
-    for (int64_t o0 = 0; o0 < out; o0 += TILE_O) {
-        int to = out - o0 < TILE_O ? (int)(out - o0) : TILE_O;
-        for (int o = 0; o < to; o++) {
-            const uint8_t *src = weight + (o0 + o) * row_stride;
-            float *dst = scratch + o * npad;
-            if (fmt == F32 && npad == n) dst = (float *)src; /* read in place */
-            else {
-                row_to_f32(fmt, src, n, dst);
-                for (int64_t i = n; i < npad; i++) dst[i] = 0.0f;
-            }
-            w[o] = dst;
-        }
-        for (int64_t r0 = 0; r0 < rows; r0 += TILE_R) {
-            int tr = rows - r0 < TILE_R ? (int)(rows - r0) : TILE_R;
-            tile_any(w, to, xpad + r0 * npad, npad, tr, npad, y + r0 * out, out, o0);
-        }
+    linear_job job = {fmt, weight, row_stride, out, n, npad, rows, out, xpad, y, 1};
+    int threads = out * n >= PARALLEL_MIN ? pool_active : 1;
+    /* Another caller's product holds the pool (two shards on two threads): do this one alone. */
+    if (threads > 1 && pthread_mutex_trylock(&pool_owner) == 0) {
+        int64_t tiles = (out + TILE_O - 1) / TILE_O;
+        job.chunk = (tiles + threads - 1) / threads * TILE_O;
+        job.threads = threads;
+        pthread_mutex_lock(&pool_lock);
+        pool_job = job;
+        pool_pending = threads - 1;
+        pool_generation++;
+        pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_lock);
+        linear_range(&job, 0, job.chunk < out ? job.chunk : out, scratch);
+        pthread_mutex_lock(&pool_lock);
+        while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_lock);
+        pthread_mutex_unlock(&pool_lock);
+        pthread_mutex_unlock(&pool_owner);
+        return 0;
     }
+    linear_range(&job, 0, out, scratch);
     return 0;
 }
 
@@ -270,7 +361,7 @@ int lime_rows(int fmt, const uint8_t *weight, int64_t row_stride, int64_t n, con
     return 0;
 }
 
-/* ---- attention of one new token per row, float32 ---------------------------------- */
+/* ---- attention, float32 --------------------------------------------------------------- */
 
 /* q . k in a fixed order: LANES-wide fused multiply-adds when dim allows, else in turn. */
 static inline float dot(const float *a, const float *b, int64_t dim) {
@@ -310,29 +401,6 @@ static void attend_head(const float *qh, const float *kh, const float *vh, int64
     }
     float inverse = 1.0f / total;
     for (int64_t d = 0; d < dim; d++) oh[d] = oh[d] * inverse;
-}
-
-/* For each row b and head h: softmax over the keys [first[b], length[b]) of its sequence
- * of (q . k) * scale (soft-capped when softcap > 0), times the values, divided by the
- * softmax's sum at the end. Keys and values of row b are at k[b], v[b]:
- * [kv_heads][stride[b]][dim] float32; head h reads kv head h / (heads / kv_heads).
- * q: [batch][heads][dim]; out likewise; scratch: the longest length floats. Each row's
- * result depends on its own data alone. */
-int lime_attention(int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const float *q,
-                   const float *const *k, const float *const *v, const int64_t *stride, const int64_t *first,
-                   const int64_t *length, float scale, float softcap, float *out, float *scratch) {
-    if (kv_heads <= 0 || heads % kv_heads) return -1;
-    int64_t group = heads / kv_heads;
-    for (int64_t b = 0; b < batch; b++) {
-        int64_t start = first[b] < 0 ? 0 : first[b], stop = length[b];
-        for (int64_t h = 0; h < heads; h++) {
-            const float *qh = q + (b * heads + h) * dim;
-            float *oh = out + (b * heads + h) * dim;
-            const float *kh = k[b] + (h / group) * stride[b] * dim, *vh = v[b] + (h / group) * stride[b] * dim;
-            attend_head(qh, kh, vh, start, stop, dim, scale, softcap, scratch, oh);
-        }
-    }
-    return 0;
 }
 
 /* ---- one whole decoder layer, float32 activations ----------------------------------- */

@@ -37,7 +37,7 @@ from lime_mqtt.core.errors import ModelError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11", "-pthread")
 
 # GGML's type numbers, and (values, bytes) per block of each format.
 FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -82,8 +82,22 @@ def build(force: bool = False) -> Path:
     return path
 
 
+_threads = 0  # the thread count the kernels were last set to
+
+
 def library() -> ctypes.CDLL:
-    """The loaded kernels (built first if needed)."""
+    """The loaded kernels (built first if needed), using as many threads as torch does
+    (``torch.set_num_threads``: a device's ``--threads``) for products of a million
+    weights or more."""
+    global _threads
+    lib = _load()
+    threads = torch.get_num_threads()
+    if threads != _threads:
+        _threads = lib.lime_set_threads(threads)
+    return lib
+
+
+def _load() -> ctypes.CDLL:
     global _library
     with _lock:
         if _library is None:
@@ -93,9 +107,8 @@ def library() -> ctypes.CDLL:
             lib.lime_linear.restype = ctypes.c_int
             lib.lime_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
             lib.lime_rows.restype = ctypes.c_int
-            lib.lime_attention.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float,
-                                           ctypes.c_float, ptr, ptr]
-            lib.lime_attention.restype = ctypes.c_int
+            lib.lime_set_threads.argtypes = [ctypes.c_int]
+            lib.lime_set_threads.restype = ctypes.c_int
             lib.lime_layer.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
             lib.lime_layer.restype = ctypes.c_int
             lib.lime_layer_work.argtypes = [ptr, i64, i64]
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m lime_mqtt.model.kernels [--force]``: build the kernels (the install step)."""
     args = sys.argv[1:] if argv is None else argv
     path = build(force="--force" in args)
-    library()
+    _load()
     print(f"kernels ready: {path}")
     return 0
 

@@ -10,11 +10,12 @@ model's dtype between operations), without its modules, masks and cache objects:
   rows, in their own format, with float32 sums, and each row's result is the same bits
   in any batch. Longer prompt chunks use torch's matrix products on the (dequantized)
   weights. bfloat16 and float16 matrices use torch's products (see :func:`project`).
-- **Attention** in float32 of up to :data:`KERNEL_ROWS` rows runs on the kernels too, all
-  sequences in one call, each row on its own sequence's cache; longer chunks, and
-  bfloat16 and float16 models, use torch's attention per sequence as transformers calls
-  it (see :func:`attention`). Sliding-window layers attend to their last ``window``
-  positions.
+- **float32 steps of up to :data:`KERNEL_ROWS` rows** (float32 or GGUF weights) run each
+  layer in one kernel call (:func:`fused_layer`): norms, projections, RoPE, the cache
+  write, attention of every row on its own sequence's cache, the MLP.
+- **Attention** otherwise (longer chunks; bfloat16 and float16 models) uses torch's
+  attention per sequence as transformers calls it (see :func:`attention`).
+  Sliding-window layers attend to their last ``window`` positions.
 - **The KV cache** (:class:`KVCache`) is one buffer per sequence and shard, in the
   model's dtype, grown in steps.
 """
@@ -248,49 +249,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attention(adapter: DecoderAdapter, q: torch.Tensor, rows: Rows, offset: int, window: int | None) -> torch.Tensor:
     """Attention of ``q`` [R, heads, dim] on each row's sequence (keys and values of
-    layer ``offset`` already written), [R, heads * dim] in the model's dtype.
-
-    float32 steps of up to :data:`KERNEL_ROWS` rows run in one kernel call for all
-    sequences. bfloat16 and float16 run torch's own attention per sequence, with the
-    shapes transformers gives it: its kernels round the attention weights to the model's
-    dtype inside, and exactly that is what keeps half-precision answers identical to
-    transformers' (where two logits tie in bfloat16, one rounding apart changes the token).
-    """
-    if q.dtype == torch.float32 and rows.total <= KERNEL_ROWS:
-        return _kernel_attention(adapter, q, rows, offset, window)
+    layer ``offset`` already written), [R, heads * dim] in the model's dtype, per sequence
+    as transformers computes it. (float32 steps of up to :data:`KERNEL_ROWS` rows run in
+    :func:`fused_layer` instead, all sequences in one kernel call.) In bfloat16 and
+    float16, torch's kernels round the attention weights to the model's dtype inside, and
+    exactly that keeps half-precision answers identical to transformers': where two
+    logits tie in bfloat16, one rounding apart changes the token."""
     parts, row = [], 0
     for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
         parts.append(_torch_attention(adapter, q[row : row + count], cache, start, offset, window))
         row += count
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _kernel_attention(adapter: DecoderAdapter, q: torch.Tensor, rows: Rows, offset: int,
-                      window: int | None) -> torch.Tensor:
-    count = rows.total
-    keys, values, stride, first, length = [], [], [], [], []
-    for cache, start, n in zip(rows.caches, rows.starts, rows.counts, strict=True):
-        k_ptr = cache.k[offset].data_ptr()
-        v_ptr = cache.v[offset].data_ptr()
-        for pos in range(start, start + n):
-            keys.append(k_ptr)
-            values.append(v_ptr)
-            stride.append(cache.capacity)
-            length.append(pos + 1)
-            first.append(pos + 1 - window if window else 0)
-    qf = q.contiguous()
-    out = torch.empty_like(qf)
-    scratch = torch.empty(max(length), dtype=torch.float32)
-    pointers = ctypes.c_void_p * count
-    ints = [np.asarray(a, dtype=np.int64) for a in (stride, first, length)]
-    status = kernels.library().lime_attention(
-        count, adapter.heads, adapter.kv_heads, adapter.head_dim, qf.data_ptr(), pointers(*keys), pointers(*values),
-        ints[0].ctypes.data, ints[1].ctypes.data, ints[2].ctypes.data, ctypes.c_float(adapter.scaling),
-        ctypes.c_float(adapter.attn_softcap or 0.0), out.data_ptr(), scratch.data_ptr(),
-    )
-    if status != 0:
-        raise ModelError(f"the attention kernel refused heads={adapter.heads} kv_heads={adapter.kv_heads}")
-    return out.view(count, -1)
 
 
 def _torch_attention(adapter: DecoderAdapter, q: torch.Tensor, cache: KVCache, start: int, offset: int,

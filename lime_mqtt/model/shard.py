@@ -32,6 +32,7 @@ from lime_mqtt.model.lean import (
     Rows,
     fused_layer,
     layer_forward,
+    prepare_norm,
     project,
     rms_norm,
 )
@@ -129,6 +130,10 @@ def import_runtime(checkpoint: Checkpoint) -> None:
     the engine's kernels."""
     adapter_for(checkpoint.config)
     kernels.library()
+    try:
+        checkpoint.tensors  # noqa: B018  (the file headers: a GGUF file's parsed once, here)
+    except ModelError:
+        pass  # no tensors yet: they come over MQTT
 
 
 class Shard:
@@ -184,8 +189,6 @@ class Shard:
             head_key = self.adapter.head_source_key(self.config, set(checkpoint.tensors))
             tied = head_key == self.adapter.embed_key and self.embed is not None
             self.head = self.embed if tied else self._matrix(head_key)  # tied: one copy for both
-        from lime_mqtt.model.lean import prepare_norm
-
         if self.norm is not None:
             self.norm = prepare_norm(self.adapter, self.norm)
         self.rotary = self.adapter.build_rotary(self.config)
