@@ -477,6 +477,39 @@ async def test_a_planned_device_going_offline_gets_a_plan_without_it(cluster_nam
         assert_covers_all_layers(plan)
 
 
+async def test_a_planner_restarted_with_its_plan_and_no_device_back_waits_for_them(
+    cluster_name: str, tiny_model: Path
+) -> None:
+    """Restarted while its retained plan's devices are all offline (a demo run again later):
+    no error while it waits; once they are back, the plan stands for them (no new epoch)."""
+    broker = MemoryBroker()
+    topics = Topics(cluster_name)
+    model = tiny_model.name
+    first = planner_alone(broker, cluster_name, tiny_model, quorum=2)
+    async with broker.connection() as conn:
+        async with running({"planner": first}):
+            for device in ("a", "b"):
+                await conn.publish(topics.device_status(device), device_status(device, model), qos=1, retain=True)
+            await wait_until(epoch_reaches(broker, cluster_name, 1))
+        for device in ("a", "b"):
+            await conn.publish(topics.device_status(device), device_status(device, model, "offline"), qos=1,
+                               retain=True)
+        again = planner_alone(broker, cluster_name, tiny_model, quorum=2)
+        async with running({"planner": again}):
+            await wait_until(lambda: again.plan is not None and set(again.devices) == {"a", "b"})
+            assert again.needs_plan() is None
+            status = json.loads(broker.retained(topics.planner_status("main")) or b"{}")
+            assert status.get("state") != "error", status
+            for device in ("a", "b"):
+                await conn.publish(topics.device_status(device), device_status(device, model), qos=1, retain=True)
+            await wait_until(lambda: set(again.online()) == {"a", "b"})
+            assert again.needs_plan() is None
+            status = json.loads(broker.retained(topics.planner_status("main")) or b"{}")
+            assert status.get("state") != "error", status
+    plan = retained_plan(broker, cluster_name)
+    assert plan is not None and plan.epoch == 1 and plan_devices(plan) == {"a", "b"}
+
+
 # -- device agent ---------------------------------------------------------------------
 
 

@@ -103,7 +103,9 @@ class PlannerService:
         if self.plan is None or self.plan.model != self.model_id:
             return "first" if len(online) >= self.quorum else None
         if any(stage.device_id not in online for stage in self.plan.stages):
-            return "lost"
+            # None online at all (a planner restarted with its retained plan, before any
+            # device is back): wait for them rather than fail to plan.
+            return "lost" if online else None
         if set(online) - self.considered - {s.device_id for s in self.plan.stages}:
             return "joined"
         return None
