@@ -33,7 +33,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -147,31 +146,6 @@ def make_prompt(folder: Path, tokens: int) -> tuple[str, int]:
 # ----- measuring ----------------------------------------------------------------------------------
 
 
-class AnonSampler:
-    """The highest RssAnon of some processes, read from /proc every ``period_s`` by a thread
-    (slow enough not to disturb the timings on a small machine)."""
-
-    def __init__(self, pids: list[int], period_s: float = 0.05) -> None:
-        self.peaks = dict.fromkeys(pids, 0)
-        self._period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        from lime_mqtt.device.memory import anon_rss_bytes
-
-        while not self._stop.wait(self._period_s):
-            for pid in self.peaks:
-                with contextlib.suppress(OSError):
-                    self.peaks[pid] = max(self.peaks[pid], anon_rss_bytes(pid))
-
-    def stop(self) -> dict[int, int]:
-        self._stop.set()
-        self._thread.join()
-        return self.peaks
-
-
 async def one_request(broker: str, cluster: str, prompt: str, tokens: int, stream: bool) -> dict[str, Any]:
     """One greedy request: the final message's timings (the coordinator's clock: ``ttft_ms``
     from the request's arrival to the first token, ``tpot_ms`` the mean of the later steps),
@@ -194,24 +168,6 @@ async def one_request(broker: str, cluster: str, prompt: str, tokens: int, strea
         "finish_reason": final["finish_reason"], "chunks": chunks,
         "client_total_ms": (time.perf_counter() - sent) * 1000,
     }
-
-
-async def device_statuses(broker: str, cluster: str, ids: list[str], timeout_s: float = 10.0) -> dict[str, dict]:
-    """Each device's retained status (as tests/test_e2e_processes.py reads them)."""
-    from lime_mqtt.core.topics import Topics
-    from lime_mqtt.transport import connect
-
-    found: dict[str, dict] = {}
-    async with connect(broker) as conn:
-        await conn.subscribe(Topics(cluster).all_device_status)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                async for message in conn.messages():
-                    status = json.loads(message.payload)
-                    found[status["device_id"]] = status
-                    if set(ids) <= set(found):
-                        break
-    return found
 
 
 def matvec_rates(hidden: int, threads: int, big_mib: int) -> dict[str, float]:
@@ -301,7 +257,8 @@ def main() -> int:
     shapes = model_shapes(args)
     folder = ensure_model(args.cache.expanduser().resolve(), shapes)
 
-    from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+    from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, device_statuses
+    from lime_mqtt.device.memory import AnonPeakSampler
     from lime_mqtt.model.checkpoint import Checkpoint
     from lime_mqtt.planning.plan import format_plan
     from lime_mqtt.transport.mosquitto import LocalBroker
@@ -338,7 +295,7 @@ def main() -> int:
         if len({s.device_id for s in plan.stages}) < len(ids):
             print(f"note: the plan uses {len({s.device_id for s in plan.stages})} of the {len(ids)} devices",
                   flush=True)
-        sampler = AnonSampler([procs.processes[d].pid for d in ids])
+        sampler = AnonPeakSampler([procs.processes[d].pid for d in ids], period_s=0.05)  # slow: no disturbance
         reference: list[int] | None = None
         for round_ in range(args.rounds + 1):  # round 0 warms up
             run = asyncio.run(one_request(broker.url, cluster, prompt, args.tokens, not args.no_stream))

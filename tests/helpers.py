@@ -15,6 +15,7 @@ from lime_mqtt.client import ask
 from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.device.agent import DeviceAgent
+from lime_mqtt.device.memory import AnonPeakSampler  # noqa: F401  (tests import it from here)
 from lime_mqtt.planner.service import PlannerService
 from lime_mqtt.planning.plan import Plan
 from lime_mqtt.transport import Transport, connect, transport_for
@@ -146,37 +147,6 @@ def reference_logits(folder: Path, ids: list[int], steps: int) -> list[Any]:
             result = model(torch.tensor([[token]]), cache=cache_, use_cache=True)
             logits = result.logits[0, -1]
     return out
-
-
-class AnonPeakSampler:
-    """The highest resident anonymous memory (RssAnon) of some processes, read from
-    /proc/PID/status every ``period_s`` by a thread, until :meth:`stop`. The kernel keeps
-    a peak only of the whole RSS (VmHWM), which also counts the pages of shared libraries
-    mapped in as code runs; this is the process's own data."""
-
-    def __init__(self, pids: list[int], period_s: float = 0.002) -> None:
-        import threading
-
-        self.peaks = dict.fromkeys(pids, 0)
-        self._period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        from lime_mqtt.device.memory import anon_rss_bytes
-
-        while not self._stop.wait(self._period_s):  # a sampling period, not a synchronisation
-            for pid in self.peaks:
-                try:
-                    self.peaks[pid] = max(self.peaks[pid], anon_rss_bytes(pid))
-                except OSError:
-                    pass  # the process has ended
-
-    def stop(self) -> dict[int, int]:
-        self._stop.set()
-        self._thread.join()
-        return self.peaks
 
 
 TEST_COORDINATOR = "test"  # the coordinator a test plays when it sends steps itself

@@ -8,39 +8,22 @@ own start-up baseline is far below the model's size).
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, device_statuses
 from lime_mqtt.client import ask
-from lime_mqtt.core.topics import Topics
 from lime_mqtt.device.memory import peak_rss_bytes
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.plan import MIB
-from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import AnonPeakSampler, prompt_ids, reference_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Name two ways to save energy in a factory."}]
-
-
-async def _statuses(broker: str, cluster: str, ids: list[str]) -> dict[str, dict]:
-    topics = Topics(cluster)
-    found: dict[str, dict] = {}
-    async with connect(broker) as conn:
-        await conn.subscribe(topics.all_device_status)
-        async with asyncio.timeout(10):
-            async for message in conn.messages():
-                status = json.loads(message.payload)
-                found[status["device_id"]] = status
-                if set(ids) <= set(found):
-                    return found
-    return found
 
 
 def test_four_device_processes_answer_like_transformers(
@@ -55,7 +38,7 @@ def test_four_device_processes_answer_like_transformers(
 
         async def run() -> tuple[list[dict], dict[str, dict]]:
             messages = [m async for m in ask(broker.url, cluster_name, {"messages": QUESTION, "max_tokens": 24})]
-            return messages, await _statuses(broker.url, cluster_name, [d.device_id for d in devices])
+            return messages, await device_statuses(broker.url, cluster_name, [d.device_id for d in devices])
 
         messages, statuses = asyncio.run(run())
         middle = plan.stages[1]
@@ -119,7 +102,7 @@ def test_a_model_larger_than_every_device_streams_layers_and_stays_in_budget(
 
         async def run() -> tuple[list[dict], dict[str, dict]]:
             messages = [m async for m in ask(broker.url, cluster_name, {"messages": QUESTION, "max_tokens": 16})]
-            return messages, await _statuses(broker.url, cluster_name, ids)
+            return messages, await device_statuses(broker.url, cluster_name, ids)
 
         messages, statuses = asyncio.run(run())
         anon_peaks = sampler.stop()

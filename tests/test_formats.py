@@ -10,39 +10,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster, device_statuses
 from lime_mqtt.client import ask
-from lime_mqtt.core.topics import Topics
 from lime_mqtt.model.builtin import smollm2_gguf_folder
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.model.tiny import write_tiny_model
 from lime_mqtt.planning.plan import MIB
-from lime_mqtt.transport import connect
 from lime_mqtt.transport.mosquitto import LocalBroker
 from tests.helpers import prompt_ids, reference_greedy
 
 pytestmark = [pytest.mark.e2e]
 
 QUESTION = [{"role": "user", "content": "Name two ways to save energy in a factory."}]
-
-
-async def _statuses(broker: str, cluster: str, ids: list[str]) -> dict[str, dict]:
-    found: dict[str, dict] = {}
-    async with connect(broker) as conn:
-        await conn.subscribe(Topics(cluster).all_device_status)
-        async with asyncio.timeout(10):
-            async for message in conn.messages():
-                status = json.loads(message.payload)
-                found[status["device_id"]] = status
-                if set(ids) <= set(found):
-                    break
-    return found
 
 
 def _ask(broker: str, cluster: str, request: dict) -> list[dict]:
@@ -68,7 +52,7 @@ def test_smollm2_served_from_its_gguf_file_as_shipped(
                         planner_args=("--strategy", "memory")) as procs:
         plan = procs.wait_ready(timeout_s=180)
         ids = [d.device_id for d in devices]
-        loaded = asyncio.run(_statuses(broker.url, cluster_name, ids))
+        loaded = asyncio.run(device_statuses(broker.url, cluster_name, ids))
         assert all(loaded[i]["formats"] in (["Q4_1"], ["Q4_1", "Q8_0"]) for i in ids), loaded
         messages = _ask(broker.url, cluster_name, {"messages": QUESTION, "max_tokens": 24})
         codes = procs.stop()
@@ -123,7 +107,7 @@ def test_half_precision_checkpoints_stay_in_their_dtype_end_to_end(
             return list(await asyncio.gather(*(one(p) for p in prompts)))
 
         answers = asyncio.run(burst())
-        statuses = asyncio.run(_statuses(broker.url, cluster_name, [d.device_id for d in devices]))
+        statuses = asyncio.run(device_statuses(broker.url, cluster_name, [d.device_id for d in devices]))
         codes = procs.stop()
     assert len(plan.stages) == 3
     from transformers import AutoModelForCausalLM

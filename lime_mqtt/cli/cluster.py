@@ -6,6 +6,8 @@ Used by ``lime-mqtt demo``, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -14,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lime_mqtt.core.errors import LimeError, MessageError
 from lime_mqtt.core.topics import Topics
@@ -70,6 +72,26 @@ async def wait_for_ready_plan(
             pass
     states = {d: s.state for d, s in view.devices.items()}
     raise LimeError(f"no ready plan on cluster {cluster!r} after {timeout_s:.0f} s (devices: {states})")
+
+
+async def device_statuses(
+    broker: str | BrokerAddress | Transport, cluster: str, ids: list[str], timeout_s: float = 10.0
+) -> dict[str, dict[str, Any]]:
+    """The retained status (as JSON) of each device in ``ids``, or of those heard within
+    ``timeout_s``."""
+    found: dict[str, dict[str, Any]] = {}
+    async with transport_for(broker).connection() as conn:
+        await conn.subscribe(Topics(cluster).all_device_status)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                async for message in conn.messages():
+                    if not message.payload:
+                        continue
+                    status = json.loads(message.payload)
+                    found[status["device_id"]] = status
+                    if set(ids) <= set(found):
+                        break
+    return found
 
 
 class ProcessCluster:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 
@@ -64,3 +65,30 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+class AnonPeakSampler:
+    """The highest resident anonymous memory (RssAnon) of some processes, read from
+    /proc/PID/status every ``period_s`` by a thread, until :meth:`stop`. The kernel keeps
+    a peak only of the whole RSS (VmHWM), which also counts the pages of shared libraries
+    mapped in as code runs; this is the process's own data."""
+
+    def __init__(self, pids: list[int], period_s: float = 0.002) -> None:
+        self.peaks = dict.fromkeys(pids, 0)
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._period_s):  # a sampling period, not a synchronisation
+            for pid in self.peaks:
+                try:
+                    self.peaks[pid] = max(self.peaks[pid], anon_rss_bytes(pid))
+                except OSError:
+                    pass  # the process has ended
+
+    def stop(self) -> dict[int, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
