@@ -40,7 +40,7 @@ class Sequence:
     """One request's state on this device, for one of its segments: its KV cache and when it
     was last used."""
 
-    cache: Any  # transformers.DynamicCache
+    cache: Any  # lime_mqtt.model.lean.KVCache
     last_used: float
     start: int  # the first layer of the segment it belongs to
     last_step: int = -(2**31)  # the latest step run: an older one arriving now is a duplicate
