@@ -238,9 +238,10 @@ def rows(weight: PackedWeight, index: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     """``python -m lime_mqtt.model.kernels [--force]``: build the kernels (the install step)."""
     args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = build(force="--force" in args)
     _load()
-    print(f"kernels ready: {path}")
+    log.info("kernels ready: %s", path)
     return 0
 
 

@@ -361,9 +361,9 @@ def fused_layer(spec: kernels.LayerSpec, step: FusedStep, x: torch.Tensor, offse
                 window: int | None) -> torch.Tensor:
     """One decoder layer in one kernel call, on ``x`` [R, hidden] float32 (in place)."""
     lib = kernels.library()
-    need = int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.longest))
-    if step.work is None or step.work.numel() < need:
-        step.work = torch.empty(need, dtype=torch.float32)
+    if step.work is None:  # every layer of a model has the same shapes: sized once per step
+        step.work = torch.empty(int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.longest)),
+                                dtype=torch.float32)
     x = x.contiguous()
     if lib.lime_layer(ctypes.byref(spec), ctypes.byref(step.spec), offset, window or 0, x.data_ptr(),
                       step.work.data_ptr()) != 0:
