@@ -8,6 +8,13 @@ transformers are printed and written to bench/results/tpot.json.
 
     .venv/bin/python bench/tpot.py [--model smollm2] [--tokens 64] [--rounds 5]
     .venv/bin/python bench/tpot.py --stages 4 --compare-tree ../base   # before/after, one run
+    .venv/bin/python bench/tpot.py --stages 4 --breakdown   # where a cluster's time per token goes
+
+With ``--breakdown`` each cluster run also reads every device's telemetry before and after
+the request (the first telemetry message published after each moment, so it counts every
+step) and reports the devices' own compute per step, summed over the stages: what is left
+of the time per token is the pipeline's messaging (the prompt's one prefill step is in the
+average).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from typing import Any
 
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.client import ask_final
+from lime_mqtt.core.topics import Topics
 from lime_mqtt.model.builtin import resolve_model
+from lime_mqtt.transport import transport_for
 from lime_mqtt.transport.mosquitto import LocalBroker
 
 PROMPT = "Explain in a few sentences why a pump in a cooling loop might lose pressure."
@@ -85,12 +94,36 @@ def engine_runner(folder: Path, ids: Any, tokens: int) -> Callable[[], tuple[flo
     return run
 
 
-def cluster_runner(broker: Any, name: str, tokens: int) -> Callable[[], tuple[float, list[int]]]:
+async def next_telemetry(broker: Any, cluster: str, ids: list[str],
+                         timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The first telemetry each device in ``ids`` publishes from now on."""
+    found: dict[str, dict[str, Any]] = {}
+    async with transport_for(broker).connection() as conn:
+        await conn.subscribe(Topics(cluster).all_device_telemetry)
+        async with asyncio.timeout(timeout_s):
+            async for message in conn.messages():
+                telemetry = json.loads(message.payload)
+                found.setdefault(telemetry["device_id"], telemetry)
+                if set(ids) <= set(found):
+                    return found
+    raise RuntimeError("no telemetry")
+
+
+def cluster_runner(broker: Any, name: str, tokens: int, devices: list[str] | None = None,
+                   compute: dict[str, list[float]] | None = None) -> Callable[[], tuple[float, list[int]]]:
+    """The cluster's own time per token; with ``devices``, each run also appends the sum of
+    the devices' compute per step (ms) to ``compute[name]``."""
     def run() -> tuple[float, list[int]]:
         request = {"prompt": PROMPT, "max_tokens": tokens, "stream": False}
+        before = asyncio.run(next_telemetry(broker, name, devices)) if devices else {}
         final = asyncio.run(ask_final(broker, name, request))
         if final.get("type") != "final":
             raise RuntimeError(f"{name}: {final}")
+        if devices and compute is not None:
+            after = asyncio.run(next_telemetry(broker, name, devices))
+            compute.setdefault(name, []).append(sum(
+                (after[d]["compute_s"] - before[d]["compute_s"]) * 1000
+                / max(1, after[d]["steps_done"] - before[d]["steps_done"]) for d in devices))
         return final["timings"]["tpot_ms"], final["token_ids"]
 
     return run
@@ -128,6 +161,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--device-threads", type=int, default=1, help="torch threads of each device agent")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also report the devices' own compute per step, from their telemetry")
     parser.add_argument("--out", default="bench/results/tpot.json")
     parser.add_argument("--compare-tree", metavar="PATH",
                         help="also run each cluster from the lime-mqtt source tree at PATH (say, a git worktree "
@@ -144,19 +179,24 @@ def main() -> int:
     runners = {f"single process, {t} thread(s)": transformers_runner(model, ids, args.tokens, t) for t in single}
     runners["single process, lime engine"] = engine_runner(folder, ids, args.tokens)
     log_dir = Path(tempfile.mkdtemp(prefix="lime-bench-"))
+    compute: dict[str, list[float]] = {}  # cluster name: devices' compute per step, summed, by round
     with LocalBroker() as broker, contextlib.ExitStack() as stack:
         trees = {"": None} if not args.compare_tree else {"": None, ", compared tree": args.compare_tree}
         for stages in args.stages:
             for label, tree in trees.items():
                 name = f"bench{stages}{'c' if tree else ''}"
                 memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
-                devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads) for i in range(stages)]
+                telemetry = ("--telemetry-interval", "0.5") if args.breakdown else ()
+                devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads, telemetry)
+                           for i in range(stages)]
                 env = {"PYTHONPATH": str(Path(tree).resolve())} if tree else None
                 procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
                                                            planner_args=("--strategy", "equal"), extra_env=env))
                 plan = procs.wait_ready()
                 assert len(plan.stages) == stages, plan
-                runners[f"cluster, {stages} stages{label}"] = cluster_runner(broker.url, name, args.tokens)
+                ids = [d.device_id for d in devices] if args.breakdown else None
+                runners[f"cluster, {stages} stages{label}"] = cluster_runner(broker.url, name, args.tokens, ids,
+                                                                           compute)
         times = interleaved_rounds(runners, args.rounds)
         if times is None:
             return 1
@@ -172,6 +212,17 @@ def main() -> int:
     for row in summary:
         print(f"{row['configuration']:32s} {row['ms_per_token_median']:18.2f} {row['ratio']:7.3f} "
               f"{row['ratio_per_round_median']:16.3f}")
+    if compute:
+        print(f"\n{'cluster':32s} {'device compute ms/step, all stages (median)':>44s}")
+        names = {f"bench{s}": f"cluster, {s} stages" for s in args.stages}
+        for cluster, per_round in compute.items():
+            runs = per_round[1:]  # round 0 warms up
+            label = names.get(cluster, cluster)
+            print(f"{label:32s} {statistics.median(runs):44.2f}")
+            for row in summary:
+                if row["configuration"] == label:
+                    row["device_compute_ms_per_step_median"] = statistics.median(runs)
+                    row["device_compute_runs_ms"] = runs
     report = {"model": args.model, "tokens": args.tokens, "rounds": args.rounds, "prompt": PROMPT,
               "device_threads": args.device_threads, "baseline": baseline, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
