@@ -49,10 +49,7 @@ async def ask(
     connection_transport = transport_for(broker) if connection is None else None
     name = client_name(connection_transport if connection_transport is not None else broker, client)
     correlation = uuid.uuid4().bytes
-    request = {**request}
-    request.setdefault("id", uuid.uuid4().hex)  # so that it can be resumed
-    if not isinstance(request["id"], str) or not valid_arg(request["id"]):
-        raise LimeError(f"request id {str(request['id'])[:64]!r} must be 1 to 128 characters without / + # or space")
+    request = with_id(request)  # so that it can be resumed
     request_topic, answers = topics.requests(name), topics.answers_inbox(name)
     last_chunk = -1
     asked = False
@@ -114,6 +111,16 @@ async def ask(
             yield answer
 
 
+def with_id(request: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``request`` with an ``id`` (a new one if it has none); LimeError if its id
+    is no topic level."""
+    request = {**request}
+    request.setdefault("id", uuid.uuid4().hex)
+    if not isinstance(request["id"], str) or not valid_arg(request["id"]):
+        raise LimeError(f"request id {str(request['id'])[:64]!r} must be 1 to 128 characters without / + # or space")
+    return request
+
+
 async def _coordinator_serving(conn: Connection, topics: Topics, wait_s: float) -> None:
     """Until a coordinator's retained status says it serves this cluster (or LimeError)."""
     view = ClusterView(topics)
@@ -167,3 +174,150 @@ def client_name(broker: Broker, client: str | None = None) -> str:
     if not valid_name(name):
         raise LimeError(f"client name {name!r} must be 1 to 64 characters without / + # or space")
     return name
+
+
+class ClientSession:
+    """One connection that carries many requests at once (the HTTP bridge's, per client
+    identity): each answer goes to the request it belongs to, by its id.
+
+    An async context manager; inside it, :meth:`ask` streams one request's answer and
+    :meth:`cancel` stops one. It reconnects by itself, and then asks the coordinator again
+    for what each request in flight missed (``resume``), as :func:`ask` does. A request
+    whose caller stops reading (a closed HTTP stream) is cancelled on the coordinator, so
+    every device frees its KV cache.
+    """
+
+    def __init__(self, broker: Broker, cluster: str, *, client: str | None = None, timeout_s: float = 300.0,
+                 wait_for_coordinator_s: float = 5.0) -> None:
+        self.transport = transport_for(broker)
+        self.name = client_name(self.transport, client)
+        self.topics = Topics(cluster)
+        self.timeout_s = timeout_s
+        self.wait_for_coordinator_s = wait_for_coordinator_s
+        self.view = ClusterView(self.topics)  # the coordinators serving, from their retained status
+        self._coordinator_seen = asyncio.Event()
+        self._inflight: dict[str, _InFlight] = {}
+        self._conn: Connection | None = None
+        self._receiver: asyncio.Task[None] | None = None  # owned: cancelled and awaited on the way out
+
+    def __repr__(self) -> str:
+        return f"ClientSession({self.topics.cluster!r}, client={self.name!r}, in_flight={len(self._inflight)})"
+
+    async def __aenter__(self) -> ClientSession:
+        self._conn = self.transport.connection(f"lime-client-{self.name}-{uuid.uuid4().hex[:8]}", reconnect=True,
+                                               on_reconnect=self._resume_all)
+        await self._conn.__aenter__()
+        try:
+            await self._conn.subscribe(self.topics.answers_inbox(self.name), self.topics.all_coordinator_status, qos=1)
+            self._receiver = asyncio.create_task(self._receive(), name=f"client-{self.name}-receive")
+        except BaseException:
+            await self._conn.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._conn is not None and self._receiver is not None
+        try:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        finally:
+            await self._conn.__aexit__(None, None, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def coordinators(self) -> list[str]:
+        return self.view.serving_coordinators()
+
+    async def ask(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Send one request; yield its chunks, then its final (or error) message. Leaving
+        the loop early cancels the request on the coordinator."""
+        conn = self._conn
+        if conn is None:
+            raise LimeError("the client session is not open")
+        request = with_id(request)
+        request_id = request["id"]
+        if request_id in self._inflight:
+            raise LimeError(f"request {request_id} is already in flight on this session")
+        await self._wait_for_coordinator()
+        flight = self._inflight[request_id] = _InFlight(request)
+        finished = False
+        try:
+            try:
+                await conn.publish(self.topics.requests(self.name), json.dumps(request).encode(), qos=1,
+                                   require_subscribers=True)
+            except NoSubscribers:
+                raise LimeError(f"no coordinator subscribes to the requests of cluster {self.topics.cluster!r}: "
+                                "the broker delivered the request to nobody") from None
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    answer = await flight.queue.get()
+                    yield answer
+                    if answer.get("type") in ("final", "error"):
+                        finished = True
+                        return
+        except TimeoutError:
+            raise TimeoutError(f"no complete answer within {self.timeout_s:.0f} s") from None
+        finally:
+            del self._inflight[request_id]
+            if not finished:
+                # The caller stopped reading (or the wait ran out): stop the work it paid for.
+                with contextlib.suppress(LimeError, TimeoutError):
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(self.cancel(request_id))
+
+    async def cancel(self, request_id: str) -> None:
+        if self._conn is not None:
+            await self._conn.publish(self.topics.requests(self.name), json.dumps({"cancel": request_id}).encode(),
+                                     qos=1)
+
+    async def _wait_for_coordinator(self) -> None:
+        if self.view.coordinators or self.wait_for_coordinator_s <= 0:
+            return
+        try:
+            async with asyncio.timeout(self.wait_for_coordinator_s):
+                while not self.view.coordinators:
+                    self._coordinator_seen.clear()
+                    await self._coordinator_seen.wait()
+        except TimeoutError:
+            raise LimeError(f"no coordinator is serving cluster {self.topics.cluster!r} on this broker") from None
+
+    async def _receive(self) -> None:
+        assert self._conn is not None
+        async for message in self._conn.messages():
+            route = self.topics.parse(message.topic)
+            if route is None:
+                continue
+            if route.kind == "status":
+                with contextlib.suppress(MessageError):
+                    self.view.take(message.topic, message.payload, message.retain)
+                    self._coordinator_seen.set()
+                continue
+            if route.kind != "answer" or route.arg is None or (flight := self._inflight.get(route.arg)) is None:
+                continue
+            try:
+                answer = json.loads(message.payload)
+            except ValueError:
+                continue
+            if not isinstance(answer, dict):
+                continue
+            if answer.get("type") == "chunk":
+                if not isinstance(answer.get("index"), int) or answer["index"] <= flight.last_chunk:
+                    continue  # sent again after a reconnect
+                flight.last_chunk = answer["index"]
+            flight.queue.put_nowait(answer)
+
+    async def _resume_all(self) -> None:
+        assert self._conn is not None
+        for request_id, flight in list(self._inflight.items()):
+            await self._conn.publish(self.topics.requests(self.name), json.dumps(
+                {"resume": request_id, "after": flight.last_chunk, "request": flight.request}).encode(), qos=1)
+
+
+class _InFlight:
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.last_chunk = -1

@@ -42,6 +42,7 @@ READS: dict[Role, tuple[tuple[str, str], ...]] = {
     "operator": (
         ("+/+/status", "every component's status (lime-mqtt status)"),
         ("device/+/telemetry", "devices' load and memory"),
+        ("coordinator/+/telemetry", "requests in flight, errors, time to first token and per token"),
         ("planner/+/plan", "the plan (lime-mqtt plan)"),
     ),
 }

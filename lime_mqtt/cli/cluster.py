@@ -170,6 +170,27 @@ class ProcessCluster:
         args += device.extra_args
         return self._spawn(device.device_id, *args, identity=("device", device.device_id))
 
+    def start_bridge(self, port: int, *args: str, identity: tuple[str, str] = ("client", "default"),
+                     timeout_s: float = 60.0) -> str:
+        """Start ``lime-mqtt http`` on loopback ``port`` (more options in ``args``) and wait
+        until it answers and sees a coordinator; its base URL."""
+        import urllib.error
+        import urllib.request
+
+        process = self._spawn("http", "http", "--listen", f"127.0.0.1:{port}", *args, identity=identity)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return url
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or no coordinator seen yet (503)
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LimeError(f"the HTTP bridge did not come up (exit code {process.poll()})\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (default SIGKILL: no goodbye, no cleanup) to one process and reap it; it no
         longer counts as a process of the cluster (``wait_ready`` does not fail on it)."""

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="cut prompts longer than this many tokens into chunks of this size, so that other "
                    "requests' decode steps pass between them (0: never cut)")
+    p.add_argument("--telemetry-interval", type=float, default=5.0,
+                   help="seconds between its telemetry reports: requests in flight, errors, latencies")
     p.add_argument("--no-weight-source", action="store_true",
                    help="do not serve the model's tensors to devices that fetch them over MQTT")
 
@@ -163,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=6.0,
                    help="seconds to collect telemetry (devices report every 5 s by default; 0: status only)")
     p.add_argument("--json", action="store_true", help="print it as JSON")
+
+    p = sub.add_parser("http", help="an OpenAI-compatible API, a live dashboard and /metrics for the cluster")
+    _common(p)
+    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT to serve on (default 127.0.0.1:8080)")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="TOML file of API keys, each mapped to a client identity's settings file "
+                        "(docs/http.md); without it, calls go out under this command's own identity")
+    p.add_argument("--view-config", metavar="FILE",
+                   help="settings file of the identity the dashboard and /metrics read the cluster as "
+                        "(an operator on a secure broker; default: this command's own)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="listen beyond loopback without API keys (anyone who reaches the port may ask)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds one answer may take")
 
     p = sub.add_parser("demo", help="broker, planner, coordinator and devices in one go; asks one question")
     _common(p)
@@ -241,6 +256,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
             serve_weights=not args.no_weight_source, name=args.name,
             limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst),
+            telemetry_s=args.telemetry_interval,
         )
         await coordinator.run()
 
@@ -399,6 +415,21 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return _run_service(main)
 
 
+def _cmd_http(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.cli.settings import api_keys
+    from lime_mqtt.http.service import HttpBridge
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {args.listen!r}: give HOST:PORT")
+    keys = api_keys(args.api_keys, settings) if args.api_keys else None
+    view = load_settings(args.view_config, broker=settings.broker, cluster=settings.cluster).transport() \
+        if args.view_config else settings.transport()
+    bridge = HttpBridge(view, settings.cluster, host=host.strip("[]"), port=int(port), client=settings.transport(),
+                        keys=keys, allow_open=args.allow_open, timeout_s=args.timeout)
+    return _run_service(bridge.run)
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.cli.demo import run_demo
 
@@ -414,6 +445,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "device": _cmd_device,
     "ask": _cmd_ask,
     "plan": _cmd_plan,
+    "http": _cmd_http,
     "demo": _cmd_demo,
 }
 

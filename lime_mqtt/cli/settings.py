@@ -85,3 +85,38 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
     env_values = Settings().model_dump(exclude_defaults=True)
     cli_values = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**{**file_values, **env_values, **cli_values})
+
+
+def api_keys(path: str, settings: Settings) -> dict[str, MqttTransport]:
+    """The HTTP bridge's API keys (``lime-mqtt http --api-keys FILE``, docs/http.md): each
+    ``[[key]]`` gives the key (``key``, or ``key_file`` whose first line it is) and the
+    settings file of the client identity its calls go out under (``config``). Keys that
+    name the same settings file share one MQTT connection."""
+    try:
+        entries = tomllib.loads(Path(path).read_text()).get("key", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"API keys file {path}: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"API keys file {path}: no [[key]] entries")
+    folder = Path(path).parent
+    transports: dict[Path, MqttTransport] = {}
+    keys: dict[str, MqttTransport] = {}
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), str):
+            raise ConfigError(f"API keys file {path}: key {number} needs config = \"<settings file>\"")
+        key = entry.get("key")
+        if isinstance(entry.get("key_file"), str):
+            try:
+                key = (folder / entry["key_file"]).read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"API keys file {path}: key {number}'s key_file: {exc}") from exc
+        if not isinstance(key, str) or len(key) < 16:
+            raise ConfigError(f"API keys file {path}: key {number} must be a string of at least 16 characters")
+        if key in keys:
+            raise ConfigError(f"API keys file {path}: key {number} is given twice")
+        config = (folder / entry["config"]).resolve()
+        if config not in transports:
+            transports[config] = load_settings(str(config), broker=settings.broker, cluster=settings.cluster,
+                                               insecure=settings.insecure or None).transport()
+        keys[key] = transports[config]
+    return keys

@@ -22,6 +22,7 @@ from typing import Any
 
 from lime_mqtt.coordinator.admission import KvAdmission
 from lime_mqtt.coordinator.plans import PlanWatch
+from lime_mqtt.coordinator.stats import RequestStats
 from lime_mqtt.coordinator.textstream import TextStream
 from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import RequestError
@@ -91,6 +92,7 @@ class Generation:
         self.admission = KvAdmission()
         self.active: dict[str, Active] = {}  # by the request's id on the devices
         self.peak_active = 0  # the most requests generating at once
+        self.stats = RequestStats()  # what it answered, how fast, what it replayed (its telemetry)
 
     def __repr__(self) -> str:
         return f"Generation(active={len(self.active)}, peak={self.peak_active}, {self.admission!r})"
@@ -209,6 +211,7 @@ class Generation:
         }
         await send(protocol.final_message(client_id, stream.text, stream.token_ids, finish_reason, len(prompt_ids),
                                           timings, logits if request.return_logits else None))
+        self.stats.answer(len(prompt_ids), len(stream.token_ids), timings["ttft_ms"], timings["tpot_ms"])
 
     async def _advance(
         self, active: Active, step: int, pos: int, inputs: list[int], history: Callable[[], list[int]],
@@ -232,6 +235,7 @@ class Generation:
                 active.rid = uuid.uuid4().hex
                 self.active[active.rid] = active
                 pos = 0
+                self.stats.replays += 1
                 log.warning("plan %d broke at step %d of a request; replaying its %d tokens on plan %d as %s",
                             lost.epoch, step, len(history()), active.plan.epoch, active.rid)
 

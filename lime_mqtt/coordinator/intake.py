@@ -83,6 +83,7 @@ class Intake:
         """Answer one request message of ``client``: a whole answer or one error, never silence."""
         received_at = time.perf_counter()
         if not self.rates.take(client):
+            self.generation.stats.error("rate_limited")
             if self.rates.should_warn(client):
                 log.warning("client %s sends more than %g messages per second; dropping (%d so far)", client,
                             self.limits.client_rate, self.rates.dropped(client))
@@ -146,15 +147,19 @@ class Intake:
             if not running.cancelled:
                 raise  # the coordinator is stopping
             log.info("request %s cancelled by its client", request_id)
+            self.generation.stats.error("cancelled")
             await send(protocol.error_message(request_id, "cancelled", "cancelled by the client"))
         except RequestError as exc:
             log.info("request %s: %s: %s", request_id, exc.code, exc.message)
+            self.generation.stats.error(exc.code)
             await send(protocol.error_message(request_id, exc.code, exc.message))
         except LimeError as exc:
             log.error("request %s failed: %s", request_id, exc)
+            self.generation.stats.error(exc.code)
             await send(protocol.error_message(request_id, exc.code, str(exc)))
         except Exception as exc:  # the supervisor of one request: the client still gets an answer
             log.exception("request %s failed", request_id)
+            self.generation.stats.error("internal_error")
             await send(protocol.error_message(request_id, "internal_error", str(exc)))
         finally:
             self.served += 1

@@ -23,7 +23,7 @@ from lime_mqtt.coordinator.intake import Intake
 from lime_mqtt.coordinator.plans import PlanWatch
 from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import LimeError, MessageError
-from lime_mqtt.core.messages import CoordinatorStatus
+from lime_mqtt.core.messages import CoordinatorStatus, CoordinatorTelemetry
 from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.topics import Identity, Route, Topics
 from lime_mqtt.core.view import ClusterView
@@ -54,6 +54,7 @@ class Coordinator:
         serve_weights: bool = False,
         name: str | None = None,
         limits: protocol.Limits | None = None,
+        telemetry_s: float = 5.0,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -71,6 +72,7 @@ class Coordinator:
         if serve_weights:
             self.weight_source = WeightSource(transport, cluster, self.checkpoint.folder, model_id=self.model_id,
                                               identity=self.me)
+        self.telemetry_s = telemetry_s  # how often it publishes its figures (CoordinatorTelemetry)
         self.serving = asyncio.Event()  # set once requests are subscribed to
         # Retained while serving; a clean exit or the last will (empty, retained) clears it.
         will = LastWill(self.topics.coordinator_status(self.name), b"")
@@ -118,6 +120,7 @@ class Coordinator:
                 async with asyncio.TaskGroup() as tasks:
                     if self.weight_source is not None:
                         tasks.create_task(self._serve_weights(self.weight_source), name=f"{self.name}-weights")
+                    tasks.create_task(self._report(), name=f"{self.name}-telemetry")
                     async for message in self.transport.messages():
                         route = self.topics.parse(message.topic)
                         if route is not None and route.kind == "requests":
@@ -164,6 +167,20 @@ class Coordinator:
         if self.serving.is_set():
             await self._publish_status()
         self.watch.disturb("resend")
+
+    def telemetry(self) -> CoordinatorTelemetry:
+        """Its figures now: requests generating and waiting, and its counters."""
+        waiting = self.intake.waiting + self.generation.admission.waiting
+        return self.generation.stats.telemetry(self.name, len(self.generation.active), waiting)
+
+    async def _report(self) -> None:
+        """Publish its telemetry every ``telemetry_s``; a failed publish is logged, not fatal."""
+        while True:
+            try:
+                await self.transport.publish(self.topics.coordinator_telemetry(self.name), self.telemetry().encode())
+            except LimeError as exc:
+                log.warning("could not publish the coordinator's telemetry: %s", exc)
+            await asyncio.sleep(self.telemetry_s)
 
     async def _publish_status(self) -> None:
         status = CoordinatorStatus(v=1, name=self.name, state="online", model=self.model_id)

@@ -9,6 +9,8 @@ what does not decode and log why; a malformed message changes nothing.
 - :class:`DeviceTelemetry`: ``device/{id}/telemetry``, every few seconds.
 - :class:`PlannerStatus`: ``planner/{name}/status``, retained: why there is (no) plan.
 - :class:`CoordinatorStatus`: ``coordinator/{name}/status``, retained while it serves.
+- :class:`CoordinatorTelemetry`: ``coordinator/{name}/telemetry``, every few seconds:
+  requests in flight, counts, errors by code, time-to-first-token and per-token histograms.
 
 Plans (``core.plan.Plan``), stage envelopes (``core.wire``), client requests
 (``core.protocol``) and weight messages (``core.weight_messages``) have their own modules
@@ -17,9 +19,10 @@ and decoders of the same kind.
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from lime_mqtt.core.errors import MessageError
 
@@ -192,3 +195,68 @@ def decode_coordinator_status(payload: bytes) -> CoordinatorStatus | None:
     if not payload:
         return None
     return decode_json_model(CoordinatorStatus, payload, MAX_STATUS_BYTES, "coordinator status")
+
+
+# The bucket bounds (ms) of a coordinator's histograms; the last bucket is everything above.
+TTFT_BUCKETS_MS = (25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0)
+TPOT_BUCKETS_MS = (5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
+MAX_ERROR_CODES = 64
+MAX_RECENT = 32
+
+
+class Histogram(_Message):
+    """Observations by bucket: ``counts[i]`` fell at or below ``bounds[i]`` and above the
+    bound before; the last count is everything above the last bound (so one more count
+    than bounds). ``sum`` of every observation, in the same unit."""
+
+    bounds: list[float] = Field(max_length=64)
+    counts: list[Annotated[int, Field(ge=0)]] = Field(max_length=65)
+    sum: float = Field(ge=0)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Histogram:
+        if len(self.counts) != len(self.bounds) + 1 or any(a >= b for a, b in itertools.pairwise(self.bounds)):
+            raise ValueError("a histogram needs increasing bounds and one count more than bounds")
+        return self
+
+
+class RecentRequest(_Message):
+    """One request that ended with an answer, for the dashboard's recent figures."""
+
+    ts: float = Field(ge=0)
+    ttft_ms: float = Field(ge=0)
+    tpot_ms: float = Field(ge=0)
+    tokens: int = Field(ge=0)
+
+
+class CoordinatorTelemetry(_Message):
+    """A coordinator's figures, published every ``--telemetry-interval``. Counters count
+    since the coordinator started."""
+
+    v: V1
+    name: str = Field(pattern=_NAME)
+    ts: float = Field(ge=0)
+    running: int = Field(ge=0)  # requests generating now
+    waiting: int = Field(ge=0)  # received, waiting for a slot or for KV-cache room
+    served: int = Field(ge=0)  # requests that ended, with an answer or an error
+    answered: int = Field(ge=0)  # of them, with a whole answer
+    errors: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=MAX_ERROR_CODES)  # by error code
+    replays: int = Field(ge=0)  # token histories replayed on a new plan
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    ttft_ms: Histogram
+    tpot_ms: Histogram
+    recent: list[RecentRequest] = Field(default_factory=list, max_length=MAX_RECENT)
+
+
+def decode_coordinator_telemetry(payload: bytes, name: str | None = None) -> CoordinatorTelemetry:
+    """A coordinator's telemetry; with ``name`` (from the topic) it must be that coordinator's."""
+    telemetry = decode_json_model(CoordinatorTelemetry, payload, MAX_TELEMETRY_BYTES, "coordinator telemetry")
+    if name is not None and telemetry.name != name:
+        raise MessageError(f"telemetry of coordinator {telemetry.name!r} arrived on the topic of {name!r}")
+    return telemetry

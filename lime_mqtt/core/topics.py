@@ -169,6 +169,13 @@ class Topics:
     def all_coordinator_status(self) -> str:
         return f"{self.root}/coordinator/+/status"
 
+    def coordinator_telemetry(self, name: str) -> str:
+        return f"{self.root}/coordinator/{name}/telemetry"
+
+    @property
+    def all_coordinator_telemetry(self) -> str:
+        return f"{self.root}/coordinator/+/telemetry"
+
     def control(self, coordinator: str) -> str:
         """A coordinator's broadcast to every device: end of a request (free its KV cache)."""
         return f"{self.root}/coordinator/{coordinator}/control"
@@ -226,7 +233,7 @@ class Topics:
         rest = parts[2:]
         if len(rest) == 1:
             kind = rest[0]
-            allowed = {"device": ("status", "telemetry", "weights"), "coordinator": ("status", "control"),
+            allowed = {"device": ("status", "telemetry", "weights"), "coordinator": ("status", "control", "telemetry"),
                        "planner": ("plan", "status"), "client": ("requests",)}.get(sender.role, ())
             return Route(sender, kind) if kind in allowed else None
         if rest[0] != "to" or len(rest) not in (4, 5):

@@ -15,10 +15,12 @@ from typing import Literal
 from lime_mqtt.core.errors import MessageError
 from lime_mqtt.core.messages import (
     CoordinatorStatus,
+    CoordinatorTelemetry,
     DeviceStatus,
     DeviceTelemetry,
     PlannerStatus,
     decode_coordinator_status,
+    decode_coordinator_telemetry,
     decode_device_status,
     decode_device_telemetry,
     decode_planner_status,
@@ -26,7 +28,7 @@ from lime_mqtt.core.messages import (
 from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.topics import Topics
 
-Kind = Literal["plan", "planner", "coordinator", "device", "telemetry"]
+Kind = Literal["plan", "planner", "coordinator", "device", "telemetry", "coordinator_telemetry"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ClusterView:
     coordinators: dict[str, CoordinatorStatus] = field(default_factory=dict)
     devices: dict[str, DeviceStatus] = field(default_factory=dict)
     telemetry: dict[str, DeviceTelemetry] = field(default_factory=dict)
+    coordinator_telemetry: dict[str, CoordinatorTelemetry] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         epoch = self.plan.epoch if self.plan else None
@@ -63,10 +66,13 @@ class ClusterView:
                 f"coordinators={len(self.coordinators)})")
 
     def subscriptions(self, telemetry: bool = False) -> list[str]:
-        """The topics that feed this view (device telemetry only if asked: it is chatty)."""
+        """The topics that feed this view (device and coordinator telemetry only if asked:
+        they are chatty)."""
         topics = [self.topics.all_plans, self.topics.all_planner_status, self.topics.all_coordinator_status,
                   self.topics.all_device_status]
-        return [*topics, self.topics.all_device_telemetry] if telemetry else topics
+        if telemetry:
+            topics += [self.topics.all_device_telemetry, self.topics.all_coordinator_telemetry]
+        return topics
 
     def take(self, topic: str, payload: bytes, retained: bool = False) -> Update | None:
         """Absorb one message. ``None``: not a topic of the view, or nothing changed.
@@ -84,9 +90,13 @@ class ClusterView:
             status = decode_coordinator_status(payload)
             if status is None:
                 self.coordinators.pop(name, None)
+                self.coordinator_telemetry.pop(name, None)
             else:
                 self.coordinators[name] = status
             return Update("coordinator", name, retained=retained)
+        if role == "coordinator" and kind == "telemetry":
+            self.coordinator_telemetry[name] = decode_coordinator_telemetry(payload, name)
+            return Update("coordinator_telemetry", name, retained=retained)
         if role == "device" and kind == "status":
             before = self.devices.get(name)
             self.devices[name] = decode_device_status(payload, name)
