@@ -72,3 +72,64 @@ def test_a_broker_folder_mosquitto_cannot_reach_is_named(tmp_path: Path, caplog:
     finally:
         shutil.rmtree(own)
     assert "cannot reach" not in caplog.text
+
+
+def test_status_watch_redraws_as_the_cluster_changes(broker: LocalBroker, cluster_name: str, tiny_model: Path,
+                                                     tmp_path: Path) -> None:
+    """`lime-mqtt status --watch`, piped: a frame per change, showing the devices ready on the
+    plan, then the request that was served, then the device that was stopped as offline."""
+    import asyncio
+    import signal
+    import threading
+    import time
+
+    from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+    from lime_mqtt.client import ask_final
+
+    devices = [DeviceSpec(d, 100, 1, ("--telemetry-interval", "0.5")) for d in ("w0", "w1")]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
+                        planner_args=("--strategy", "equal", "--heartbeat-timeout", "3"),
+                        coordinator_args=("--telemetry-interval", "0.5")) as procs:
+        plan = procs.wait_ready()
+        watch = subprocess.Popen([sys.executable, "-m", "lime_mqtt.cli", "status", "--watch", "--interval", "0.2",
+                                  "--broker", broker.url, "--cluster", cluster_name],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        frames: list[list[str]] = []
+
+        def read() -> None:
+            assert watch.stdout is not None
+            for line in watch.stdout:
+                if line.startswith("--- "):
+                    frames.append([])
+                elif frames:
+                    frames[-1].append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def frame_where(condition: object, timeout_s: float = 20.0) -> list[str]:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for frame in frames[:-1]:  # the last one may still be arriving
+                    if condition(frame):  # type: ignore[operator]
+                        return frame
+                time.sleep(0.05)
+            raise AssertionError(f"no such frame in {len(frames)}: {frames[-3:]}")
+
+        def state(frame: list[str], device: str) -> str | None:
+            rows = [line.split() for line in frame if line.startswith(device + " ")]
+            return rows[0][1] if rows else None
+
+        try:
+            ready = frame_where(lambda f: state(f, "w0") == "ready" and state(f, "w1") == "ready")
+            assert f"plan {plan.epoch}: 2 stages of {tiny_model.name}" in "\n".join(ready)
+            final = asyncio.run(ask_final(broker.url, cluster_name, {"prompt": "Valve", "max_tokens": 4}))
+            assert final["type"] == "final"
+            frame_where(lambda f: any("1 served" in line and "0 in flight" in line for line in f))
+            procs.kill("w1", signal.SIGKILL)
+            gone = frame_where(lambda f: state(f, "w1") == "offline")
+            assert state(gone, "w0") != "offline"
+        finally:
+            watch.send_signal(signal.SIGTERM)
+            code = watch.wait(timeout=10)
+        assert code == 0

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=6.0,
                    help="seconds to collect telemetry (devices report every 5 s by default; 0: status only)")
     p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.add_argument("--watch", action="store_true", help="keep showing it, redrawn as the cluster changes")
+    p.add_argument("--interval", type=float, default=1.0, help="with --watch: at most one redraw per this many s")
 
     p = sub.add_parser("http", help="an OpenAI-compatible API, a live dashboard and /metrics for the cluster")
     _common(p)
@@ -402,7 +404,13 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from lime_mqtt.cli.status import format_status, gather_status, status_json
+    from lime_mqtt.cli.status import format_status, gather_status, status_json, watch_status
+
+    if args.watch:
+        if args.json:
+            raise ConfigError("--watch shows a table; --json prints one snapshot")
+        return _run_service(lambda: watch_status(settings.transport(), settings.cluster, args.interval,
+                                                 clear=sys.stdout.isatty()))
 
     async def main() -> int:
         view = await gather_status(settings.transport(), settings.cluster, args.wait)

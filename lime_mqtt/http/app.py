@@ -33,7 +33,7 @@ from lime_mqtt.core.errors import LimeError
 from lime_mqtt.http import openai_api
 from lime_mqtt.http.metrics import BridgeMetrics
 from lime_mqtt.http.openai_api import ApiError, Call, Kind
-from lime_mqtt.http.watch import ClusterWatch
+from lime_mqtt.watch import ClusterWatch
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from lime_mqtt.core.messages import GONE_STATES, Histogram
-from lime_mqtt.http.watch import ClusterWatch
+from lime_mqtt.watch import ClusterWatch
 
 
 def _buckets_s(histogram: Histogram) -> list[tuple[str, float]]:

@@ -15,8 +15,8 @@ from lime_mqtt.client import ClientSession
 from lime_mqtt.core.errors import ConfigError
 from lime_mqtt.http.app import Sessions, create_app, key_digest
 from lime_mqtt.http.metrics import BridgeMetrics
-from lime_mqtt.http.watch import ClusterWatch
 from lime_mqtt.transport import Transport
+from lime_mqtt.watch import ClusterWatch
 
 log = logging.getLogger(__name__)
 
