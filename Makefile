@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all mosquitto compiler setup demo test test-fast lint bench clean
+.PHONY: all mosquitto compiler browser node-red setup setup-test demo test test-fast lint bench clean
 
 all: test
 
@@ -26,6 +26,26 @@ compiler:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc libc6-dev >/dev/null; \
 	fi
 
+# The dashboard's browser test drives Debian's headless chromium (tests/test_dashboard_browser.py).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver from Debian (the dashboard's browser test) ..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+# Node-RED from the npm registry, for the test of docs/examples/node-red-flow.json. Node-RED 5
+# needs Node.js 22.9; Debian 12 has Node.js 20, which Node-RED 4 supports.
+NODE_RED := $(VENV)/node-red/node_modules/.bin/node-red
+$(NODE_RED):
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs and npm from Debian (Node-RED's test) ..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	npm install --prefix $(VENV)/node-red --no-audit --no-fund --loglevel=error node-red@4.1
+
+node-red: $(NODE_RED)
+
 $(STAMP): pyproject.toml lime_mqtt/model/kernels.c
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -40,11 +60,14 @@ $(STAMP): pyproject.toml lime_mqtt/model/kernels.c
 
 setup: mosquitto compiler $(STAMP)
 
+# What the whole suite needs besides: a browser and Node-RED.
+setup-test: setup browser node-red
+
 demo: setup
 	$(VENV)/bin/lime-mqtt demo
 
 # The whole suite; decoders are fuzzed with 3,200 cases each (tests/test_decoders.py).
-test: setup
+test: setup-test
 	LIME_FUZZ_SCALE=8 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tier only: no broker, no processes (tests/conftest.py marks it).

@@ -131,6 +131,7 @@ def test_the_acl_has_exactly_the_v2_layout() -> None:
         "user operator/admin",
         "topic read lime/v2/C/+/+/status",
         "topic read lime/v2/C/device/+/telemetry",
+        "topic read lime/v2/C/coordinator/+/telemetry",
         "topic read lime/v2/C/planner/+/plan",
     ]
     assert "# every identity writes only under its own name, and reads what is addressed to it" in text

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from lime_mqtt.coordinator.stats import RequestStats
 from lime_mqtt.core import weight_messages
 from lime_mqtt.core.errors import BadWeightMessage, LimeError, MessageError, RequestError, WireError
 from lime_mqtt.core.messages import (
@@ -34,10 +35,12 @@ from lime_mqtt.core.messages import (
     MAX_TELEMETRY_BYTES,
     Adaptation,
     CoordinatorStatus,
+    CoordinatorTelemetry,
     DeviceStatus,
     DeviceTelemetry,
     PlannerStatus,
     decode_coordinator_status,
+    decode_coordinator_telemetry,
     decode_device_status,
     decode_device_telemetry,
     decode_planner_status,
@@ -191,6 +194,10 @@ TELEMETRY = DeviceTelemetry(
                                streamed=[2], action="stream"),
     streamed=[2], held_mb=80.0, compute_s=1.25, streamed_mb=4.0, stream_wait_s=0.5,
 )
+COORDINATOR_TELEMETRY = RequestStats()
+COORDINATOR_TELEMETRY.answer(12, 20, 140.0, 21.5)
+COORDINATOR_TELEMETRY.error("cancelled")
+COORDINATOR_FIGURES = COORDINATOR_TELEMETRY.telemetry("main", 1, 2)
 PLANNER = PlannerStatus(v=1, state="planned", message="planned 2 stages", model="tiny-llama", devices=["d0", "d1"],
                         ts=1.7e9)
 COORDINATOR = CoordinatorStatus(v=1, name="c0", state="online", model="tiny-llama")
@@ -263,6 +270,9 @@ CODECS = [
           empty=DeviceStatus.offline("d0"), empty_valid=True),
     Codec("device_telemetry", lambda p: decode_device_telemetry(p, "d0"), MessageError, DeviceTelemetry,
           TELEMETRY, TELEMETRY.encode(), "json", MAX_TELEMETRY_BYTES, model_fields(DeviceTelemetry), "v", 1),
+    Codec("coordinator_telemetry", lambda p: decode_coordinator_telemetry(p, "main"), MessageError,
+          CoordinatorTelemetry, COORDINATOR_FIGURES, COORDINATOR_FIGURES.encode(), "json", MAX_TELEMETRY_BYTES,
+          model_fields(CoordinatorTelemetry), "v", 1),
     Codec("planner_status", decode_planner_status, MessageError, PlannerStatus, PLANNER, PLANNER.encode(), "json",
           MAX_STATUS_BYTES, model_fields(PlannerStatus), "v", 1),
     Codec("coordinator_status", decode_coordinator_status, MessageError, CoordinatorStatus, COORDINATOR,

@@ -22,7 +22,8 @@ CONTRACTS = {
     "services-below-cli",
     "mqtt-only-in-transport-mqtt",
 }
-SERVICES = {"lime_mqtt.device", "lime_mqtt.coordinator", "lime_mqtt.planner", "lime_mqtt.weights", "lime_mqtt.client"}
+SERVICES = {"lime_mqtt.device", "lime_mqtt.coordinator", "lime_mqtt.planner", "lime_mqtt.weights", "lime_mqtt.client",
+            "lime_mqtt.watch", "lime_mqtt.http"}
 # --strict, flag by flag (see the comment in pyproject.toml)
 STRICT_FLAGS = {
     "disallow_any_generics",
@@ -67,6 +68,9 @@ def test_import_contracts_are_declared() -> None:
     assert mqtt["source_modules"] == ["lime_mqtt"]
     assert set(mqtt["forbidden_modules"]) == {"aiomqtt", "paho"}
     assert {i.split("->")[0].strip() for i in mqtt["ignore_imports"]} == {"lime_mqtt.transport.mqtt"}
+    web = contracts["web-only-in-http"]
+    assert set(web["forbidden_modules"]) == {"starlette", "uvicorn", "prometheus_client"}
+    assert {i.split("->")[0].strip() for i in web["ignore_imports"]} == {"lime_mqtt.http.**"}
 
 
 def test_pure_layers_are_strictly_typed_in_config() -> None:
