@@ -226,3 +226,17 @@ def test_metrics_agree_with_the_cluster_telemetry(broker: LocalBroker, bridge: d
         time.sleep(0.1)
     assert coordinator.answered >= 1 and coordinator.ttft_ms.count == coordinator.answered
     assert all(telemetry[d].steps_done > 0 for d in DEVICES)
+
+
+def test_the_grafana_example_uses_only_metrics_the_bridge_serves(bridge: dict[str, Any]) -> None:
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docs" / "examples"
+                            / "grafana-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"lime_[a-z_]+", target["expr"])}
+    with urllib.request.urlopen(f"{bridge['url']}/metrics", timeout=10) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    served = {f.name + suffix for f in families for suffix in suffixes.get(f.type, ("",))}
+    assert used and used <= served, used - served

@@ -93,7 +93,8 @@ def create_app(watch: ClusterWatch, sessions: Sessions, metrics: BridgeMetrics) 
     async def body_of(request: Request) -> object:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body has {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted")
+            raise ApiError(413, f"the request body has {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted",
+                           code="request_too_large")
         try:
             return json.loads(raw)
         except ValueError:
