@@ -291,3 +291,49 @@ async def test_without_a_source_fetches_fail_clearly(
     with pytest.raises(WeightsError, match=r"no data for tensor 'model\.norm\.weight'.*2 waits of 0\.2 s"):
         await fetch_tensors(broker.transport(), cluster_name, manifest, ["model.norm.weight"], tmp_path,
                             device_id="lonely", client="l1", chunk_timeout_s=0.2, max_retries=1)
+
+
+class RecordedBars:
+    """A ``bars`` that records what the service reports (lime_mqtt/core/progress.py)."""
+
+    def __init__(self) -> None:
+        self.bars: list[dict[str, Any]] = []
+
+    def __call__(self, description: str, total: float | None, unit: str) -> RecordedBars:
+        self.bars.append({"description": description, "total": total, "unit": unit, "done": 0.0, "closed": False})
+        return self
+
+    def advance(self, amount: float = 1) -> None:
+        self.bars[-1]["done"] += amount
+
+    def close(self) -> None:
+        self.bars[-1]["closed"] = True
+
+
+async def test_a_fetch_shows_its_bytes_in_a_progress_bar(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    from lime_mqtt.device.shards import ShardHost
+    from lime_mqtt.planning.plan import StagePlan
+
+    bars = RecordedBars()
+    host = ShardHost("fresh", tmp_path / MODEL, 100, fetch_weights=True, bars=bars)
+    stage = StagePlan(stage=1, device_id="fresh", start=2, stop=4, embed=False, head=False, weight_bytes=0,
+                      kv_tokens=64)
+    async with serving(broker.url, cluster_name, tiny_model):
+        await host.fetch_manifest(broker.transport(), cluster_name)
+        await host.fetch_stages(broker.transport(), cluster_name, [stage])
+    names = host.tensor_names([stage])
+    expected = Checkpoint(tiny_model).bytes_of(names)
+    [bar] = bars.bars
+    assert bar["unit"] == "B" and bar["total"] == expected and bar["done"] == expected and bar["closed"]
+
+
+def test_measuring_shows_its_three_steps(tiny_model: Path, tmp_path: Path) -> None:
+    from lime_mqtt.model.measure import measure_capabilities
+
+    bars = RecordedBars()
+    measure_capabilities(Checkpoint(tiny_model), "m9", tmp_path, bars=bars)
+    assert [(b["total"], b["done"], b["closed"]) for b in bars.bars] == [(3, 3, True)]
+    measure_capabilities(Checkpoint(tiny_model), "m9", tmp_path, bars=bars)  # cached: nothing to show
+    assert len(bars.bars) == 1

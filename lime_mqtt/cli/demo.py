@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.cli.progress import terminal_bars
 from lime_mqtt.cli.settings import Settings
 from lime_mqtt.core.topics import Identity
 from lime_mqtt.model.builtin import resolve_model
@@ -63,7 +64,7 @@ def run_demo(settings: Settings, devices: int, question: str, max_tokens: int, s
         print(f"--devices must be between 1 and {len(DEMO_MEMORY_MB)}")
         return 2
     print(f"preparing model {settings.model!r} (the first run converts it, about a minute) ...", flush=True)
-    folder = resolve_model(settings.model)
+    folder = resolve_model(settings.model, terminal_bars)
     log_dir = Path(tempfile.mkdtemp(prefix="lime-demo-"))
     # All agents share this machine's cores: one torch thread each (see docs/benchmarks.md).
     specs = [DeviceSpec(f"device-{i + 1}", DEMO_MEMORY_MB[i], threads=1) for i in range(devices)]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lime_mqtt.cli.progress import terminal_bars
 from lime_mqtt.cli.settings import Settings, load_settings
 from lime_mqtt.core.errors import ConfigError, LimeError
 
@@ -230,7 +231,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.planner.service import PlannerService
 
     service = PlannerService(
-        settings.transport(), settings.cluster, resolve_model(settings.model), quorum=args.quorum,
+        settings.transport(), settings.cluster, resolve_model(settings.model, terminal_bars), quorum=args.quorum,
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
@@ -244,7 +245,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.core.protocol import Limits
     from lime_mqtt.model.builtin import resolve_model
 
-    folder = resolve_model(settings.model)
+    folder = resolve_model(settings.model, terminal_bars)
     try:
         Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst)
     except ValueError as exc:
@@ -289,7 +290,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
 
         folder = received_folder(Path(settings.model).name)
     else:
-        folder = resolve_model(settings.model)
+        folder = resolve_model(settings.model, terminal_bars)
 
     async def main() -> None:
         agent = DeviceAgent(
@@ -299,6 +300,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             trusted=args.trusted or settings.trusted, max_activation_bytes=int(args.max_activation_mb * 1024 * 1024),
+            bars=terminal_bars,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -21,6 +21,7 @@ from typing import Any
 from lime_mqtt.core.errors import LimeError, WireError
 from lime_mqtt.core.messages import STATUS_VERSION, Adaptation, DeviceState, DeviceStatus, DeviceTelemetry
 from lime_mqtt.core.plan import Plan, StagePlan
+from lime_mqtt.core.progress import Bars, no_bars
 from lime_mqtt.core.topics import STEP_QOS, Identity, Topics, valid_device_id
 from lime_mqtt.core.wire import End, StageError, Step, Token, decode_envelope
 from lime_mqtt.device.compute import Compute, Sequence
@@ -64,6 +65,7 @@ class DeviceAgent:
         serve_weights: bool = False,
         trusted: bool = False,
         max_activation_bytes: int = MAX_ACTIVATION_BYTES,
+        bars: Bars = no_bars,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
@@ -87,8 +89,9 @@ class DeviceAgent:
         self.measure = measure
         self.layer_delay_ms = layer_delay_ms
         self.max_batch = max_batch
+        self.bars = bars  # progress of measuring and of fetching weights, drawn by the CLI
         self.host = ShardHost(device_id, model_folder, memory_mb, torch_device=torch_device,
-                              layer_delay_ms=layer_delay_ms, fetch_weights=fetch_weights)
+                              layer_delay_ms=layer_delay_ms, fetch_weights=fetch_weights, bars=bars)
         self.model_id = self.host.model_id
         self.compute = Compute(device_id, threads)
         self.scheduler = Scheduler(device_id, self.compute, max_batch, self.topics, max_activation_bytes)
@@ -262,6 +265,7 @@ class DeviceAgent:
         host = self.host
         measured = await self.compute.run(lambda: measure_capabilities(
             host.checkpoint, self.device_id, cache_dir().parent, self.torch_device, layer_delay_ms=self.layer_delay_ms,
+            bars=self.bars,
         ))
         trim_heap()  # what measuring used is not this device's to keep
         echo = self.topics.echo(self.device_id)

@@ -20,6 +20,7 @@ from typing import Any
 from lime_mqtt.core.errors import LimeError
 from lime_mqtt.core.messages import Adaptation, DeviceState
 from lime_mqtt.core.plan import StagePlan
+from lime_mqtt.core.progress import Bars, no_bars
 from lime_mqtt.device.memory import anon_rss_bytes, rss_bytes, trim_heap
 from lime_mqtt.model.adapter import adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
@@ -43,9 +44,10 @@ class ShardHost:
 
     def __init__(
         self, name: str, model_folder: Path, memory_mb: int, *, torch_device: str = "cpu",
-        layer_delay_ms: float = 0.0, fetch_weights: bool = False,
+        layer_delay_ms: float = 0.0, fetch_weights: bool = False, bars: Bars = no_bars,
     ) -> None:
         self.name = name
+        self.bars = bars
         self.model_folder = Path(model_folder)
         self.model_id = self.model_folder.name
         self.memory_mb = memory_mb
@@ -119,8 +121,22 @@ class ShardHost:
         from lime_mqtt.weights.fetch import fetch_tensors
 
         started = time.perf_counter()
-        stats = await fetch_tensors(transport, cluster, self.manifest or {}, self.tensor_names(stages),
-                                    self.model_folder, device_id=self.name, client=uuid.uuid4().hex[:12])
+        names = self.tensor_names(stages)
+        tensors = (self.manifest or {}).get("tensors", {})
+        total = sum(int(tensors[n]["nbytes"]) for n in names if isinstance(tensors.get(n), dict)
+                    and isinstance(tensors[n].get("nbytes"), int))
+        bar = self.bars(f"{self.name}: weights over MQTT", total or None, "B")
+        seen: dict[str, int] = {}
+
+        def progress(name: str, done: int, of: int) -> None:
+            bar.advance(done - seen.get(name, 0))
+            seen[name] = done
+
+        try:
+            stats = await fetch_tensors(transport, cluster, self.manifest or {}, names, self.model_folder,
+                                        device_id=self.name, client=uuid.uuid4().hex[:12], progress=progress)
+        finally:
+            bar.close()
         log.info("%s: %d tensors (%.1f MB) over MQTT in %.1f s, %d already here, resumed %s", self.name,
                  stats.tensors_fetched, stats.bytes_received / 1e6, time.perf_counter() - started,
                  stats.tensors_skipped, stats.resumed_from or "nothing")

@@ -14,8 +14,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lime_mqtt.core.errors import ModelError
+from lime_mqtt.core.progress import Bars, no_bars
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,14 @@ def received_folder(model_id: str) -> Path:
     return cache_dir().parent / "received" / model_id
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
-    """Turn ``--model`` into a local model folder, converting a built-in model on first use."""
+def resolve_model(name_or_path: str | os.PathLike[str], bars: Bars = no_bars) -> Path:
+    """Turn ``--model`` into a local model folder, converting a built-in model on first use
+    (with a progress bar from ``bars``)."""
     text = str(name_or_path)
     if text == "smollm2":
-        return smollm2_folder()
+        return smollm2_folder(bars)
     if text == "smollm2-gguf":
-        return smollm2_gguf_folder()
+        return smollm2_gguf_folder(bars)
     if text == "tiny":
         return tiny_folder()
     path = Path(text).expanduser()
@@ -86,10 +89,10 @@ def _smollm2_package() -> Path:
     return gguf
 
 
-def smollm2_gguf_folder() -> Path:
+def smollm2_gguf_folder(bars: Bars = no_bars) -> Path:
     """SmolLM2-135M-Instruct served from its GGUF file as shipped (Q4_1 layers, a Q8_0
     embedding), with the tokenizer of the converted ``smollm2`` folder."""
-    return gguf_folder(_smollm2_package(), tokenizer_from=smollm2_folder())
+    return gguf_folder(_smollm2_package(), tokenizer_from=smollm2_folder(bars))
 
 
 def _finished(folder: Path) -> bool:
@@ -107,8 +110,9 @@ def _publish_folder(tmp: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted once from the GGUF."""
+def smollm2_folder(bars: Bars = no_bars) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted once from the GGUF
+    (``bars``: a bar of its three steps)."""
     folder = cache_dir() / "smollm2-135m-instruct"
     if _finished(folder):
         return folder
@@ -117,10 +121,20 @@ def smollm2_folder() -> Path:
     log.info("converting %s to safetensors (once, about a minute)", gguf.name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=gguf.name, dtype="float32"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)
+    bar = bars("converting SmolLM2 (once)", 3, "step")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf.name, dtype="float32")
+        bar.advance()
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name)  # the slow step
+        bar.advance()
+        folder = _save_converted(model, tokenizer, folder)
+        bar.advance()
+    finally:
+        bar.close()
+    return folder
+
+
+def _save_converted(model: Any, tokenizer: Any, folder: Path) -> Path:
     # The weights are plain floats now; drop the marks that say "quantized".
     setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute)
     if hasattr(model.config, "quantization_config"):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lime_mqtt.core.progress import Bars, no_bars
 from lime_mqtt.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,10 @@ def cache_file(cache_root: Path, device_id: str, checkpoint: Checkpoint, layer_d
 
 def measure_capabilities(
     checkpoint: Checkpoint, device_id: str, cache_root: Path, device: str = "cpu", refresh: bool = False,
-    layer_delay_ms: float = 0.0,
+    layer_delay_ms: float = 0.0, bars: Bars = no_bars,
 ) -> Capabilities:
-    """Measured capabilities, from the cache when this device has measured this model before."""
+    """Measured capabilities, from the cache when this device has measured this model before
+    (``bars``: a bar of the three measurements)."""
 
     path = cache_file(cache_root, device_id, checkpoint, layer_delay_ms)
     if not refresh and (cached := _read_cache(path)) is not None:
@@ -197,7 +199,7 @@ def measure_capabilities(
         try:
             if not refresh and (cached := _read_cache(path)) is not None:
                 return cached
-            return _measure_and_cache(checkpoint, device_id, path, device, layer_delay_ms)
+            return _measure_and_cache(checkpoint, device_id, path, device, layer_delay_ms, bars)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -215,18 +217,27 @@ def _read_cache(path: Path) -> Capabilities | None:
 
 
 def _measure_and_cache(
-    checkpoint: Checkpoint, device_id: str, path: Path, device: str, layer_delay_ms: float
+    checkpoint: Checkpoint, device_id: str, path: Path, device: str, layer_delay_ms: float, bars: Bars,
 ) -> Capabilities:
     import torch
 
     started = time.perf_counter()
-    decode_ms, prefill_ms = measure_layer(checkpoint, device, layer_delay_ms=layer_delay_ms)
+    bar = bars(f"{device_id}: measuring layer, disk and memory speed (once)", 3, "step")
+    try:
+        decode_ms, prefill_ms = measure_layer(checkpoint, device, layer_delay_ms=layer_delay_ms)
+        bar.advance()
+        disk_mb_s = measure_stream(checkpoint) or measure_disk(checkpoint)
+        bar.advance()
+        matvec_gb_s = measure_matvec(int(checkpoint.config_dict["hidden_size"]), device)
+        bar.advance()
+    finally:
+        bar.close()
     capabilities = Capabilities(
         layer_decode_ms=decode_ms,
         layer_prefill_ms_per_token=prefill_ms,
-        disk_mb_s=measure_stream(checkpoint) or measure_disk(checkpoint),
+        disk_mb_s=disk_mb_s,
         threads=torch.get_num_threads(),
-        matvec_gb_s=measure_matvec(int(checkpoint.config_dict["hidden_size"]), device),
+        matvec_gb_s=matvec_gb_s,
         emulated_layer_delay_ms=layer_delay_ms,
     )
     log.info("%s: measured %s in %.1f s", device_id, capabilities.to_json(), time.perf_counter() - started)
