@@ -151,3 +151,44 @@ def test_a_component_whose_publish_the_broker_refuses_says_so_and_stops(folder: 
         )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "lime/v2/elsewhere/device/spare/status" in done.stderr and "Not authorized" in done.stderr, done.stderr
+
+
+def test_the_http_bridge_asks_under_the_identity_its_api_key_maps_to(
+    folder: BrokerFolder, tiny_model: Path, tmp_path: Path
+) -> None:
+    """On the generated TLS configuration: the bridge runs as client/b, reads the cluster as
+    operator/admin, and its one API key maps to client/a's identity file. A call with the
+    key is answered as client a would be; the dashboard's data shows the devices."""
+    import urllib.request
+
+    import openai
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[[key]]\nkey = "sk-a-0123456789abcdef"\nconfig = "{folder.identity_file("client", "a")}"\n')
+    devices = [DeviceSpec(d, 10, 1, ("--no-measure",)) for d in ("dev0", "dev1")]
+    with SecureBroker(folder) as broker, ProcessCluster(
+        broker.url, CLUSTER, str(tiny_model), devices, tmp_path / "logs", identities=folder,
+        planner_args=("--strategy", "equal", "--reserve-mb", "0"),
+    ) as procs:
+        procs.wait_ready(timeout_s=90)
+        url = procs.start_bridge(free_port(), "--api-keys", str(keys), "--view-config",
+                                 str(folder.identity_file("operator", "admin")), identity=("client", "b"))
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-a-0123456789abcdef", max_retries=0, timeout=60)
+        reply = api.completions.create(model=tiny_model.name, prompt=REQUEST["prompt"], max_tokens=12)
+        direct = asyncio.run(_final_as(broker.transport("client", "a"), {"prompt": REQUEST["prompt"],
+                                                                          "max_tokens": 12}))
+        with urllib.request.urlopen(f"{url}/api/cluster", timeout=10) as response:
+            seen = json.loads(response.read())
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-b-wrong-key-0000", max_retries=0).models.list()
+    assert direct["type"] == "final"
+    assert reply.choices[0].text == direct["text"]
+    states = {d["id"]: d["state"] for d in seen["devices"]}  # read as operator/admin: client b could not
+    assert states == {"dev0": "ready", "dev1": "ready"}
+    assert seen["plan"] is not None and [s["device"] for s in seen["plan"]["stages"]] == ["dev0", "dev1"]
+
+
+async def _final_as(transport: object, request: dict) -> dict:  # type: ignore[type-arg]
+    from lime_mqtt.client import ask_final
+
+    return await ask_final(transport, CLUSTER, request)  # type: ignore[arg-type]
