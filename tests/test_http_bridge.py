@@ -240,3 +240,27 @@ def test_the_grafana_example_uses_only_metrics_the_bridge_serves(bridge: dict[st
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     served = {f.name + suffix for f in families for suffix in suffixes.get(f.type, ("",))}
     assert used and used <= served, used - served
+
+
+def test_a_caller_that_hangs_up_on_a_whole_answer_cancels_it(broker: LocalBroker, bridge: dict[str, Any]) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    before = asyncio.run(_telemetry(broker, {"coordinator"}))["coordinator"]
+    address = urlsplit(bridge["url"])
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    body = {"model": bridge["model"], "messages": CHAT, "max_tokens": 1500, "stream": False}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+
+    async def until(condition: Any) -> dict[str, Any]:
+        while True:
+            now = await _telemetry(broker, {*DEVICES, "coordinator"})
+            if condition(now):
+                return now
+
+    asyncio.run(asyncio.wait_for(until(lambda t: all(t[d].kv_sequences == 1 for d in DEVICES)), 30))
+    connection.close()  # hang up before the answer
+    after = asyncio.run(asyncio.wait_for(until(
+        lambda t: all(t[d].kv_sequences == 0 for d in DEVICES)
+        and t["coordinator"].errors.get("cancelled", 0) == before.errors.get("cancelled", 0) + 1), 30))
+    assert after["coordinator"].running == 0

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -27,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from lime_mqtt.client import ClientSession
 from lime_mqtt.core.errors import LimeError
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STATIC = resources.files("lime_mqtt.http") / "static"
 EVENT_HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming call checks that its caller is still there
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -119,8 +118,8 @@ def create_app(watch: ClusterWatch, sessions: Sessions, metrics: BridgeMetrics) 
                 if call.stream:
                     answers = session.ask(call.request)
                     first = await _first_answer(answers)  # an error before any text is an HTTP error
-                    return StreamingResponse(_stream(call, first, answers), media_type="text/event-stream",
-                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    return CancellingStream(_stream(call, first, answers), media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 return JSONResponse(await _whole(call, session, request))
             except ApiError as exc:
                 status = exc.status
@@ -145,7 +144,7 @@ def create_app(watch: ClusterWatch, sessions: Sessions, metrics: BridgeMetrics) 
                 version = now
                 yield _sse(watch.snapshot())
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return CancellingStream(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def scrape(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -223,26 +222,50 @@ async def _whole(call: Call, session: ClientSession, request: Request) -> dict[s
             await answers.aclose()  # type: ignore[attr-defined]
         return last
 
-    task = asyncio.ensure_future(final())
+    answering = asyncio.create_task(final(), name=f"{call.id}-answer")  # owned: awaited or cancelled below
+    leaving = asyncio.create_task(_disconnected(request.receive), name=f"{call.id}-disconnect")
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                raise ApiError(499, "the client closed the connection", code="cancelled")
+        await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if not answering.done():
+            raise ApiError(499, "the client closed the connection", code="cancelled")
         try:
-            last = task.result()
+            last = answering.result()
         except TimeoutError as exc:
             raise ApiError(504, str(exc), "server_error", "timeout") from None
         except LimeError as exc:
             raise ApiError(503, str(exc), "server_error", "no_coordinator") from None
     finally:
-        if not task.done():
-            task.cancel()  # its session cancels the request on the cluster on the way out
-            with contextlib.suppress(asyncio.CancelledError, LimeError, TimeoutError):
-                await task
+        for task in (answering, leaving):
+            task.cancel()  # an unfinished answer: its session cancels the request on the cluster
+        await asyncio.gather(answering, leaving, return_exceptions=True)
     if last.get("type") == "error":
         raise openai_api.from_lime_error(last.get("error") or {})
     if last.get("type") != "final":
         raise ApiError(502, "the cluster's answer ended without a final message", "server_error")
     return openai_api.completion(call, last)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Until the client goes (the request's body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class CancellingStream(StreamingResponse):
+    """A stream that ends as soon as its client goes, whatever ASGI version the server
+    speaks: it listens for the disconnect while it streams, and then closes its source (so
+    an answer's request is cancelled at once, not at the next chunk that cannot be sent)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.create_task(self.stream_response(send), name="sse-stream")  # owned: awaited below
+        leaving = asyncio.create_task(_disconnected(receive), name="sse-disconnect")
+        try:
+            await asyncio.wait({streaming, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (streaming, leaving):
+                task.cancel()
+            results = await asyncio.gather(streaming, leaving, return_exceptions=True)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # our async generators
+        error = results[0]
+        if isinstance(error, Exception) and not isinstance(error, OSError):
+            raise error  # a failure of the stream itself, not a client that went
