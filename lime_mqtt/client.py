@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +22,8 @@ from lime_mqtt.core.topics import Topics, valid_arg, valid_name
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
 from lime_mqtt.transport.base import identity_of
+
+log = logging.getLogger(__name__)
 
 Broker = str | BrokerAddress | Transport  # a URL, or a transport with credentials
 
@@ -219,8 +222,7 @@ class ClientSession:
         assert self._conn is not None and self._receiver is not None
         try:
             self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
+            await asyncio.gather(self._receiver, return_exceptions=True)  # its own failures are logged there
         finally:
             await self._conn.__aexit__(None, None, None)
 
@@ -285,6 +287,16 @@ class ClientSession:
             raise LimeError(f"no coordinator is serving cluster {self.topics.cluster!r} on this broker") from None
 
     async def _receive(self) -> None:
+        """Route answers to their requests; if the connection fails for good, every request
+        in flight gets an error instead of waiting for its timeout."""
+        try:
+            await self._route_answers()
+        except Exception as exc:  # the supervisor of this session's receiving
+            log.exception("client session %s: receiving failed", self.name)
+            for flight in self._inflight.values():
+                flight.queue.put_nowait({"type": "error", "error": {"code": "transport_error", "message": str(exc)}})
+
+    async def _route_answers(self) -> None:
         assert self._conn is not None
         async for message in self._conn.messages():
             route = self.topics.parse(message.topic)

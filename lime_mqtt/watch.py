@@ -67,8 +67,7 @@ class ClusterWatch:
         try:
             if self._receiver is not None:
                 self._receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._receiver
+                await asyncio.gather(self._receiver, return_exceptions=True)  # its own failures are logged there
         finally:
             await self._conn.__aexit__(None, None, None)
 
@@ -81,6 +80,13 @@ class ClusterWatch:
             return self.version
 
     async def _receive(self) -> None:
+        try:
+            await self._follow()
+        except Exception:  # the supervisor of the watch: say so, loudly; the view stays as it was
+            log.exception("the cluster watch stopped receiving")
+            raise
+
+    async def _follow(self) -> None:
         async for message in self._conn.messages():
             before = None
             route = self.view.topics.parse(message.topic)
