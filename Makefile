@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all mosquitto compiler browser node-red setup setup-test demo test test-fast lint bench clean
+.PHONY: all mosquitto compiler browser node-red deploy-tools setup setup-test demo test test-fast lint bench clean
 
 all: test
 
@@ -32,6 +32,15 @@ browser:
 	  echo "installing chromium and chromium-driver from Debian (the dashboard's browser test) ..."; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+# systemd-analyze (the device unit's test) and docker-compose (validates compose.yaml
+# without an engine), from Debian.
+deploy-tools:
+	@if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then \
+	  echo "installing systemd and docker-compose from Debian (the deployment files' tests) ..."; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq systemd docker-compose >/dev/null; \
 	fi
 
 # Node-RED from the npm registry, for the test of docs/examples/node-red-flow.json. Node-RED 5
@@ -60,8 +69,8 @@ $(STAMP): pyproject.toml lime_mqtt/model/kernels.c
 
 setup: mosquitto compiler $(STAMP)
 
-# What the whole suite needs besides: a browser and Node-RED.
-setup-test: setup browser node-red
+# What the whole suite needs besides: a browser, Node-RED and the deployment tools.
+setup-test: setup browser node-red deploy-tools
 
 demo: setup
 	$(VENV)/bin/lime-mqtt demo
