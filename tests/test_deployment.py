@@ -55,7 +55,7 @@ def test_compose_yaml_is_valid_for_docker_compose() -> None:
                               text=True, timeout=60, cwd=ROOT, check=True).stdout.split()
     assert sorted(services) == ["broker", "coordinator", "device-1", "device-2", "device-3", "planner"]
     # The control: a compose file with a mistake is refused.
-    broken = ROOT / "compose.yaml"
-    result = subprocess.run([tool, "-f", "-", "config", "-q"], input=broken.read_text().replace("services:", "servics:"),
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    broken = (ROOT / "compose.yaml").read_text().replace("services:", "servics:")
+    result = subprocess.run([tool, "-f", "-", "config", "-q"], input=broken, capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
     assert result.returncode != 0
