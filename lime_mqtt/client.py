@@ -21,7 +21,7 @@ from lime_mqtt.core.errors import LimeError, MessageError, NoSubscribers, Transp
 from lime_mqtt.core.topics import Topics, valid_arg, valid_name
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.transport import BrokerAddress, Connection, Transport, transport_for
-from lime_mqtt.transport.base import identity_of
+from lime_mqtt.transport.base import Message, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ async def ask(
     correlation = uuid.uuid4().bytes
     request = with_id(request)  # so that it can be resumed
     request_topic, answers = topics.requests(name), topics.answers_inbox(name)
-    last_chunk = -1
+    tracker = AnswerTracker(request)
+    view = ClusterView(topics)  # the coordinators serving: one that goes takes its answers with it
     asked = False
 
     async def publish(conn: Connection, body: dict[str, Any], require_subscribers: bool = False) -> None:
@@ -62,10 +63,10 @@ async def ask(
                            require_subscribers=require_subscribers)
 
     async def exchange(conn: Connection) -> AsyncIterator[dict[str, Any]]:
-        nonlocal last_chunk, asked
-        await conn.subscribe(answers, qos=1)
+        nonlocal asked
+        await conn.subscribe(answers, topics.all_coordinator_status, qos=1)
         if wait_for_coordinator_s > 0:
-            await _coordinator_serving(conn, topics, wait_for_coordinator_s)
+            await _coordinator_serving(conn, view, wait_for_coordinator_s)
         try:
             # The broker's PUBACK says whether anyone subscribes to the request topic: a
             # coordinator that is gone (its status retained by mistake, say) is known now,
@@ -87,14 +88,17 @@ async def ask(
             except TimeoutError:
                 raise TimeoutError(f"no complete answer within {timeout_s:.0f} s") from None
             route = topics.parse(message.topic)
+            if route is not None and route.kind == "status" and route.sender.role == "coordinator":
+                if tracker.lost(_coordinators_gone(view, message)):
+                    # The coordinator serving this answer is gone: another continues it.
+                    await publish(conn, tracker.resume())
+                continue
             if route is None or route.kind != "answer" or route.arg != request["id"] or (
                     message.correlation_data is not None and message.correlation_data != correlation):
                 continue
             answer = json.loads(message.payload)
-            if answer.get("type") == "chunk":
-                if not isinstance(answer.get("index"), int) or answer["index"] <= last_chunk:
-                    continue  # sent again after a reconnect
-                last_chunk = answer["index"]
+            if not isinstance(answer, dict) or not tracker.take(answer, route.sender.name):
+                continue
             yield answer
             if answer.get("type") in ("final", "error"):
                 return
@@ -106,12 +110,50 @@ async def ask(
 
     async def resume() -> None:
         if asked:
-            await publish(conn, {"resume": request["id"], "after": last_chunk, "request": request})
+            await publish(conn, tracker.resume())
 
     assert connection_transport is not None
     async with connection_transport.connection(reconnect=True, on_reconnect=resume) as conn:
         async for answer in exchange(conn):
             yield answer
+
+
+class AnswerTracker:
+    """What a client has received of one answer, so that the answer can be resumed without
+    a gap or a repeat: the last chunk's index, the tokens of the chunks, and the
+    coordinator that serves it (answers from another are ignored until a resume)."""
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.last_chunk = -1
+        self.token_ids: list[int] = []
+        self.serving: str | None = None  # the coordinator the answers come from
+
+    def take(self, answer: dict[str, Any], coordinator: str) -> bool:
+        """Whether ``answer`` (from ``coordinator``) is new and belongs to the stream."""
+        if self.serving is not None and coordinator != self.serving:
+            return False  # a coordinator that was given up on
+        self.serving = coordinator
+        if answer.get("type") == "chunk":
+            if not isinstance(answer.get("index"), int) or answer["index"] <= self.last_chunk:
+                return False  # sent again after a reconnect or a resume
+            self.last_chunk = answer["index"]
+            ids = answer.get("token_ids")
+            self.token_ids += [t for t in ids if isinstance(t, int)] if isinstance(ids, list) else []
+        return True
+
+    def lost(self, gone: set[str]) -> bool:
+        """Whether the coordinators in ``gone`` (their status cleared: they died or left)
+        took this answer with them: then it must be resumed on another."""
+        if not gone or (self.serving is not None and self.serving not in gone):
+            return False
+        self.serving = None  # the next coordinator to answer serves it
+        return True
+
+    def resume(self) -> dict[str, Any]:
+        """The resume message: what came after the last chunk, continuing after its tokens."""
+        return {"resume": self.request["id"], "after": self.last_chunk, "request": self.request,
+                "token_ids": self.token_ids}
 
 
 def with_id(request: dict[str, Any]) -> dict[str, Any]:
@@ -124,10 +166,9 @@ def with_id(request: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
-async def _coordinator_serving(conn: Connection, topics: Topics, wait_s: float) -> None:
-    """Until a coordinator's retained status says it serves this cluster (or LimeError)."""
-    view = ClusterView(topics)
-    await conn.subscribe(topics.all_coordinator_status, qos=1)
+async def _coordinator_serving(conn: Connection, view: ClusterView, wait_s: float) -> None:
+    """Until a coordinator's retained status says it serves this cluster (or LimeError).
+    The caller has subscribed to the coordinators' status; ``view`` keeps what arrives."""
     messages = conn.messages()
     try:
         async with asyncio.timeout(wait_s):
@@ -136,10 +177,17 @@ async def _coordinator_serving(conn: Connection, topics: Topics, wait_s: float) 
                 with contextlib.suppress(MessageError):  # a malformed status is no coordinator
                     view.take(message.topic, message.payload, message.retain)
     except TimeoutError:
-        raise LimeError(f"no coordinator is serving cluster {topics.cluster!r} on this broker") from None
+        raise LimeError(f"no coordinator is serving cluster {view.topics.cluster!r} on this broker") from None
     finally:
         await messages.aclose()
-        await conn.unsubscribe(topics.all_coordinator_status)
+
+
+def _coordinators_gone(view: ClusterView, message: Message) -> set[str]:
+    """Absorb a coordinator status; the coordinators it says are gone."""
+    before = set(view.coordinators)
+    with contextlib.suppress(MessageError):
+        view.take(message.topic, message.payload, message.retain)
+    return before - set(view.coordinators)
 
 
 async def ask_final(broker: Broker, cluster: str, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -250,6 +298,7 @@ class ClientSession:
             try:
                 await conn.publish(self.topics.requests(self.name), json.dumps(request).encode(), qos=1,
                                    require_subscribers=True)
+                flight.asked = True
             except NoSubscribers:
                 raise LimeError(f"no coordinator subscribes to the requests of cluster {self.topics.cluster!r}: "
                                 "the broker delivered the request to nobody") from None
@@ -303,9 +352,11 @@ class ClientSession:
             if route is None:
                 continue
             if route.kind == "status":
-                with contextlib.suppress(MessageError):
-                    self.view.take(message.topic, message.payload, message.retain)
-                    self._coordinator_seen.set()
+                gone = _coordinators_gone(self.view, message)
+                self._coordinator_seen.set()
+                for waiting in list(self._inflight.values()):
+                    if waiting.asked and waiting.tracker.lost(gone):
+                        await self._publish(waiting.tracker.resume())  # another coordinator continues it
                 continue
             if route.kind != "answer" or route.arg is None or (flight := self._inflight.get(route.arg)) is None:
                 continue
@@ -313,23 +364,21 @@ class ClientSession:
                 answer = json.loads(message.payload)
             except ValueError:
                 continue
-            if not isinstance(answer, dict):
-                continue
-            if answer.get("type") == "chunk":
-                if not isinstance(answer.get("index"), int) or answer["index"] <= flight.last_chunk:
-                    continue  # sent again after a reconnect
-                flight.last_chunk = answer["index"]
-            flight.queue.put_nowait(answer)
+            if isinstance(answer, dict) and flight.tracker.take(answer, route.sender.name):
+                flight.queue.put_nowait(answer)
+
+    async def _publish(self, body: dict[str, Any]) -> None:
+        assert self._conn is not None
+        await self._conn.publish(self.topics.requests(self.name), json.dumps(body).encode(), qos=1)
 
     async def _resume_all(self) -> None:
-        assert self._conn is not None
-        for request_id, flight in list(self._inflight.items()):
-            await self._conn.publish(self.topics.requests(self.name), json.dumps(
-                {"resume": request_id, "after": flight.last_chunk, "request": flight.request}).encode(), qos=1)
+        for flight in list(self._inflight.values()):
+            if flight.asked:
+                await self._publish(flight.tracker.resume())
 
 
 class _InFlight:
     def __init__(self, request: dict[str, Any]) -> None:
-        self.request = request
+        self.tracker = AnswerTracker(request)
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.last_chunk = -1
+        self.asked = False  # the request itself has gone out

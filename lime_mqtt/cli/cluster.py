@@ -170,6 +170,10 @@ class ProcessCluster:
         args += device.extra_args
         return self._spawn(device.device_id, *args, identity=("device", device.device_id))
 
+    def start_coordinator(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start one more coordinator, ``coordinator/NAME`` (its process is named the same)."""
+        return self._spawn(f"coordinator-{name}", "coordinator", "--name", name, *args, identity=("coordinator", name))
+
     def start_bridge(self, port: int, *args: str, identity: tuple[str, str] = ("client", "default"),
                      timeout_s: float = 60.0) -> str:
         """Start ``lime-mqtt http`` on loopback ``port`` (more options in ``args``) and wait

@@ -126,8 +126,12 @@ class Generation:
             ids = self.tokenizer(request.prompt)["input_ids"]
         return [int(i) for i in ids]
 
-    async def generate(self, request: Request, client_id: str, send: Send, started: float) -> None:
-        """Prefill and decode one request; ``client_id`` is echoed in every message."""
+    async def generate(self, request: Request, client_id: str, send: Send, started: float,
+                       resumed: list[int] | None = None, first_chunk: int = 0) -> None:
+        """Prefill and decode one request; ``client_id`` is echoed in every message. With
+        ``resumed`` (the tokens a client already has of this answer, from a coordinator that
+        went away), the history of the prompt and those tokens is replayed and the answer
+        goes on after them, its chunks numbered from ``first_chunk``."""
         prompt_ids = self.prompt_ids(request)
         if not prompt_ids:
             raise RequestError("invalid_request", "the prompt gives no tokens")
@@ -151,11 +155,12 @@ class Generation:
 
         async with self.admission.reserve(kv_tokens, queued):
             plan = await self.watch.wait_ready()  # the plan may have changed while it waited
-            await self._decode(request, client_id, send, started, prompt_ids, max_new, plan)
+            await self._decode(request, client_id, send, started, prompt_ids, max_new, plan, resumed or [],
+                               first_chunk)
 
     async def _decode(
         self, request: Request, client_id: str, send: Send, started: float, prompt_ids: list[int],
-        max_new: int, plan: Plan,
+        max_new: int, plan: Plan, resumed: list[int], first_chunk: int,
     ) -> None:
         active = Active(request, uuid.uuid4().hex, plan)
         self.active[active.rid] = active
@@ -171,10 +176,13 @@ class Generation:
         first_at = last_at = started
         steps = 0
         finish_reason = "length"
-        chunks = sent_tokens = 0  # chunks sent, and how many token ids they carried
-        pos = 0
+        for token in resumed[:max_new]:  # what the client has: its text was sent already
+            stream.add(token)
+        # chunks sent (the next one's index), and how many token ids they carried
+        chunks, sent_tokens = first_chunk, len(stream.token_ids)
+        pos = 0  # the first step prefills the whole history: the prompt and the resumed tokens
         try:
-            for step in range(max_new):
+            for step in range(len(stream.token_ids), max_new if not stream.stopped else 0):
                 if request.deadline_s is not None and time.perf_counter() - started > request.deadline_s:
                     # Also checked here: on Python 3.11 a cancellation that lands just as an
                     # awaited publish completes can be lost, and with it the deadline's.
@@ -182,7 +190,7 @@ class Generation:
                 result = await self._advance(active, step, pos, stream.token_ids[-1:],
                                              lambda: prompt_ids + stream.token_ids, sampling)
                 last_at, steps = time.perf_counter(), steps + 1
-                if step == 0:
+                if steps == 1:
                     first_at = last_at
                 if request.return_logits and result.logits is not None:
                     logits.append([float(v) for v in result.logits.tolist()])

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,7 @@ class _Running:
 class Intake:
     def __init__(
         self, connection: Connection, topics: Topics, name: str, generation: Generation, *, max_concurrent: int,
-        max_waiting: int, limits: protocol.Limits | None = None,
+        max_waiting: int, limits: protocol.Limits | None = None, owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.connection = connection
         self.topics = topics
@@ -69,6 +71,9 @@ class Intake:
         self.limits = limits or protocol.Limits()
         self.rates = ClientRates(self.limits.client_rate, self.limits.client_burst)
         self.generation = generation
+        # Whether this coordinator serves the request of this key, when several serve the
+        # cluster (docs/faults.md#two-coordinators); by default, every request.
+        self.owns = owns or (lambda key: True)
         self._slots = asyncio.Semaphore(max_concurrent)  # wakes waiters first come, first served
         self.max_waiting = max_waiting
         self.waiting = 0  # requests received and not yet generating
@@ -101,17 +106,26 @@ class Intake:
         if (victim := protocol.cancel_target(message.payload)) is not None:
             self.cancel(client, victim)
             return
+        resumed: protocol.Resume | None = None
         if (resume := protocol.resume_target(message.payload)) is not None:
             if await self._resume(client, resume) or resume.request is None:
                 return
-            # The broker took the request, then lost it (a restart before it was delivered).
-            log.info("request %s: first heard of in a resume; serving it", resume.request_id)
+            if not self.owns(f"{client}/{resume.request_id}"):
+                return  # another coordinator takes it up
+            # The broker took the request, then lost it (a restart before it was delivered),
+            # or the coordinator that served it is gone: continue after what the client has.
+            log.info("request %s: first heard of in a resume after chunk %d (%d tokens); serving it",
+                     resume.request_id, resume.after, len(resume.token_ids))
             raw = {**resume.request, "id": resume.request_id}
             message = Message(message.topic, json.dumps(raw).encode(), response_topic=message.response_topic,
                               correlation_data=message.correlation_data)
+            resumed = resume
         client_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
         if client_id is not None and not valid_arg(client_id):
             client_id = None  # not a topic level: parse_request says so, under a generated id
+        if resumed is None and not self.owns(f"{client}/{client_id or hashlib.sha256(message.payload).hexdigest()}"):
+            log.debug("a request of %s is another coordinator's to serve", client)
+            return
         request_id = client_id or uuid.uuid4().hex
         key = (client, request_id)
         if key in self.by_client_id:
@@ -138,7 +152,10 @@ class Intake:
                     finally:
                         self.waiting -= 1
                     try:
-                        await self.generation.generate(request, request_id, send, received_at)
+                        await self.generation.generate(
+                            request, request_id, send, received_at,
+                            resumed=list(resumed.token_ids) if resumed else [],
+                            first_chunk=resumed.after + 1 if resumed else 0)
                     finally:
                         self._slots.release()
             except TimeoutError:

@@ -13,6 +13,7 @@ activations.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from pathlib import Path
@@ -90,7 +91,7 @@ class Coordinator:
             max_prompt_tokens=(limits or protocol.Limits()).max_prompt_tokens,
         )
         self.intake = Intake(self.transport, self.topics, self.name, self.generation, max_concurrent=max_concurrent,
-                             max_waiting=max_waiting, limits=limits)
+                             max_waiting=max_waiting, limits=limits, owns=self.owns)
 
     def __repr__(self) -> str:
         epoch = self.plan.epoch if self.plan else None
@@ -167,6 +168,17 @@ class Coordinator:
         if self.serving.is_set():
             await self._publish_status()
         self.watch.disturb("resend")
+
+    def owns(self, key: str) -> bool:
+        """Whether this coordinator serves the request of ``key`` (``client/id``). Every
+        coordinator of the cluster receives every request; of those serving this model now
+        (their retained status), the one a hash of the key picks serves it, so each request
+        has one, and when that one goes, the others' pick moves its requests to them
+        (docs/faults.md#two-coordinators)."""
+        live = set(self.watch.view.serving_coordinators(self.model_id)) | {self.name}
+        ordered = sorted(live)
+        pick = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % len(ordered)
+        return ordered[pick] == self.name
 
     def telemetry(self) -> CoordinatorTelemetry:
         """Its figures now: requests generating and waiting, and its counters."""

@@ -16,6 +16,7 @@ REQUEST_VERSION: Literal[1] = 1
 # The largest request message: a long chat fits many times over; a broker's own limit may be lower.
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_PROMPT_CHARS = 512 * 1024
+MAX_RESUMED_TOKENS = 1 << 20  # the tokens of an answer a resume may carry
 
 
 class ChatMessage(BaseModel):
@@ -101,13 +102,17 @@ def cancel_target(payload: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class Resume:
-    """``{"resume": "<id>", "after": n, "request": {...}}``: a client that lost its connection
-    asks for the messages of request ``id`` after chunk ``n`` again (-1: all of them);
-    ``request``, if given, is served as new when the coordinator never received it."""
+    """``{"resume": "<id>", "after": n, "request": {...}, "token_ids": [...]}``: a client that
+    lost its connection, or whose coordinator went away, asks for the messages of request
+    ``id`` after chunk ``n`` again (-1: all of them). ``request``, if given, is served by a
+    coordinator that never received it; with ``token_ids`` (the tokens of the chunks
+    received) it continues the answer after them: their history is replayed, and chunks
+    go on from ``n + 1``, with no gap and no repeat."""
 
     request_id: str
     after: int
     request: dict[str, Any] | None
+    token_ids: tuple[int, ...] = ()
 
 
 def resume_target(payload: bytes) -> Resume | None:
@@ -120,9 +125,13 @@ def resume_target(payload: bytes) -> Resume | None:
         return None
     after = data.get("after", -1)
     request = data.get("request")
+    tokens = data.get("token_ids", [])
     if not isinstance(after, int) or isinstance(after, bool) or (request is not None and not isinstance(request, dict)):
         return None
-    return Resume(data["resume"], after, request)
+    if not isinstance(tokens, list) or len(tokens) > MAX_RESUMED_TOKENS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in tokens):
+        return None
+    return Resume(data["resume"], after, request, tuple(tokens))
 
 
 def parse_request(payload: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:

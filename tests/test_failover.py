@@ -1,0 +1,88 @@
+"""No single point of failure but the broker: two coordinators serve one cluster, and when
+the one serving an answer is killed (SIGKILL) mid-answer, the client resumes the request
+on the other. That one replays the prompt and the tokens the client already has, and the
+answer completes token-identical to transformers', with a clean stream: chunk indices
+0, 1, 2, ... with no gap and no repeat, and their text and tokens exactly the answer's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
+from lime_mqtt.client import ask
+from lime_mqtt.core.topics import Topics
+from lime_mqtt.core.view import ClusterView
+from lime_mqtt.transport import transport_for
+from lime_mqtt.transport.mosquitto import LocalBroker
+from tests.helpers import prompt_ids, reference_greedy
+
+pytestmark = [pytest.mark.e2e]
+
+PROMPT = "Close valve V-17 before starting the maintenance"
+TOKENS = 120
+
+
+async def _both_serving(broker: str, cluster: str, names: set[str], timeout_s: float = 60) -> None:
+    view = ClusterView(Topics(cluster))
+    async with transport_for(broker).connection() as conn:
+        await conn.subscribe(view.topics.all_coordinator_status)
+        async with asyncio.timeout(timeout_s):
+            async for message in conn.messages():
+                view.take(message.topic, message.payload, message.retain)
+                if names <= set(view.coordinators):
+                    return
+
+
+async def _ask_and_kill(broker: str, cluster: str, procs: ProcessCluster) -> tuple[list[dict], list[str]]:
+    """Stream the answer; after 10 chunks, SIGKILL the coordinator that sends them. Also
+    returns who sent each answer message, as a spy on the answer topics saw it."""
+    topics = Topics(cluster)
+    senders: list[str] = []
+    async with transport_for(broker).connection() as spy:
+        await spy.subscribe(topics.answers_inbox("default"), qos=1)
+
+        async def watch() -> None:
+            async for message in spy.messages():
+                route = topics.parse(message.topic)
+                if route is not None and json.loads(message.payload).get("type") in ("chunk", "final"):
+                    senders.append(route.sender.name)
+
+        async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(watch(), name="answer-spy")
+            messages: list[dict] = []
+            async for message in ask(broker, cluster, {"id": "failover-1", "prompt": PROMPT, "max_tokens": TOKENS},
+                                     timeout_s=120):
+                messages.append(message)
+                if len(messages) == 10:
+                    procs.kill(f"coordinator-{senders[-1]}")  # the one serving it, with no goodbye
+            watcher.cancel()
+    return messages, senders
+
+
+def test_an_answer_survives_the_loss_of_its_coordinator(broker: LocalBroker, cluster_name: str, tiny_model: Path,
+                                                         tmp_path: Path) -> None:
+    devices = [DeviceSpec(f"f{i}", 100, 1, ("--emulate-layer-delay-ms", "4")) for i in range(2)]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
+                        planner_args=("--strategy", "equal"), coordinator=False) as procs:
+        procs.start_coordinator("east")
+        procs.start_coordinator("west")
+        procs.wait_ready()
+        asyncio.run(_both_serving(broker.url, cluster_name, {"east", "west"}))
+        messages, senders = asyncio.run(_ask_and_kill(broker.url, cluster_name, procs))
+        logs = procs.log_tail()
+    final = messages[-1]
+    assert final["type"] == "final", (final, logs)
+    expected = reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), TOKENS)
+    assert final["token_ids"] == expected
+    chunks = [m for m in messages if m["type"] == "chunk"]
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))  # no gap, no repeat
+    assert "".join(c["text"] for c in chunks) == final["text"]
+    assert [t for c in chunks for t in c["token_ids"]] == final["token_ids"]
+    # Both coordinators answered: the first until it was killed, the other to the end.
+    first, last = senders[0], senders[-1]
+    assert first != last and {first, last} == {"east", "west"}, senders
+    assert senders.index(last) >= 10
