@@ -137,3 +137,30 @@ def test_text_stream_with_a_real_tokenizer_rebuilds_the_text(tiny_model) -> None
     pieces = [stream.add(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert sum(1 for p in pieces if p) > len(ids) / 2  # it streams, not all at the end
+
+
+def test_a_resume_carries_the_tokens_the_client_has() -> None:
+    from lime_mqtt.core.protocol import resume_target
+
+    resume = resume_target(b'{"resume": "q1", "after": 3, "request": {"prompt": "x"}, "token_ids": [5, 6, 7]}')
+    assert resume is not None and resume.after == 3 and resume.token_ids == (5, 6, 7)
+    assert resume_target(b'{"resume": "q1"}').token_ids == ()  # type: ignore[union-attr]
+    for bad in (b'{"resume": "q1", "token_ids": [1.5]}', b'{"resume": "q1", "token_ids": [true]}',
+                b'{"resume": "q1", "token_ids": "123"}', b'{"resume": "q1", "token_ids": [-1]}'):
+        assert resume_target(bad) is None, bad
+
+
+def test_the_answer_tracker_resumes_without_a_gap_or_a_repeat() -> None:
+    from lime_mqtt.client import AnswerTracker
+
+    tracker = AnswerTracker({"id": "q1", "prompt": "x"})
+    assert tracker.take({"type": "chunk", "index": 0, "text": "a", "token_ids": [1]}, "east")
+    assert tracker.take({"type": "chunk", "index": 1, "text": "b", "token_ids": [2, 3]}, "east")
+    assert not tracker.take({"type": "chunk", "index": 1, "text": "b", "token_ids": [2, 3]}, "east")  # a repeat
+    assert not tracker.take({"type": "chunk", "index": 2, "text": "c", "token_ids": [4]}, "west")  # not its server
+    assert not tracker.lost({"west"}) and not tracker.lost(set())  # another coordinator went: nothing to do
+    assert tracker.lost({"east"})
+    assert tracker.resume() == {"resume": "q1", "after": 1, "request": {"id": "q1", "prompt": "x"},
+                                "token_ids": [1, 2, 3]}
+    assert tracker.take({"type": "chunk", "index": 2, "text": "c", "token_ids": [4]}, "west")  # the new server
+    assert tracker.serving == "west"
