@@ -182,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen beyond loopback without API keys (anyone who reaches the port may ask)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one answer may take")
 
+    p = sub.add_parser("rig", help="a cluster on this machine with each device behind a shaped network link (root)")
+    rig = p.add_subparsers(dest="rig_command", required=True)
+    up = rig.add_parser("up", help="start it (until Ctrl-C or SIGTERM, then it removes everything)")
+    _common(up)
+    up.add_argument("--name", default="lab", help="1 to 6 letters or digits (default lab)")
+    up.add_argument("--devices", type=int, default=3)
+    up.add_argument("--memory-mb", type=int, default=200, help="each device's budget")
+    up.add_argument("--up-mbit", type=float, default=100.0, help="each device's upload, Mbit/s")
+    up.add_argument("--down-mbit", type=float, default=100.0, help="each device's download, Mbit/s")
+    up.add_argument("--rtt-ms", type=float, default=5.0, help="round trip added to each device's link")
+    down = rig.add_parser("down", help="remove what a rig left behind (if its `up` was killed)")
+    _common(down)
+    down.add_argument("--name", default="lab")
+
     p = sub.add_parser("demo", help="broker, planner, coordinator and devices in one go; asks one question")
     _common(p)
     p.add_argument("--devices", type=int, default=3)
@@ -440,6 +454,35 @@ def _cmd_http(args: argparse.Namespace, settings: Settings) -> int:
     return _run_service(bridge.run)
 
 
+def _cmd_rig(args: argparse.Namespace, settings: Settings) -> int:
+    from lime_mqtt.cli.rig import Link, Rig, RigDevice, down_by_name
+    from lime_mqtt.model.builtin import resolve_model
+
+    if args.rig_command == "down":
+        removed = down_by_name(args.name)
+        print("\n".join(removed) if removed else f"rig {args.name}: nothing left to remove")
+        return 0
+    link = Link(args.up_mbit, args.down_mbit, args.rtt_ms)
+    devices = [RigDevice(f"{args.name}-{i}", args.memory_mb, link) for i in range(args.devices)]
+    rig = Rig(args.name, str(resolve_model(settings.model, terminal_bars)), devices, cluster=args.cluster)
+
+    def stop_starting(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # Rig.up removes what it made so far, then this ends the command
+
+    signal.signal(signal.SIGTERM, stop_starting)
+    plan = rig.up()
+    print(f"rig {args.name}: {len(plan.stages)} stages ready; cluster {rig.cluster} on {rig.broker.url}; "
+          f"logs in {rig.log_dir}\n{rig.describe()}", flush=True)
+    try:
+        # Blocked only now: the rig's processes, started already, keep their own signals.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        rig.down()
+        print(f"rig {args.name}: removed", flush=True)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.cli.demo import run_demo
 
@@ -456,6 +499,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "ask": _cmd_ask,
     "plan": _cmd_plan,
     "http": _cmd_http,
+    "rig": _cmd_rig,
     "demo": _cmd_demo,
 }
 

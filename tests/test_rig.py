@@ -1,0 +1,46 @@
+"""The shaped-network rig (lime_mqtt/cli/rig.py), as root: each device agent in its own
+network namespace behind a 20 Mbit/s veth link (tbf) with 5 ms added round trip (the
+delaying proxy). The answer is token-identical to transformers'; the devices measured the
+shaped link; and the rig leaves no namespace, link or process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lime_mqtt.cli.cluster import device_statuses
+from lime_mqtt.cli.rig import Link, Rig, RigDevice
+from lime_mqtt.client import ask_final
+from tests.helpers import prompt_ids, reference_greedy
+
+pytestmark = [pytest.mark.e2e]
+
+PROMPT = "Close valve V-17 before starting the maintenance"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rig needs root (make test runs as root in CI)")
+def test_an_answer_through_shaped_links_is_token_identical_and_the_rig_cleans_up(tiny_model: Path,
+                                                                                  tmp_path: Path) -> None:
+    name = uuid.uuid4().hex[:5]
+    devices = [RigDevice(f"rig-{i}", 100, Link(up_mbit=20, down_mbit=20, rtt_ms=5)) for i in range(2)]
+    rig = Rig(name, str(tiny_model), devices, log_dir=tmp_path / "logs", planner_args=("--strategy", "equal"))
+    with rig:
+        assert sorted(rig.leftovers().get("namespaces", [])) == [rig.namespace(0), rig.namespace(1)]
+        final = asyncio.run(ask_final(rig.broker.url, rig.cluster, {"prompt": PROMPT, "max_tokens": 24},
+                                      timeout_s=120))
+        statuses = asyncio.run(device_statuses(rig.broker.url, rig.cluster, [d.device_id for d in devices]))
+    assert final["type"] == "final", final
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 24)
+    for device in devices:
+        link = statuses[device.device_id]["capabilities"]
+        assert link["link_rtt_ms"] >= 5.0, link  # the added round trip, through the proxy
+        assert link["link_mb_s"] < 20 / 8, link  # no more than the 20 Mbit/s the link allows
+    assert rig.leftovers() == {}
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert f"lrig-{name}-" not in names and f"lr{name}" not in links
