@@ -44,3 +44,52 @@ def test_an_answer_through_shaped_links_is_token_identical_and_the_rig_cleans_up
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert f"lrig-{name}-" not in names and f"lr{name}" not in links
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rig needs root (make test runs as root in CI)")
+def test_a_link_that_degrades_while_serving_is_planned_around(tiny_model: Path, tmp_path: Path) -> None:
+    """Two devices on good links; mid-answer, the link of a device of the plan gets a
+    150 ms round trip. The device measures it again (every second here), says so in its
+    status, the planner plans without it, and the answer, replayed on the new plan,
+    stays token-identical."""
+    from lime_mqtt.client import ask
+    from lime_mqtt.core.topics import Topics
+    from lime_mqtt.core.view import ClusterView
+    from lime_mqtt.transport import transport_for
+
+    name = uuid.uuid4().hex[:5]
+    args = ("--link-interval", "1", "--emulate-layer-delay-ms", "3")
+    devices = [RigDevice(f"wifi-{i}", 100, Link(rtt_ms=0.0), extra_args=args) for i in range(2)]
+    rig = Rig(name, str(tiny_model), devices, log_dir=tmp_path / "logs")
+    tokens = 200
+
+    async def serve_and_degrade() -> tuple[list[dict], str]:
+        messages, degraded = [], ""
+        async for message in ask(rig.broker.url, rig.cluster, {"prompt": PROMPT, "max_tokens": tokens},
+                                 timeout_s=180):
+            messages.append(message)
+            if len(messages) == 5:
+                degraded = first.stages[0].device_id
+                rig.shape(degraded, Link(rtt_ms=150.0))
+        return messages, degraded
+
+    async def current_plan() -> object:
+        view = ClusterView(Topics(rig.cluster))
+        async with transport_for(rig.broker.url).connection() as conn:
+            await conn.subscribe(view.topics.all_plans)
+            async with asyncio.timeout(10):
+                async for message in conn.messages():
+                    view.take(message.topic, message.payload, message.retain)
+                    return view.plan
+        return None
+
+    with rig:
+        first = rig._wait_ready(60)
+        messages, degraded = asyncio.run(serve_and_degrade())
+        after = asyncio.run(current_plan())
+    final = messages[-1]
+    assert final["type"] == "final", final
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), tokens)
+    assert after is not None and after.epoch > first.epoch  # type: ignore[attr-defined]
+    assert degraded not in {s.device_id for s in after.stages}, after  # type: ignore[attr-defined]
+    assert rig.leftovers() == {}

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl", type=float, default=600.0, help="free a request's KV cache after this idle time")
     p.add_argument("--telemetry-interval", type=float, default=5.0,
                    help="seconds between telemetry reports (also the device's heartbeat)")
+    p.add_argument("--link-interval", type=float, default=30.0,
+                   help="measure the link to the broker again this often while serving, seconds (0: never); a "
+                        "change is published in the status, and the planner may plan around it")
     p.add_argument("--torch-device", default="cpu",
                    help="cpu: the engine's kernels are CPU code (docs/engine.md); other devices are refused")
     p.add_argument("--no-measure", action="store_true", help="skip measuring compute, disk and link at start")
@@ -314,7 +317,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             trusted=args.trusted or settings.trusted, max_activation_bytes=int(args.max_activation_mb * 1024 * 1024),
-            bars=terminal_bars,
+            bars=terminal_bars, link_interval_s=args.link_interval,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -25,6 +25,7 @@ from lime_mqtt.core.progress import Bars, no_bars
 from lime_mqtt.core.topics import STEP_QOS, Identity, Topics, valid_device_id
 from lime_mqtt.core.wire import End, StageError, Step, Token, decode_envelope
 from lime_mqtt.device.compute import Compute, Sequence
+from lime_mqtt.device.link import LinkMonitor, link_changed
 from lime_mqtt.device.memory import anon_rss_bytes, peak_rss_bytes, return_freed_memory_promptly, rss_bytes, trim_heap
 from lime_mqtt.device.scheduler import MAX_ACTIVATION_BYTES, Accepted, Scheduler
 from lime_mqtt.device.shards import ShardHost
@@ -66,6 +67,7 @@ class DeviceAgent:
         trusted: bool = False,
         max_activation_bytes: int = MAX_ACTIVATION_BYTES,
         bars: Bars = no_bars,
+        link_interval_s: float = 30.0,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
@@ -102,6 +104,8 @@ class DeviceAgent:
         self.error: str | None = None
         self.plan: Plan | None = None
         self.capabilities: dict[str, float] = {}
+        self.link_interval_s = link_interval_s  # measure the link again this often while serving (0: never)
+        self.link_monitor: LinkMonitor | None = None
         self.adaptations = 0  # changes of what is streamed, made by the governor
         self.last_adaptation: Adaptation | None = None
         will = LastWill(self.topics.device_status(device_id), self._status("offline").encode())
@@ -240,11 +244,17 @@ class DeviceAgent:
             # those from the sender the plan puts before the stage.
             await self.transport.subscribe(self.topics.all_plans, self.topics.all_control,
                                            self.topics.stage_inbox(self.device_id))
+            if self.link_interval_s > 0:
+                echo = self.topics.echo(self.device_id)
+                self.link_monitor = LinkMonitor(self.transport, echo)
+                await self.transport.subscribe(echo, qos=0)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(self._receive(), name=f"{self.device_id}-receive")
                     tasks.create_task(self._work(), name=f"{self.device_id}-work")
                     tasks.create_task(self._housekeeping(), name=f"{self.device_id}-housekeeping")
+                    if self.link_monitor is not None:
+                        tasks.create_task(self._watch_link(self.link_monitor), name=f"{self.device_id}-link")
                     if self.serve_weights:
                         from lime_mqtt.weights.source import WeightSource
 
@@ -295,6 +305,26 @@ class DeviceAgent:
                 await self.scheduler.put(plan)
             elif route.kind in ("control", "stage"):
                 await self.scheduler.put(message)
+            elif route.kind == "echo" and route.to == self.me and self.link_monitor is not None:
+                self.link_monitor.deliver(message.payload)
+
+    async def _watch_link(self, monitor: LinkMonitor) -> None:
+        """Measure the link to the broker again every ``link_interval_s``; when it changed
+        (``link_changed``), say so in the status, so that the planner can plan around it."""
+        while True:
+            await asyncio.sleep(self.link_interval_s)
+            try:
+                rtt_ms, mb_s = await monitor.measure()
+            except (TimeoutError, LimeError) as exc:
+                log.warning("%s: could not measure the link again: %s", self.device_id, exc)
+                continue
+            if link_changed(self.capabilities, rtt_ms, mb_s):
+                log.warning("%s: the link changed: round trip %.1f -> %.1f ms, %.1f -> %.1f MB/s", self.device_id,
+                            self.capabilities.get("link_rtt_ms", 0), rtt_ms, self.capabilities.get("link_mb_s", 0),
+                            mb_s)
+                self.capabilities = {**self.capabilities, "link_rtt_ms": round(rtt_ms, 3),
+                                     "link_mb_s": round(mb_s, 1)}
+                await self._publish_status(self.state)
 
     async def _housekeeping(self) -> None:
         """Free KV caches of requests idle past their TTL; publish telemetry."""

@@ -14,7 +14,7 @@ from lime_mqtt.core.messages import ONLINE_STATES, STATUS_VERSION, DeviceStatus,
 from lime_mqtt.core.topics import Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
-from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload
+from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload, link_ms
 from lime_mqtt.planning.plan import Plan, Strategy, make_plan
 from lime_mqtt.transport.base import Transport, own_name
 
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 16384  # what a planner status may carry (core/messages.py)
 # A device that joins is adopted only if the plan with it is predicted this much faster.
 JOIN_GAIN = 0.05
+# A planned device's link counts as degraded past this many times what the plan counted per token.
+LINK_DEGRADED = 1.5
 # After the planner's own reconnect (a broker restart), devices take a moment to reconnect
 # and say "ready" again (their last wills said "offline"): no replanning for a loss meanwhile.
 RECONNECT_GRACE_S = 5.0
@@ -71,6 +73,7 @@ class PlannerService:
         self.view = ClusterView(self.topics)  # the devices as they say they are, and the retained plan
         self.plan: Plan | None = None
         self.considered: set[str] = set()  # the devices online when the current plan was made
+        self.link_basis: dict[str, float] = {}  # link ms per token a kept plan was checked against
         # A device of the plan not heard from (status or telemetry) for this long is taken
         # for lost, as if its last will had come (a hung process, a link that died silently).
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -108,7 +111,24 @@ class PlannerService:
             return "lost" if online else None
         if set(online) - self.considered - {s.device_id for s in self.plan.stages}:
             return "joined"
+        if self._degraded_links(online):
+            return "link"
         return None
+
+    def _degraded_links(self, online: dict[str, DeviceStatus]) -> list[str]:
+        """The plan's devices whose link now costs a token much more than the plan counted
+        (their status has a new measurement): past ``LINK_DEGRADED`` times and 2 ms more."""
+        assert self.plan is not None
+        worse = []
+        for stage in self.plan.stages:
+            if stage.link_ms is None or stage.device_id not in online:
+                continue
+            profile = DeviceProfile.from_status(stage.device_id, online[stage.device_id].model_dump())
+            now = link_ms(self.size, profile)
+            basis = max(stage.link_ms, self.link_basis.get(stage.device_id, 0.0))
+            if now > LINK_DEGRADED * basis and now > basis + 2.0:
+                worse.append(stage.device_id)
+        return worse
 
     def worth_adopting(self, candidate: Plan) -> bool:
         """Whether a plan that includes a device that joined should replace the current one."""
@@ -232,6 +252,17 @@ class PlannerService:
                 continue
             try:
                 plan = self.make_plan()
+                if reason == "link":
+                    slow = self._degraded_links(self.online())
+                    log.warning("the link of %s got slower than plan %d counted; planning again", ", ".join(slow),
+                                self.plan.epoch if self.plan else 0)
+                    if self.plan is not None and [(x.device_id, x.start, x.stop) for x in plan.stages] == [
+                            (x.device_id, x.start, x.stop) for x in self.plan.stages]:
+                        # Still the best split: keep it, and measure further changes from here.
+                        for stage in plan.stages:
+                            self.link_basis[stage.device_id] = stage.link_ms or 0.0
+                        log.info("plan %d stays the best split with the slower link", self.plan.epoch)
+                        continue
                 if reason == "joined" and not self.worth_adopting(plan):
                     log.info("device(s) %s joined; keeping plan %d (predicted %.1f against %.1f ms per token)",
                              sorted(set(self.online()) - self.considered), self.plan.epoch if self.plan else 0,
@@ -252,6 +283,7 @@ class PlannerService:
                 f"{plan.predicted_ms_per_token:.1f} ms per token{left_out}"
             )
             self.plan, self.considered = plan, set(self.online())
+            self.link_basis = {}
             log.info("publishing plan %d (%s): %s", plan.epoch, reason,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))
             await self.transport.publish(self.topics.plan(self.name), plan.to_json(), qos=1, retain=True)
