@@ -84,7 +84,8 @@ def test_a_link_that_degrades_while_serving_is_planned_around(tiny_model: Path, 
         return None
 
     with rig:
-        first = rig._wait_ready(60)
+        first = rig.plan
+        assert first is not None
         messages, degraded = asyncio.run(serve_and_degrade())
         after = asyncio.run(current_plan())
     final = messages[-1]

@@ -94,6 +94,7 @@ class Rig:
         self.broker = LocalBroker()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.delay_files: dict[str, Path] = {}
+        self.plan: Plan | None = None  # the first ready plan
 
     def __repr__(self) -> str:
         return f"Rig({self.name!r}, devices={len(self.devices)}, alive={sorted(self._alive())})"
@@ -122,7 +123,8 @@ class Rig:
             for i, device in enumerate(self.devices):
                 self._start_device(i, device)
             self._save_state()
-            return self._wait_ready(timeout_s)
+            self.plan = self._wait_ready(timeout_s)
+            return self.plan
         except BaseException:
             self.down()
             raise

@@ -27,6 +27,7 @@ from lime_mqtt.planning.cost import (
     layout_device,
     layout_stage,
     link_ms,
+    predict_prefill_ms,
     stall_lower_bound,
 )
 
@@ -394,6 +395,16 @@ def plan_from_cost(
         overhead_ms=workload.overhead_ms,
         left_out=left_out or {},
     )
+
+
+def predict_plan_prefill_ms(plan: Plan, model: ModelSize, devices: Mapping[str, DeviceProfile], prompt_tokens: int,
+                            workload: Workload) -> float | None:
+    """The cost model's time to first token for ``plan`` on ``devices`` as they measure
+    now; ``None`` if a stage no longer fits its device."""
+    laid = [layout_stage(model, devices[s.device_id], s.start, s.stop, s.embed, s.head, workload) for s in plan.stages]
+    if any(stage is None for stage in laid):
+        return None
+    return predict_prefill_ms(evaluate([s for s in laid if s is not None], workload), model, devices, prompt_tokens)
 
 
 def format_plan(plan: Plan, explain: bool = False) -> str:
