@@ -114,6 +114,7 @@ def test_the_acl_has_exactly_the_v2_layout() -> None:
         "topic read lime/v2/C/device/+/status",
         "topic read lime/v2/C/device/+/telemetry",
         "topic read lime/v2/C/planner/+/plan",
+        "topic read lime/v2/C/planner/+/status",
         "user coordinator/main",
         "topic read lime/v2/C/device/+/status",
         "topic read lime/v2/C/device/+/telemetry",

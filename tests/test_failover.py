@@ -86,3 +86,56 @@ def test_an_answer_survives_the_loss_of_its_coordinator(broker: LocalBroker, clu
     first, last = senders[0], senders[-1]
     assert first != last and {first, last} == {"east", "west"}, senders
     assert senders.index(last) >= 10
+
+
+def test_a_standby_planner_takes_over_and_plans_around_a_lost_device(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Planner `main` plans; planner `spare` (--standby) waits. `main` is killed (SIGKILL):
+    its last will clears its status, and `spare` takes over from the retained plan. A
+    device of that plan is then killed: `spare` plans without it, and the answer is
+    token-identical."""
+    from lime_mqtt.cli.cluster import wait_for_ready_plan
+
+    devices = [DeviceSpec(f"p{i}", 100, 1) for i in range(2)]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs", planner=False,
+                        planner_args=()) as procs:
+        procs.start_planner("main", "--quorum", "2", "--strategy", "equal", "--heartbeat-timeout", "3")
+        first = procs.wait_ready()
+        procs.start_planner("spare", "--quorum", "1", "--strategy", "equal", "--heartbeat-timeout", "3", "--standby")
+        planners = asyncio.run(_planner_statuses(broker.url, cluster_name, {"main"}))
+        assert planners == {"main"}  # the standby says nothing while it waits
+        procs.kill("planner-main")
+        asyncio.run(_planner_statuses(broker.url, cluster_name, {"spare"}))  # it took over
+        lost = first.stages[-1].device_id
+        procs.kill(lost)
+        plan = asyncio.run(wait_for_ready_plan(broker.url, cluster_name, timeout_s=60))
+        while plan.epoch == first.epoch:
+            plan = asyncio.run(wait_for_ready_plan(broker.url, cluster_name, timeout_s=60))
+        messages = asyncio.run(_collect(broker.url, cluster_name))
+        logs = procs.log_tail()
+    assert [s.device_id for s in first.stages] == ["p0", "p1"]
+    assert plan.epoch > first.epoch and lost not in {s.device_id for s in plan.stages}, (plan, logs)
+    final = messages[-1]
+    assert final["type"] == "final", (final, logs)
+    assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 16)
+
+
+async def _planner_statuses(broker: str, cluster: str, wanted: set[str], timeout_s: float = 30) -> set[str]:
+    """The planners whose retained status is there, once it is exactly ``wanted``."""
+    topics = Topics(cluster)
+    present: set[str] = set()
+    async with transport_for(broker).connection() as conn:
+        await conn.subscribe(topics.all_planner_status)
+        async with asyncio.timeout(timeout_s):
+            async for message in conn.messages():
+                route = topics.parse(message.topic)
+                if route is not None:
+                    (present.add if message.payload else present.discard)(route.sender.name)
+                if present == wanted:
+                    return present
+    return present
+
+
+async def _collect(broker: str, cluster: str) -> list[dict]:
+    return [m async for m in ask(broker, cluster, {"prompt": PROMPT, "max_tokens": 16}, timeout_s=60)]

@@ -21,6 +21,7 @@ READS: dict[Role, tuple[tuple[str, str], ...]] = {
         ("device/+/status", "devices' capabilities, joins and leaves"),
         ("device/+/telemetry", "devices' heartbeats and load"),
         ("planner/+/plan", "its own retained plan, read back on a restart"),
+        ("planner/+/status", "whether another planner is active (a standby planner waits for it to go)"),
     ),
     "coordinator": (
         ("device/+/status", "which devices are up"),

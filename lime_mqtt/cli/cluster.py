@@ -170,6 +170,11 @@ class ProcessCluster:
         args += device.extra_args
         return self._spawn(device.device_id, *args, identity=("device", device.device_id))
 
+    def start_planner(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start one more planner, ``planner/NAME`` (its process is named ``planner-NAME``)."""
+        return self._spawn(f"planner-{name}", "planner", "--name", name, "--settle", "0.5", *args,
+                           identity=("planner", name))
+
     def start_coordinator(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start one more coordinator, ``coordinator/NAME`` (its process is named the same)."""
         return self._spawn(f"coordinator-{name}", "coordinator", "--name", name, *args, identity=("coordinator", name))

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this planner's name: it publishes as planner/NAME (default: its user name's, "
                    "else main)")
     p.add_argument("--quorum", type=int, default=1, help="devices to wait for before the first plan")
+    p.add_argument("--standby", action="store_true",
+                   help="stand by while another planner is there; take over (from its retained plan) when it goes")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet membership before planning")
     p.add_argument("--heartbeat-timeout", type=float, default=15.0,
                    help="take a planned device that sends no status or telemetry for this many seconds for "
@@ -252,7 +254,7 @@ def _cmd_planner(args: argparse.Namespace, settings: Settings) -> int:
         settle_s=args.settle, context_tokens=args.context_tokens, sequences=args.sequences,
         objective=args.objective, strategy=args.strategy, reserve_mb=args.reserve_mb,
         interleaving=not args.no_interleave, heartbeat_timeout_s=args.heartbeat_timeout,
-        trusted_ends=args.trusted_ends, name=args.name,
+        trusted_ends=args.trusted_ends, name=args.name, standby=args.standby,
     )
     return _run_service(service.run)
 

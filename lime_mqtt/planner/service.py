@@ -16,7 +16,7 @@ from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.checkpoint import Checkpoint, model_size
 from lime_mqtt.planning.cost import DeviceProfile, Objective, Workload, link_ms
 from lime_mqtt.planning.plan import Plan, Strategy, make_plan
-from lime_mqtt.transport.base import Transport, own_name
+from lime_mqtt.transport.base import LastWill, Transport, own_name
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class PlannerService:
         heartbeat_timeout_s: float = 15.0,
         trusted_ends: bool = False,
         name: str | None = None,
+        standby: bool = False,
     ) -> None:
         if quorum < 1:
             raise PlanError("quorum must be at least 1")
@@ -81,8 +82,15 @@ class PlannerService:
         self.silent: set[str] = set()  # devices of the plan that missed their heartbeats
         self.last_error: str | None = None
         self._changed = asyncio.Event()
+        # With ``standby``, it plans only once no other planner's status is there (their
+        # last wills clear it): one active planner, the others waiting to take over.
+        self.standby = standby
+        self.others: set[str] = set()  # other planners whose status says they are there
+        self._others_changed = asyncio.Event()
+        self._said: str | None = None  # the state of the last status it published
         self.transport = transport.connection(
             f"lime-planner-{cluster}-{uuid.uuid4().hex[:6]}", reconnect=True, on_reconnect=self._after_reconnect,
+            will=LastWill(self.topics.planner_status(self.name), b""),
         )
         self._grace_until = 0.0
 
@@ -149,14 +157,37 @@ class PlannerService:
 
     async def run(self) -> None:
         async with self.transport:
-            await self.transport.subscribe(self.topics.all_plans, self.topics.all_device_status)
+            await self.transport.subscribe(self.topics.all_plans, self.topics.all_device_status,
+                                           self.topics.all_planner_status)
             if self.heartbeat_timeout_s:
                 await self.transport.subscribe(self.topics.all_device_telemetry, qos=0)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive(), name="planner-receive")
+                if self.standby:
+                    await self._wait_for_the_active_planner_to_go()
+                # A first look once things settle, devices or none: its status (what a standby
+                # planner waits on) is out within ``settle_s`` of its start.
+                self._changed.set()
                 tasks.create_task(self._plan_when_settled(), name="planner-plan")
                 if self.heartbeat_timeout_s:
                     tasks.create_task(self._watch_heartbeats(), name="planner-heartbeats")
+
+    async def _wait_for_the_active_planner_to_go(self) -> None:
+        """Until no other planner's status is there (a moment after start, for the retained
+        ones to arrive): then this one takes over, from the retained plan."""
+        log.info("planner %s stands by", self.name)
+        while True:
+            self._others_changed.clear()
+            try:
+                async with asyncio.timeout(max(self.settle_s, 1.0)):
+                    await self._others_changed.wait()
+                continue  # something changed: look again after a quiet moment
+            except TimeoutError:
+                pass
+            if not self.others:
+                break
+            await self._others_changed.wait()
+        log.warning("planner %s takes over (no other planner is there)", self.name)
 
     async def _after_reconnect(self) -> None:
         self._grace_until = time.monotonic() + RECONNECT_GRACE_S
@@ -171,6 +202,7 @@ class PlannerService:
         status = PlannerStatus(v=STATUS_VERSION, state=state, message=message, model=self.model_id,
                                devices=sorted(self.online())[:4096], ts=time.time())
         await self.transport.publish(self.topics.planner_status(self.name), status.encode(), qos=1, retain=True)
+        self._said = state
 
     def _heard_from(self, device_id: str) -> None:
         self.heard[device_id] = time.monotonic()
@@ -202,6 +234,12 @@ class PlannerService:
                 update = self.view.take(message.topic, message.payload, message.retain)
             except MessageError as exc:
                 log.warning("ignoring a message on %s: %s", message.topic, exc)
+                continue
+            route = self.topics.parse(message.topic)
+            if route is not None and route.sender.role == "planner" and route.kind == "status" \
+                    and route.sender.name != self.name:
+                (self.others.add if message.payload else self.others.discard)(route.sender.name)
+                self._others_changed.set()
                 continue
             if update is None:
                 continue
@@ -249,6 +287,9 @@ class PlannerService:
                 if self.plan is None:
                     await self._publish_status("waiting", f"{len(self.online())} of {self.quorum} devices "
                                                f"of model {self.model_id} have registered")
+                elif self._said != "planned":  # it took over (or restarted) with the retained plan
+                    await self._publish_status("planned", f"plan {self.plan.epoch} with {len(self.plan.stages)} "
+                                               "stages (retained)")
                 continue
             try:
                 plan = self.make_plan()
