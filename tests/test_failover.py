@@ -139,3 +139,52 @@ async def _planner_statuses(broker: str, cluster: str, wanted: set[str], timeout
 
 async def _collect(broker: str, cluster: str) -> list[dict]:
     return [m async for m in ask(broker, cluster, {"prompt": PROMPT, "max_tokens": 16}, timeout_s=60)]
+
+
+def test_the_http_bridge_resumes_a_stream_whose_coordinator_dies(
+    broker: LocalBroker, cluster_name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The same loss under the HTTP bridge: an OpenAI stream whose coordinator is killed
+    after its 10th event completes through the other coordinator with the text a lone
+    answer has, no gap and no repetition."""
+    import openai
+
+    from lime_mqtt.client import ask_final
+    from lime_mqtt.transport.mosquitto import free_port
+
+    devices = [DeviceSpec(f"h{i}", 100, 1, ("--emulate-layer-delay-ms", "4")) for i in range(2)]
+    with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
+                        planner_args=("--strategy", "equal"), coordinator=False) as procs:
+        procs.start_coordinator("east")
+        procs.start_coordinator("west")
+        procs.wait_ready()
+        asyncio.run(_both_serving(broker.url, cluster_name, {"east", "west"}))
+        url = procs.start_bridge(free_port())
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        topics, senders = Topics(cluster_name), []
+
+        async def spy_until(count: int) -> str:
+            """Who sends the bridge's answers, once ``count`` chunks have gone by."""
+            async with transport_for(broker.url).connection() as spy:
+                await spy.subscribe(topics.answers_inbox("default"), qos=1)
+                async with asyncio.timeout(60):
+                    async for message in spy.messages():
+                        route = topics.parse(message.topic)
+                        if route is not None:
+                            senders.append(route.sender.name)
+                        if len(senders) >= count:
+                            return senders[-1]
+            raise AssertionError("no answers")
+
+        pieces = []
+        stream = api.completions.create(model=tiny_model.name, prompt=PROMPT, max_tokens=TOKENS, stream=True)
+        for event in stream:
+            pieces.append(event.choices[0].text)
+            if len(pieces) == 10:
+                procs.kill(f"coordinator-{asyncio.run(spy_until(1))}")
+        survivor = asyncio.run(ask_final(broker.url, cluster_name, {"prompt": PROMPT, "max_tokens": TOKENS}))
+        logs = procs.log_tail()
+    assert survivor["type"] == "final", (survivor, logs)
+    assert survivor["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), TOKENS)
+    assert len(pieces) > 10, pieces  # it went on after the kill: another coordinator served the rest
+    assert "".join(pieces) == survivor["text"], logs

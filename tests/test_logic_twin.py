@@ -481,7 +481,8 @@ async def test_a_planner_restarted_with_its_plan_and_no_device_back_waits_for_th
     cluster_name: str, tiny_model: Path
 ) -> None:
     """Restarted while its retained plan's devices are all offline (a demo run again later):
-    no error while it waits; once they are back, the plan stands for them (no new epoch)."""
+    no error while it waits, no plan for the first device back (it waits for its quorum);
+    once they are all back, the plan stands for them (no new epoch)."""
     broker = MemoryBroker()
     topics = Topics(cluster_name)
     model = tiny_model.name
@@ -500,8 +501,11 @@ async def test_a_planner_restarted_with_its_plan_and_no_device_back_waits_for_th
             assert again.needs_plan() is None
             status = json.loads(broker.retained(topics.planner_status("main")) or b"{}")
             assert status.get("state") != "error", status
-            for device in ("a", "b"):
-                await conn.publish(topics.device_status(device), device_status(device, model), qos=1, retain=True)
+            # One back: it waits for its quorum, not a plan for the first one back.
+            await conn.publish(topics.device_status("a"), device_status("a", model), qos=1, retain=True)
+            await wait_until(lambda: set(again.online()) == {"a"})
+            assert again.needs_plan() is None
+            await conn.publish(topics.device_status("b"), device_status("b", model), qos=1, retain=True)
             await wait_until(lambda: set(again.online()) == {"a", "b"})
             assert again.needs_plan() is None
             status = json.loads(broker.retained(topics.planner_status("main")) or b"{}")

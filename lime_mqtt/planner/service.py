@@ -75,6 +75,7 @@ class PlannerService:
         self.plan: Plan | None = None
         self.considered: set[str] = set()  # the devices online when the current plan was made
         self.link_basis: dict[str, float] = {}  # link ms per token a kept plan was checked against
+        self.planned_here = False  # whether this planner has published a plan (not only read one back)
         # A device of the plan not heard from (status or telemetry) for this long is taken
         # for lost, as if its last will had come (a hung process, a link that died silently).
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -114,8 +115,11 @@ class PlannerService:
         if self.plan is None or self.plan.model != self.model_id:
             return "first" if len(online) >= self.quorum else None
         if any(stage.device_id not in online for stage in self.plan.stages):
-            # None online at all (a planner restarted with its retained plan, before any
-            # device is back): wait for them rather than fail to plan.
+            # A planner (re)started with a retained plan whose devices are not all back yet
+            # (a cluster starting again, one by one): wait for its quorum, as for a first
+            # plan, rather than plan for the first few back and again for each one after.
+            if not self.planned_here and len(online) < self.quorum:
+                return None
             return "lost" if online else None
         if set(online) - self.considered - {s.device_id for s in self.plan.stages}:
             return "joined"
@@ -325,6 +329,7 @@ class PlannerService:
             )
             self.plan, self.considered = plan, set(self.online())
             self.link_basis = {}
+            self.planned_here = True
             log.info("publishing plan %d (%s): %s", plan.epoch, reason,
                      ", ".join(f"{s.device_id}[{s.start},{s.stop})" for s in plan.stages))
             await self.transport.publish(self.topics.plan(self.name), plan.to_json(), qos=1, retain=True)
