@@ -26,6 +26,14 @@ PROMPT = "Close valve V-17 before starting the maintenance"
 TOKENS = 120
 
 
+def _east_and_west(procs: ProcessCluster, broker: str, cluster: str) -> None:
+    """Coordinators east and west, both serving a ready plan."""
+    procs.start_coordinator("east")
+    procs.start_coordinator("west")
+    procs.wait_ready()
+    asyncio.run(_both_serving(broker, cluster, {"east", "west"}))
+
+
 async def _both_serving(broker: str, cluster: str, names: set[str], timeout_s: float = 60) -> None:
     view = ClusterView(Topics(cluster))
     async with transport_for(broker).connection() as conn:
@@ -68,10 +76,7 @@ def test_an_answer_survives_the_loss_of_its_coordinator(broker: LocalBroker, clu
     devices = [DeviceSpec(f"f{i}", 100, 1, ("--emulate-layer-delay-ms", "4")) for i in range(2)]
     with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
                         planner_args=("--strategy", "equal"), coordinator=False) as procs:
-        procs.start_coordinator("east")
-        procs.start_coordinator("west")
-        procs.wait_ready()
-        asyncio.run(_both_serving(broker.url, cluster_name, {"east", "west"}))
+        _east_and_west(procs, broker.url, cluster_name)
         messages, senders = asyncio.run(_ask_and_kill(broker.url, cluster_name, procs))
         logs = procs.log_tail()
     final = messages[-1]
@@ -155,10 +160,7 @@ def test_the_http_bridge_resumes_a_stream_whose_coordinator_dies(
     devices = [DeviceSpec(f"h{i}", 100, 1, ("--emulate-layer-delay-ms", "4")) for i in range(2)]
     with ProcessCluster(broker.url, cluster_name, str(tiny_model), devices, tmp_path / "logs",
                         planner_args=("--strategy", "equal"), coordinator=False) as procs:
-        procs.start_coordinator("east")
-        procs.start_coordinator("west")
-        procs.wait_ready()
-        asyncio.run(_both_serving(broker.url, cluster_name, {"east", "west"}))
+        _east_and_west(procs, broker.url, cluster_name)
         url = procs.start_bridge(free_port())
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
         topics, senders = Topics(cluster_name), []

@@ -94,6 +94,45 @@ async def device_statuses(
     return found
 
 
+def ready_while_alive(processes: dict[str, subprocess.Popen[bytes]], broker: str | BrokerAddress | Transport,
+                      cluster: str, timeout_s: float, coordinator: bool = True) -> Plan:
+    """Block until the cluster has a ready plan (:func:`wait_for_ready_plan`); fail at once
+    if one of ``processes`` dies first."""
+
+    async def watch() -> Plan:
+        waiter = asyncio.create_task(  # awaited below, cancelled on the way out
+            wait_for_ready_plan(broker, cluster, timeout_s, coordinator=coordinator), name=f"{cluster}-wait-ready")
+        try:
+            while not waiter.done():
+                dead = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
+                if dead:
+                    raise LimeError(f"processes exited before the cluster was ready: {dead}")
+                await asyncio.wait({waiter}, timeout=0.2)
+            return waiter.result()
+        finally:
+            waiter.cancel()
+
+    return asyncio.run(watch())
+
+
+def stop_processes(processes: dict[str, subprocess.Popen[bytes]], timeout_s: float) -> dict[str, int | None]:
+    """SIGTERM every process, wait (``timeout_s`` for all), SIGKILL what is left; the exit
+    codes (None: killed)."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    codes: dict[str, int | None] = {}
+    for name, process in processes.items():
+        try:
+            codes[name] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            codes[name] = None
+    return codes
+
+
 class ProcessCluster:
     """Planner, coordinator and device agents, each its own ``python -m lime_mqtt.cli`` process."""
 
@@ -198,7 +237,7 @@ class ProcessCluster:
                 pass  # not listening yet, or no coordinator seen yet (503)
             if process.poll() is not None or time.monotonic() > deadline:
                 raise LimeError(f"the HTTP bridge did not come up (exit code {process.poll()})\n{self.log_tail()}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # a synchronous helper (tests, benches): no event loop runs here
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` (default SIGKILL: no goodbye, no cleanup) to one process and reap it; it no
@@ -210,23 +249,9 @@ class ProcessCluster:
     def wait_ready(self, timeout_s: float = 180.0) -> Plan:
         """Block until the cluster can serve; fail at once if one of its processes dies."""
 
-        async def watch() -> Plan:
-            waiter = asyncio.create_task(  # awaited below, cancelled on the way out
-                wait_for_ready_plan(self.transport, self.cluster, timeout_s, coordinator=self.with_coordinator),
-                name=f"{self.cluster}-wait-ready",
-            )
-            try:
-                while not waiter.done():
-                    dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
-                    if dead:
-                        raise LimeError(f"processes exited before the cluster was ready: {dead}")
-                    await asyncio.wait({waiter}, timeout=0.2)
-                return waiter.result()
-            finally:
-                waiter.cancel()
-
         try:
-            return asyncio.run(watch())
+            return ready_while_alive(self.processes, self.transport, self.cluster, timeout_s,
+                                     coordinator=self.with_coordinator)
         except LimeError as exc:
             raise LimeError(f"{exc}\n{self.log_tail()}") from exc
 
@@ -241,19 +266,7 @@ class ProcessCluster:
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, int | None]:
         """SIGTERM every process, wait, SIGKILL what is left; return the exit codes."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        codes: dict[str, int | None] = {}
-        for name, process in self.processes.items():
-            try:
-                codes[name] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                codes[name] = None
-        return codes
+        return stop_processes(self.processes, timeout_s)
 
     def __enter__(self) -> ProcessCluster:
         return self.start()

@@ -20,7 +20,6 @@ Root only (``ip netns`` and ``tc``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -29,7 +28,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -183,23 +181,13 @@ class Rig:
         self.processes[name] = subprocess.Popen(line, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def _wait_ready(self, timeout_s: float) -> Plan:
-        from lime_mqtt.cli.cluster import wait_for_ready_plan
+        from lime_mqtt.cli.cluster import ready_while_alive
 
-        async def watch() -> Plan:
-            # Any ready plan: with slow links the planner may well use fewer devices than the rig has.
-            waiter = asyncio.create_task(wait_for_ready_plan(self.broker.url, self.cluster, timeout_s),
-                                         name="rig-ready")
-            try:
-                while not waiter.done():
-                    dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
-                    if dead:
-                        raise LimeError(f"rig processes exited: {dead}; logs in {self.log_dir}")
-                    await asyncio.wait({waiter}, timeout=0.2)
-                return waiter.result()
-            finally:
-                waiter.cancel()
-
-        return asyncio.run(watch())
+        # Any ready plan: with slow links the planner may well use fewer devices than the rig has.
+        try:
+            return ready_while_alive(self.processes, self.broker.url, self.cluster, timeout_s)
+        except LimeError as exc:
+            raise LimeError(f"{exc}; logs in {self.log_dir}") from exc
 
     # ----- while it runs ----------------------------------------------------------------------
 
@@ -218,16 +206,9 @@ class Rig:
     def down(self, timeout_s: float = 15.0) -> None:
         """Stop every process (SIGTERM, then SIGKILL), delete every namespace (and with it
         its veth pair) and the broker; :class:`LimeError` if anything is left."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        from lime_mqtt.cli.cluster import stop_processes
+
+        stop_processes(self.processes, timeout_s)
         for i in range(len(self.devices)):
             _run("ip", "netns", "delete", self.namespace(i), check=False)
             _run("ip", "link", "delete", self._links(i)[0], check=False)  # gone with the namespace, normally
