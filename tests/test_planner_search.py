@@ -209,3 +209,45 @@ def test_prefill_prediction_grows_with_the_prompt_and_counts_the_head_once() -> 
     # 12 layers x 0.25 ms per token x 100 more tokens, plus the larger messages
     assert 300 <= long - short < 310
     assert short > 12 * 0.25 * 10 + head_ms(SMALL, devices[1])
+
+
+def test_prefill_prediction_counts_each_crossing_of_the_prompts_activations() -> None:
+    """The prompt's hidden states cross a link only between stages: out of the first
+    device and into the second (through the broker), not into the first (token ids) or
+    out of the last (one token)."""
+    from lime_mqtt.planning.cost import predict_prefill_ms
+
+    workload = Workload(context_tokens=64, reserve_bytes=0)
+
+    def predicted(link_mb_s: float, tokens: int) -> float:
+        devices = same_speed(2, 200, layer_decode_ms=2.0, link_mb_s=link_mb_s, link_rtt_ms=1.0)
+        cost = evaluate([s for s in (layout_stage(SMALL, devices[0], 0, 6, True, False, workload),
+                                     layout_stage(SMALL, devices[1], 6, 12, False, True, workload)) if s], workload)
+        return predict_prefill_ms(cost, SMALL, {d.device_id: d for d in devices}, tokens)
+
+    tokens = 100
+    # Half the link speed: the transfer time of the activations doubles, twice (two crossings).
+    extra = predicted(0.5, tokens) - predicted(1.0, tokens)
+    one_crossing_ms = tokens * SMALL.hidden_bytes_per_token / (1.0 * 1e3)
+    assert extra == pytest.approx(2 * one_crossing_ms)
+
+
+@pytest.mark.parametrize(("link_mb_s", "expected"), [
+    ([1000.0, 1000.0], 256),  # a fast LAN: the configured chunk
+    ([12.0, 1000.0], 256),  # 100 Mbit/s: 260 tokens fit in 100 ms, still the chunk
+    ([2.3, 1000.0], 32),  # 20 Mbit/s: 49 tokens fit; a power of two below
+    ([0.1, 1000.0], 16),  # hopeless: never below the smallest chunk
+    ([], 256),  # no device measured its link
+])
+def test_a_prefill_chunk_is_sized_for_the_slowest_link(link_mb_s: list[float], expected: int) -> None:
+    from lime_mqtt.planning.cost import link_chunk_tokens
+
+    assert link_chunk_tokens(256, 2304, link_mb_s, 100.0) == expected  # SmolLM2's float32 activations
+
+
+def test_a_prefill_chunk_is_not_cut_when_asked_not_to() -> None:
+    from lime_mqtt.planning.cost import link_chunk_tokens
+
+    assert link_chunk_tokens(0, 2304, [0.5], 100.0) == 0  # --prefill-chunk 0: never cut
+    assert link_chunk_tokens(256, 2304, [0.5], 0.0) == 256  # --prefill-link-ms 0: links do not matter
+    assert link_chunk_tokens(8, 2304, [0.5], 100.0) == 8  # never above the configured chunk

@@ -21,6 +21,26 @@ from tests.helpers import prompt_ids, reference_greedy
 pytestmark = [pytest.mark.e2e]
 
 PROMPT = "Close valve V-17 before starting the maintenance"
+# Long enough to be cut in several link-sized chunks (coordinator --prefill-link-ms 2).
+LONG_PROMPT = ("Shift report for line 2: pump P-3 ran hot after the filter change, valve V-17 was closed for "
+               "maintenance, the conveyor stopped twice because of a jammed roller, and the compressor cycled "
+               "on and off every few minutes until the night crew replaced the pressure switch")
+
+
+async def coordinator_figures(broker: str, cluster: str, answered: int) -> dict:
+    """The first telemetry of the cluster's coordinator that counts ``answered`` answers."""
+    from lime_mqtt.core.messages import decode_coordinator_telemetry
+    from lime_mqtt.core.topics import Topics
+    from lime_mqtt.transport import transport_for
+
+    async with transport_for(broker).connection() as conn:
+        await conn.subscribe(Topics(cluster).all_coordinator_telemetry, qos=0)
+        async with asyncio.timeout(30):
+            async for message in conn.messages():
+                figures = decode_coordinator_telemetry(message.payload)
+                if figures.answered >= answered:
+                    return figures.model_dump()
+    raise AssertionError("no coordinator telemetry")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rig needs root (make test runs as root in CI)")
@@ -28,18 +48,37 @@ def test_an_answer_through_shaped_links_is_token_identical_and_the_rig_cleans_up
                                                                                   tmp_path: Path) -> None:
     name = uuid.uuid4().hex[:5]
     devices = [RigDevice(f"rig-{i}", 100, Link(up_mbit=20, down_mbit=20, rtt_ms=5)) for i in range(2)]
-    rig = Rig(name, str(tiny_model), devices, log_dir=tmp_path / "logs", planner_args=("--strategy", "equal"))
+    rig = Rig(name, str(tiny_model), devices, log_dir=tmp_path / "logs", planner_args=("--strategy", "equal"),
+              coordinator_args=("--prefill-link-ms", "2", "--telemetry-interval", "0.5"))
     with rig:
         assert sorted(rig.leftovers().get("namespaces", [])) == [rig.namespace(0), rig.namespace(1)]
         final = asyncio.run(ask_final(rig.broker.url, rig.cluster, {"prompt": PROMPT, "max_tokens": 24},
                                       timeout_s=120))
+        long_final = asyncio.run(ask_final(rig.broker.url, rig.cluster, {"prompt": LONG_PROMPT, "max_tokens": 8},
+                                           timeout_s=120))
+        figures = asyncio.run(coordinator_figures(rig.broker.url, rig.cluster, answered=2))
         statuses = asyncio.run(device_statuses(rig.broker.url, rig.cluster, [d.device_id for d in devices]))
     assert final["type"] == "final", final
     assert final["token_ids"] == reference_greedy(tiny_model, prompt_ids(tiny_model, PROMPT), 24)
+    links = []
     for device in devices:
         link = statuses[device.device_id]["capabilities"]
         assert link["link_rtt_ms"] >= 5.0, link  # the added round trip, through the proxy
         assert link["link_mb_s"] < 20 / 8, link  # no more than the 20 Mbit/s the link allows
+        links.append(link["link_mb_s"])
+    # The long prompt went in chunks sized for the slowest measured link, and its answer is
+    # still transformers'.
+    from lime_mqtt.model.checkpoint import Checkpoint
+    from lime_mqtt.planning.cost import link_chunk_tokens
+
+    long_ids = prompt_ids(tiny_model, LONG_PROMPT)
+    checkpoint = Checkpoint(tiny_model)
+    chunk = link_chunk_tokens(256, int(checkpoint.config_dict["hidden_size"]) * checkpoint.itemsize, links, 2.0)
+    assert chunk < len(long_ids), (chunk, len(long_ids))
+    leading = sum(-(-len(ids) // chunk) - 1 for ids in (prompt_ids(tiny_model, PROMPT), long_ids))
+    assert figures["prefill_chunks"] == leading >= 2, (figures, chunk, len(long_ids))
+    assert long_final["type"] == "final", long_final
+    assert long_final["token_ids"] == reference_greedy(tiny_model, long_ids, 8)
     assert rig.leftovers() == {}
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lime_mqtt.cli.progress import terminal_bars
 from lime_mqtt.cli.settings import Settings, load_settings
 from lime_mqtt.core.errors import ConfigError, LimeError
+from lime_mqtt.planning.cost import MIN_LINK_CHUNK, PREFILL_LINK_BUDGET_MS
 
 if TYPE_CHECKING:
     from lime_mqtt.client import Broker
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="cut prompts longer than this many tokens into chunks of this size, so that other "
                    "requests' decode steps pass between them (0: never cut)")
+    p.add_argument("--prefill-link-ms", type=float, default=PREFILL_LINK_BUDGET_MS,
+                   help="cut finer where one chunk's activations would take longer than this to cross the "
+                   "slowest link of the plan, as the devices measured it (a power of two of at least "
+                   f"{MIN_LINK_CHUNK} tokens; default {PREFILL_LINK_BUDGET_MS:.0f} ms, 0: links do not matter)")
     p.add_argument("--telemetry-interval", type=float, default=5.0,
                    help="seconds between its telemetry reports: requests in flight, errors, latencies")
     p.add_argument("--no-weight-source", action="store_true",
@@ -276,7 +281,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
             step_retry_s=args.step_retry,
             ready_timeout_s=args.ready_timeout, replan_timeout_s=args.replan_timeout,
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
-            serve_weights=not args.no_weight_source, name=args.name,
+            prefill_link_ms=args.prefill_link_ms, serve_weights=not args.no_weight_source, name=args.name,
             limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst),
             telemetry_s=args.telemetry_interval,
         )

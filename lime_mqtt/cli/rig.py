@@ -67,8 +67,12 @@ def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _tbf(dev: str, mbit: float, namespace: str | None = None, change: bool = False) -> None:
-    """A token bucket of ``mbit`` on ``dev``'s egress (burst: 10 ms of it, at least 16 KB)."""
-    burst = max(16 * 1024, int(mbit * 1e6 / 8 / 100))
+    """A token bucket of ``mbit`` on ``dev``'s egress. Its burst is 1 ms of the rate (at
+    least 4 KB, a few full frames): a bigger bucket would let a short message (a prompt's
+    activations) pass at the speed of the host, not of the link, which a radio link does
+    not do. (It was 10 ms, at least 16 KB, until the bandwidth benchmark showed 20 Mbit/s
+    links costing a 37 KB message almost nothing.)"""
+    burst = max(4 * 1024, int(mbit * 1e6 / 8 / 1000))
     prefix = ("ip", "netns", "exec", namespace) if namespace else ()
     _run(*prefix, "tc", "qdisc", "change" if change else "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
          "burst", str(burst), "latency", "100ms")
@@ -78,7 +82,8 @@ class Rig:
     """The rig as a context manager: :meth:`up` on entry, :meth:`down` on exit."""
 
     def __init__(self, name: str, model: str, devices: list[RigDevice], *, cluster: str | None = None,
-                 log_dir: Path | None = None, planner_args: tuple[str, ...] = ()) -> None:
+                 log_dir: Path | None = None, planner_args: tuple[str, ...] = (),
+                 coordinator_args: tuple[str, ...] = ()) -> None:
         if not name.isalnum() or len(name) > 6:
             raise ConfigError(f"rig name {name!r}: 1 to 6 letters or digits (it goes into link names)")
         if not 1 <= len(devices) <= 200:
@@ -89,6 +94,7 @@ class Rig:
         self.cluster = cluster or f"rig-{name}"
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"lime-rig-{name}-"))
         self.planner_args = planner_args
+        self.coordinator_args = coordinator_args
         self.broker = LocalBroker()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.delay_files: dict[str, Path] = {}
@@ -117,7 +123,7 @@ class Rig:
                 self._make_link(i, device.link)
             self._spawn("planner", None, "planner", "--quorum", str(len(self.devices)), "--settle", "0.5",
                         *self.planner_args)
-            self._spawn("coordinator", None, "coordinator")
+            self._spawn("coordinator", None, "coordinator", *self.coordinator_args)
             for i, device in enumerate(self.devices):
                 self._start_device(i, device)
             self._save_state()

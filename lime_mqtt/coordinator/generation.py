@@ -31,6 +31,7 @@ from lime_mqtt.core.protocol import Request
 from lime_mqtt.core.topics import STEP_QOS, Identity, Topics
 from lime_mqtt.core.wire import End, Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.planning.cost import PREFILL_LINK_BUDGET_MS, link_chunk_tokens
 from lime_mqtt.transport.base import Connection
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,12 @@ class Generation:
     def __init__(
         self, connection: Connection, topics: Topics, name: str, watch: PlanWatch, checkpoint: Checkpoint,
         tokenizer: Any, *, timing: Timing, prefill_chunk: int, max_prompt_tokens: int | None = None,
+        prefill_link_ms: float = PREFILL_LINK_BUDGET_MS,
     ) -> None:
         if prefill_chunk < 0:
             raise ValueError("prefill_chunk must be 0 (never cut) or a number of tokens")
+        if prefill_link_ms < 0:
+            raise ValueError("prefill_link_ms must be 0 (links do not matter) or a number of milliseconds")
         self.connection = connection
         self.topics = topics
         self.name = name  # the coordinator's: the last stage answers to it
@@ -86,6 +90,8 @@ class Generation:
         self.tokenizer = tokenizer
         self.timing = timing
         self.prefill_chunk = prefill_chunk  # prompts longer than this go in chunks of this size
+        self.prefill_link_ms = prefill_link_ms  # or smaller, so that a chunk crosses the slowest link in this time
+        self.hidden_bytes_per_token = int(checkpoint.config_dict["hidden_size"]) * checkpoint.itemsize
         self.context_length = int(checkpoint.config_dict.get("max_position_embeddings", 2048))
         self.max_prompt_tokens = max_prompt_tokens  # a limit below the context, if set
         self.eos_ids = _eos_ids(checkpoint, tokenizer)
@@ -252,16 +258,37 @@ class Generation:
         end = End(active.rid, (plan or active.plan).epoch)
         await self.connection.publish(self.topics.control(self.name), end.encode(), qos=1)
 
+    def chunk_tokens(self, plan: Plan) -> int:
+        """The prefill chunk under ``plan``: ``--prefill-chunk``, or fewer tokens when the
+        hidden states of that many would take longer than ``--prefill-link-ms`` to cross
+        the slowest link of the plan's devices, as they measured it
+        (:func:`~lime_mqtt.planning.cost.link_chunk_tokens`). With one stage only token
+        ids cross a link, and nothing is cut for it."""
+        if len(plan.stages) < 2:
+            return self.prefill_chunk
+        links = []
+        for device_id in {s.device_id for s in plan.stages}:
+            status = self.watch.view.devices.get(device_id)
+            mb_s = status.capabilities.get("link_mb_s") if status is not None else None
+            if mb_s is not None:
+                links.append(float(mb_s))
+        return link_chunk_tokens(self.prefill_chunk, self.hidden_bytes_per_token, links, self.prefill_link_ms)
+
     async def _prefill_leading_chunks(self, active: Active, ids: list[int], sampling: Sampling) -> int:
         """Send all but the last chunk of a long prefill, one after the other, so that the
         decode steps of other requests pass between them; returns where the last one starts."""
-        if not self.prefill_chunk or len(ids) <= self.prefill_chunk:
+        chunk = self.chunk_tokens(active.plan)
+        if not chunk or len(ids) <= chunk:
             return 0
-        starts = list(range(0, len(ids), self.prefill_chunk))[:-1]
+        starts = list(range(0, len(ids), chunk))[:-1]
+        if chunk < self.prefill_chunk:
+            log.info("a prompt of %d tokens goes in chunks of %d for the links of plan %d", len(ids), chunk,
+                     active.plan.epoch)
         for number, start in enumerate(starts):
             step = number - len(starts)  # -n .. -1: no token comes of these
-            await self._step(active, step, start, ids[start : start + self.prefill_chunk], sampling)
-        return starts[-1] + self.prefill_chunk
+            await self._step(active, step, start, ids[start : start + chunk], sampling)
+            self.stats.prefill_chunks += 1
+        return starts[-1] + chunk
 
     async def _step(self, active: Active, step: int, pos: int, inputs: list[int], sampling: Sampling) -> Token:
         future: asyncio.Future[Token | StageError] = asyncio.get_running_loop().create_future()

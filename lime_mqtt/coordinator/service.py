@@ -30,6 +30,7 @@ from lime_mqtt.core.topics import Identity, Route, Topics
 from lime_mqtt.core.view import ClusterView
 from lime_mqtt.model.adapter import adapter_for
 from lime_mqtt.model.checkpoint import Checkpoint
+from lime_mqtt.planning.cost import PREFILL_LINK_BUDGET_MS
 from lime_mqtt.transport.base import LastWill, Message, Transport, own_name
 from lime_mqtt.weights.source import WeightSource
 
@@ -52,6 +53,7 @@ class Coordinator:
         max_concurrent: int = 8,
         max_waiting: int = 1024,
         prefill_chunk: int = 256,
+        prefill_link_ms: float = PREFILL_LINK_BUDGET_MS,
         serve_weights: bool = False,
         name: str | None = None,
         limits: protocol.Limits | None = None,
@@ -88,7 +90,7 @@ class Coordinator:
         self.generation = Generation(
             self.transport, self.topics, self.name, self.watch, self.checkpoint, self.tokenizer,
             timing=Timing(step_timeout_s, step_retry_s), prefill_chunk=prefill_chunk,
-            max_prompt_tokens=(limits or protocol.Limits()).max_prompt_tokens,
+            prefill_link_ms=prefill_link_ms, max_prompt_tokens=(limits or protocol.Limits()).max_prompt_tokens,
         )
         self.intake = Intake(self.transport, self.topics, self.name, self.generation, max_concurrent=max_concurrent,
                              max_waiting=max_waiting, limits=limits, owns=self.owns)

@@ -51,6 +51,7 @@ class RequestStats:
     answered: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     replays: int = 0
+    prefill_chunks: int = 0  # leading chunks of long prompts, each sent as its own step
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_ms: Buckets = field(default_factory=lambda: Buckets(TTFT_BUCKETS_MS))
@@ -77,6 +78,7 @@ class RequestStats:
         return CoordinatorTelemetry(
             v=1, name=name, ts=round(time.time(), 3), running=running, waiting=waiting, served=self.served,
             answered=self.answered, errors=dict(self.errors.most_common(64)), replays=self.replays,
+            prefill_chunks=self.prefill_chunks,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             ttft_ms=self.ttft_ms.message(), tpot_ms=self.tpot_ms.message(), recent=list(self.recent),
         )

@@ -148,6 +148,7 @@ class DeviceTelemetry(_Message):
     queue_depth: int = Field(ge=0)
     steps_done: int = Field(ge=0)
     batches: int = Field(ge=0)
+    inline_steps: int = Field(0, ge=0)  # forward passes run on the event loop's thread (quick decode steps)
     duplicates: int = Field(ge=0)
     impostors: int = Field(0, ge=0)  # steps dropped: their sender is not the one the plan puts before the stage
     adaptations: int = Field(ge=0)
@@ -247,6 +248,7 @@ class CoordinatorTelemetry(_Message):
     errors: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, max_length=MAX_ERROR_CODES)  # by error code
     replays: int = Field(ge=0)  # token histories replayed on a new plan
+    prefill_chunks: int = Field(0, ge=0)  # leading chunks of long prompts, each sent as its own step
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     ttft_ms: Histogram

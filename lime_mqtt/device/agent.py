@@ -193,7 +193,8 @@ class DeviceAgent:
             peak_rss_mb=round(peak_rss_bytes() / MIB, 1), kv_sequences=len(self.sequences),
             kv_tokens=self.compute.kv_tokens(), peak_kv_tokens=self.compute.peak_kv_tokens,
             queue_depth=self.scheduler.queue.qsize(), steps_done=self.compute.steps_done,
-            batches=self.compute.batches, duplicates=self.scheduler.duplicates, impostors=self.scheduler.impostors,
+            batches=self.compute.batches, inline_steps=self.compute.inline_steps,
+            duplicates=self.scheduler.duplicates, impostors=self.scheduler.impostors,
             adaptations=self.adaptations,
             last_adaptation=self.last_adaptation, streamed=sorted(self.host.streamed_now()),
             held_mb=round(held / MIB, 2) if held is not None else None, compute_s=round(self.compute.compute_s, 4),
@@ -247,6 +248,7 @@ class DeviceAgent:
             if self.link_interval_s > 0:
                 echo = self.topics.echo(self.device_id)
                 self.link_monitor = LinkMonitor(self.transport, echo)
+                self.compute.keep_loop_free = self.link_monitor.waiting
                 await self.transport.subscribe(echo, qos=0)
             try:
                 async with asyncio.TaskGroup() as tasks:

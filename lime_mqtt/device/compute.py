@@ -1,12 +1,17 @@
-"""A device's compute: the KV caches of its sequences and every forward pass, in one
-worker thread.
+"""A device's compute: the KV caches of its sequences and every forward pass.
 
-Every forward pass (a step, a batch), loading or re-streaming layers, and measuring runs
+Loading or re-streaming layers, measuring, prefills and any step that may take long run
 on the one thread of :attr:`Compute.executor`, one thing at a time, so the event loop
 never blocks on a layer, a streamed read or an emulated delay, and the connection stays
-responsive. (The event loop still does the small tensor work around a step: decoding and
-encoding the wire tensors and choosing the token.) The worker thread is given the device's torch thread count
-(OpenMP keeps it per thread).
+responsive. A *quick* decode step (one token per sequence, on a shard whose layers are
+all in memory, whose recent decode steps took under :data:`INLINE_STEP_S`) runs on the
+event loop's own thread instead: handing a step to the worker thread and back cost
+about 1.8 ms per stage on SmolLM2 (4 stages: 70 ms per token through the worker, 63 ms
+inline, docs/benchmarks.md), more than the step's own messaging. While the link monitor
+waits for an echo (:attr:`Compute.keep_loop_free`), every step goes to the worker, so
+that a round trip is not stretched by a step. Both threads are given the device's torch
+thread count (OpenMP keeps it per thread). (The event loop also does the small tensor
+work around a step: decoding and encoding the wire tensors and choosing the token.)
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ T = TypeVar("T")
 # never reused: a replay runs under a new one.
 ENDED_REMEMBERED = 4096
 
+# A decode step whose stage's recent decode steps took less than this runs on the event
+# loop's thread (the module's docstring says why); anything slower on the worker thread.
+INLINE_STEP_S = 0.05
+
 
 @dataclass
 class Sequence:
@@ -56,9 +65,17 @@ def _set_threads(threads: int | None) -> None:
 class Compute:
     """KV caches by (request id, stage) and the forward passes that use them."""
 
-    def __init__(self, name: str, threads: int | None = None) -> None:
+    def __init__(self, name: str, threads: int | None = None, inline: bool = True) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{name}",
                                            initializer=_set_threads, initargs=(threads,))
+        self.threads = threads
+        self.inline = inline  # quick decode steps may run on the event loop's thread
+        self._loop_threads_set = False
+        # True while something must not wait behind a step on the event loop (the link
+        # monitor's echo): then every step goes to the worker thread.
+        self.keep_loop_free: Callable[[], bool] = lambda: False
+        self.decode_s: dict[int, float] = {}  # recent time of one decode forward, by stage
+        self.inline_steps = 0  # forward passes run on the event loop's thread
         self.sequences: dict[tuple[str, int], Sequence] = {}
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.steps_done = 0
@@ -73,6 +90,34 @@ class Compute:
     async def run(self, work: Callable[[], T]) -> T:
         """``work()`` on the worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    def _quick(self, shard: Shard, stage: int) -> bool:
+        """May this stage's next decode step run on the event loop's thread?"""
+        recent = self.decode_s.get(stage)
+        return (self.inline and recent is not None and recent < INLINE_STEP_S and shard.resident
+                and not self.keep_loop_free())
+
+    async def _forward(self, work: Callable[[], T], shard: Shard, stage: int, decode: bool) -> T:
+        """``work()``: inline when it is a quick decode step, else on the worker thread;
+        a decode step's time is remembered for the next choice."""
+        if not (decode and self._quick(shard, stage)):
+            started = time.perf_counter()
+            output = await self.run(work)
+            if decode:
+                self._note_decode(stage, time.perf_counter() - started)
+            return output
+        if not self._loop_threads_set:
+            _set_threads(self.threads)
+            self._loop_threads_set = True
+        started = time.perf_counter()
+        output = work()
+        self._note_decode(stage, time.perf_counter() - started)
+        self.inline_steps += 1
+        return output
+
+    def _note_decode(self, stage: int, elapsed_s: float) -> None:
+        recent = self.decode_s.get(stage)
+        self.decode_s[stage] = elapsed_s if recent is None else 0.8 * recent + 0.2 * elapsed_s
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop taking work; wait (at most ``timeout_s``) for a forward pass still running,
@@ -145,7 +190,7 @@ class Compute:
         started = time.perf_counter()
         work = functools.partial(shard.forward, sequence.cache, step.pos, step.tokens, step.hidden,
                                  logits=step.step >= 0)  # a leading prefill chunk needs no logits
-        output = await self.run(work)
+        output = await self._forward(work, shard, stage.stage, decode=step.width == 1 and step.pos > 0)
         self._count(1, time.perf_counter() - started)
         return output
 
@@ -158,7 +203,7 @@ class Compute:
             tokens=[s.tokens[0] for s in steps if s.tokens] if stage.embed else None,
             hidden=[s.hidden for s in steps if s.hidden is not None] if not stage.embed else None,
         )
-        outputs = await self.run(work)
+        outputs = await self._forward(work, shard, stage.stage, decode=True)
         now = time.monotonic()
         for sequence, step in zip(sequences, steps, strict=True):
             sequence.last_used, sequence.last_step = now, step.step

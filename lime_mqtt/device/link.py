@@ -70,6 +70,11 @@ class LinkMonitor:
     def __repr__(self) -> str:
         return f"LinkMonitor({self.topic!r}, waiting={len(self._waiting)})"
 
+    def waiting(self) -> bool:
+        """An echo is on its way: the event loop must be free to take it when it comes
+        (the device's compute runs no step on the loop's thread meanwhile)."""
+        return bool(self._waiting)
+
     def deliver(self, payload: bytes) -> None:
         future = self._waiting.pop(payload, None)
         if future is not None and not future.done():

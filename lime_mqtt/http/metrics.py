@@ -84,6 +84,7 @@ class ClusterCollector(Collector):
         answered = counter("requests_answered", "requests answered in full", coordinator)
         errors = counter("request_errors", "requests that ended in an error, by code", ["coordinator", "code"])
         replays = counter("replays", "token histories replayed on a new plan", coordinator)
+        chunks = counter("prefill_chunks", "leading chunks of long prompts, each sent as its own step", coordinator)
         prompt = counter("prompt_tokens", "prompt tokens of answered requests", coordinator)
         completion = counter("completion_tokens", "tokens generated for answered requests", coordinator)
         ttft = HistogramMetricFamily("lime_time_to_first_token_seconds", "from a request's arrival to its "
@@ -98,11 +99,12 @@ class ClusterCollector(Collector):
             for code, count in figures.errors.items():
                 errors.add_metric([name, code], count)
             replays.add_metric([name], figures.replays)
+            chunks.add_metric([name], figures.prefill_chunks)
             prompt.add_metric([name], figures.prompt_tokens)
             completion.add_metric([name], figures.completion_tokens)
             ttft.add_metric([name], _buckets_s(figures.ttft_ms), figures.ttft_ms.sum / 1000)
             tpot.add_metric([name], _buckets_s(figures.tpot_ms), figures.tpot_ms.sum / 1000)
-        yield from (running, waiting, served, answered, errors, replays, prompt, completion, ttft, tpot)
+        yield from (running, waiting, served, answered, errors, replays, chunks, prompt, completion, ttft, tpot)
 
         epoch = GaugeMetricFamily("lime_plan_epoch", "the current plan's epoch (0: no plan)")
         epoch.add_metric([], view.plan.epoch if view.plan else 0)

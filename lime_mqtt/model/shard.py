@@ -238,6 +238,11 @@ class Shard:
             total += int(self.norm.numel()) * self.norm.element_size()
         return total
 
+    @property
+    def resident(self) -> bool:
+        """Every layer in memory and no emulated delay: a step's time is its arithmetic."""
+        return not self.spec.streamed and not self.layer_delay_s
+
     def formats(self) -> set[str]:
         """The formats of the matrices this shard holds (F32, BF16, F16, Q4_1, ...)."""
         found = {m.fmt for m in (self.embed, self.head) if m is not None}

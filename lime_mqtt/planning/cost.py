@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 MIB = 1024 * 1024
+# A long prompt goes in chunks small enough that one chunk's hidden states cross the
+# plan's slowest link within this budget (``--prefill-link-ms``): a bigger message
+# would hold the decode steps of other requests behind it on that link.
+PREFILL_LINK_BUDGET_MS = 100.0
+MIN_LINK_CHUNK = 16  # however slow the link: smaller chunks cost more in round trips than they save
 OBJECTIVES = ("latency", "throughput")
 Objective = Literal["latency", "throughput"]
 
@@ -305,12 +310,35 @@ def predict_prefill_ms(
     cost: PlanCost, model: ModelSize, devices: Mapping[str, DeviceProfile], prompt_tokens: int
 ) -> float:
     """Predicted time to the first token for a prompt of ``prompt_tokens``: every stage
-    runs its layers over the whole prompt once, streamed layers are read once."""
+    runs its layers over the whole prompt once, streamed layers are read once. The
+    prompt's hidden states cross each device's link once in (but the first stage's, which
+    gets token ids) and once out (but the last stage's, which sends one token)."""
     total = cost.overhead_ms
-    for stage in cost.stages:
+    hidden_bytes = prompt_tokens * model.hidden_bytes_per_token
+    for index, stage in enumerate(cost.stages):
         device = devices[stage.device_id]
         total += (stage.stop - stage.start) * device.layer_prefill_ms_per_token * prompt_tokens
         total += stage.compute_ms - (stage.stop - stage.start) * device.layer_decode_ms  # the head, once
-        total += device.link_rtt_ms + 2 * prompt_tokens * model.hidden_bytes_per_token / (device.link_mb_s * 1e3)
+        crossings = (index > 0) + (index < len(cost.stages) - 1)
+        total += device.link_rtt_ms + crossings * hidden_bytes / (device.link_mb_s * 1e3)
         total += max(0.0, stage.load_ms - stage.prefetch_ms)
     return total
+
+
+def link_chunk_tokens(chunk: int, hidden_bytes_per_token: int, link_mb_s: Sequence[float],
+                      budget_ms: float) -> int:
+    """The prefill chunk for a plan whose devices' links measure ``link_mb_s``: at most
+    ``chunk`` tokens (0: prompts are never cut), and few enough that one chunk's hidden
+    states cross the slowest link, in and out through the broker, within ``budget_ms``, so
+    that other requests' decode steps are not held behind it for longer. Rounded down to
+    a power of two (a link measured a little faster or slower gives the same chunk), at
+    least :data:`MIN_LINK_CHUNK`. ``budget_ms`` 0, or no link measured: ``chunk``."""
+    if not chunk or budget_ms <= 0 or not link_mb_s or hidden_bytes_per_token <= 0:
+        return chunk
+    slowest = min(link_mb_s)
+    if slowest <= 0:
+        return min(chunk, MIN_LINK_CHUNK)
+    fits = int(budget_ms * slowest * 1e3 / (2 * hidden_bytes_per_token))
+    if fits >= chunk:
+        return chunk
+    return max(MIN_LINK_CHUNK, 1 << max(0, fits.bit_length() - 1))
