@@ -10,7 +10,7 @@ plan's (the planner's cost model on the links as the devices measured them) for 
 token, and ``predict_plan_prefill_ms`` for the first token. Token ids must agree across
 settings.
 
-    sudo .venv/bin/python bench/links.py [--model smollm2] [--tokens 32] [--rounds 3]
+    sudo .venv/bin/python bench/links.py [--model smollm2] [--tokens 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -47,19 +47,23 @@ def one_request(broker: str, cluster: str, tokens: int) -> dict[str, Any]:
     return final
 
 
-def predictions(broker: str, cluster: str, plan: Any, folder: Path, prompt_tokens: int) -> tuple[float, float]:
+def predictions(broker: str, cluster: str, plan: Any, folder: Path,
+                prompt_tokens: int) -> tuple[float, float, dict[str, dict[str, float]]]:
+    """Predicted time to first token and per token, and each device's link as it measured it."""
     statuses = asyncio.run(device_statuses(broker, cluster, [s.device_id for s in plan.stages]))
     profiles = {d: DeviceProfile.from_status(d, status) for d, status in statuses.items()}
     checkpoint = Checkpoint(folder)
     ttft = predict_plan_prefill_ms(plan, model_size(checkpoint, folder.name), profiles, prompt_tokens, Workload())
-    return ttft or 0.0, plan.predicted_ms_per_token or 0.0
+    links = {d: {k: status["capabilities"].get(k) for k in ("link_rtt_ms", "link_mb_s")}
+             for d, status in statuses.items()}
+    return ttft or 0.0, plan.predicted_ms_per_token or 0.0, links
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--memory-mb", type=int, default=330, help="each device's budget (two are needed for SmolLM2)")
     parser.add_argument("--out", default="bench/results/links.json")
     parser.add_argument("--chart", default="docs/bench-links.png")
@@ -87,8 +91,8 @@ def main() -> int:
                 with Rig(name, str(folder), devices, log_dir=log_dir / name) as rig:
                     plan = rig.plan
                     assert plan is not None
-                    predicted_ttft, predicted_tpot = predictions(rig.broker.url, rig.cluster, plan, folder,
-                                                                 prompt_tokens)
+                    predicted_ttft, predicted_tpot, links = predictions(rig.broker.url, rig.cluster, plan,
+                                                                        folder, prompt_tokens)
                     one_request(rig.broker.url, rig.cluster, args.tokens)  # warm-up
                     shaped, loop = [], []
                     for _ in range(args.rounds):
@@ -107,6 +111,9 @@ def main() -> int:
                     "loopback_ttft_ms": statistics.median(f["timings"]["ttft_ms"] for f in loop),
                     "loopback_tpot_ms": statistics.median(f["timings"]["tpot_ms"] for f in loop),
                     "predicted_ttft_ms": predicted_ttft, "predicted_tpot_ms": predicted_tpot,
+                    "measured_links": links,
+                    "ttft_runs_ms": [f["timings"]["ttft_ms"] for f in shaped],
+                    "tpot_runs_ms": [f["timings"]["tpot_ms"] for f in shaped],
                 }
                 row["tpot_error"] = row["predicted_tpot_ms"] / row["tpot_ms"] - 1
                 row["ttft_error"] = row["predicted_ttft_ms"] / row["ttft_ms"] - 1
