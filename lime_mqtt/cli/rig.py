@@ -186,6 +186,16 @@ class Rig:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.processes[name] = subprocess.Popen(line, stdout=out, stderr=subprocess.STDOUT, env=env)
 
+    def restart_coordinator(self, *args: str) -> None:
+        """Stop the coordinator (SIGTERM: it clears its status) and start it again with the
+        options ``args``: a benchmark compares coordinator settings on one rig. Clients
+        should wait for its status (``ask(..., wait_for_coordinator_s=...)``)."""
+        from lime_mqtt.cli.cluster import stop_processes
+
+        stop_processes({"coordinator": self.processes.pop("coordinator")}, 15.0)
+        self.coordinator_args = args
+        self._spawn("coordinator", None, "coordinator", *args)
+
     def _wait_ready(self, timeout_s: float) -> Plan:
         from lime_mqtt.cli.cluster import ready_while_alive
 
