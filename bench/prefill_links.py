@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -70,8 +71,10 @@ async def one_round(broker: str, cluster: str, long_prompt: str, tokens: int) ->
             raise RuntimeError("the stream ended before its 8th token")
         sent, final = await long_task
     finally:
-        if long_task is not None and not long_task.done():
+        if long_task is not None and not long_task.done():  # the stream failed: do not leave it running
             long_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await long_task
     if final.get("type") != "final":
         raise RuntimeError(f"the long prompt: {final}")
     answered = sent + final["timings"]["total_ms"] / 1000
