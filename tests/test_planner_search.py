@@ -251,3 +251,4 @@ def test_a_prefill_chunk_is_not_cut_when_asked_not_to() -> None:
     assert link_chunk_tokens(0, 2304, [0.5], 100.0) == 0  # --prefill-chunk 0: never cut
     assert link_chunk_tokens(256, 2304, [0.5], 0.0) == 256  # --prefill-link-ms 0: links do not matter
     assert link_chunk_tokens(8, 2304, [0.5], 100.0) == 8  # never above the configured chunk
+    assert link_chunk_tokens(8, 2304, [0.1], 100.0) == 8  # not even to reach the smallest link chunk

@@ -341,4 +341,4 @@ def link_chunk_tokens(chunk: int, hidden_bytes_per_token: int, link_mb_s: Sequen
     fits = int(budget_ms * slowest * 1e3 / (2 * hidden_bytes_per_token))
     if fits >= chunk:
         return chunk
-    return max(MIN_LINK_CHUNK, 1 << max(0, fits.bit_length() - 1))
+    return min(chunk, max(MIN_LINK_CHUNK, 1 << max(0, fits.bit_length() - 1)))
