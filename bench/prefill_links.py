@@ -47,13 +47,13 @@ SETTINGS = {"link-sized chunks (--prefill-link-ms 100)": ("--prefill-link-ms", "
 async def one_round(broker: str, cluster: str, long_prompt: str, tokens: int) -> dict[str, Any]:
     """The stream's token arrival times, and the long prompt's sending time and answer."""
     arrivals: list[float] = []
-    long_task: asyncio.Task[tuple[float, dict[str, Any]]] | None = None
+    long_task: asyncio.Task[tuple[float, float, dict[str, Any]]] | None = None
 
-    async def long_request() -> tuple[float, dict[str, Any]]:
+    async def long_request() -> tuple[float, float, dict[str, Any]]:
         sent = time.perf_counter()
         final = await ask_final(broker, cluster, {"prompt": long_prompt, "max_tokens": 1, "stream": False},
                                 timeout_s=300, client=f"long-{uuid.uuid4().hex[:6]}")
-        return sent, final
+        return sent, time.perf_counter(), final
 
     try:
         async for message in ask(broker, cluster, {"prompt": STREAM_PROMPT, "max_tokens": tokens, "stream": True},
@@ -69,7 +69,7 @@ async def one_round(broker: str, cluster: str, long_prompt: str, tokens: int) ->
                 break
         if long_task is None:
             raise RuntimeError("the stream ended before its 8th token")
-        sent, final = await long_task
+        sent, answered, final = await long_task
     finally:
         if long_task is not None and not long_task.done():  # the stream failed: do not leave it running
             long_task.cancel()
@@ -77,11 +77,10 @@ async def one_round(broker: str, cluster: str, long_prompt: str, tokens: int) ->
                 await long_task
     if final.get("type") != "final":
         raise RuntimeError(f"the long prompt: {final}")
-    answered = sent + final["timings"]["total_ms"] / 1000
+    if answered > arrivals[-1]:
+        raise RuntimeError("the stream ended before the long prompt's answer came: ask for more --tokens")
     during = [b - a for a, b in itertools.pairwise(arrivals) if b > sent and a < answered]
     before = [b - a for a, b in itertools.pairwise(arrivals) if b <= sent]
-    if answered > arrivals[-1]:
-        raise RuntimeError("the stream ended before the long prompt's prefill did: ask for more --tokens")
     return {"longest_gap_ms": 1000 * max(during), "tpot_before_ms": 1000 * statistics.median(before),
             "long_ttft_ms": final["timings"]["ttft_ms"]}
 

@@ -41,12 +41,27 @@ async def test_quick_decode_steps_run_inline_with_the_same_bits(shard: Shard) ->
     finally:
         await inline.close()
         await worker.close()
-    # The prefill and the first decode step (no time known yet) go to the worker thread.
-    assert inline.inline_steps == 7
+    # The prefill and the first decode step (no time known yet) go to the worker thread;
+    # the rest run inline unless one of them took 50 ms (a very loaded machine).
+    assert 1 <= inline.inline_steps <= 7
     assert worker.inline_steps == 0
     assert inline.steps_done == worker.steps_done == 9
     for a, b in zip(fast, slow, strict=True):
         assert torch.equal(a, b)
+
+
+async def test_one_slow_step_sends_the_next_to_the_worker_and_a_new_plan_starts_over(shard: Shard) -> None:
+    compute = Compute("a")
+    try:
+        await _generate(compute, shard, 3)
+        compute._note_decode(0, 0.2)  # one step of 200 ms
+        assert not compute._quick(shard, 0)
+        compute._note_decode(0, 0.001)
+        assert not compute._quick(shard, 0)  # fast steps bring it down only gradually
+        compute.free_all()
+        assert compute.decode_s == {}
+    finally:
+        await compute.close()
 
 
 async def test_steps_go_to_the_worker_while_the_loop_must_stay_free(shard: Shard) -> None:

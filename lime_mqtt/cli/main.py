@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -269,6 +270,10 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
     from lime_mqtt.core.protocol import Limits
     from lime_mqtt.model.builtin import resolve_model
 
+    if args.prefill_chunk < 0:
+        raise ConfigError("--prefill-chunk must be 0 (never cut) or a number of tokens")
+    if not math.isfinite(args.prefill_link_ms) or args.prefill_link_ms < 0:
+        raise ConfigError("--prefill-link-ms must be 0 (links do not matter) or a number of milliseconds")
     folder = resolve_model(settings.model, terminal_bars)
     try:
         Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst)

@@ -195,6 +195,7 @@ class Rig:
         stop_processes({"coordinator": self.processes.pop("coordinator")}, 15.0)
         self.coordinator_args = args
         self._spawn("coordinator", None, "coordinator", *args)
+        self._save_state()  # `rig down` must find the new process
 
     def _wait_ready(self, timeout_s: float) -> Plan:
         from lime_mqtt.cli.cluster import ready_while_alive

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -80,7 +81,7 @@ class Generation:
     ) -> None:
         if prefill_chunk < 0:
             raise ValueError("prefill_chunk must be 0 (never cut) or a number of tokens")
-        if prefill_link_ms < 0:
+        if not math.isfinite(prefill_link_ms) or prefill_link_ms < 0:
             raise ValueError("prefill_link_ms must be 0 (links do not matter) or a number of milliseconds")
         self.connection = connection
         self.topics = topics

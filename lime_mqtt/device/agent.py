@@ -3,7 +3,8 @@
 Its rooms: :mod:`~lime_mqtt.device.shards` (model files, the plan's segments, shard
 loading, what is streamed), :mod:`~lime_mqtt.device.scheduler` (the one ordered work
 queue, accepted steps, duplicates, batches) and :mod:`~lime_mqtt.device.compute` (KV
-caches and every forward pass, on one worker thread). This module holds its lifetime
+caches and every forward pass: quick decode steps on the event loop, the rest on one
+worker thread). This module holds its lifetime
 and its word to the cluster: status, telemetry, leaving, and what each step's result
 is sent on to.
 """

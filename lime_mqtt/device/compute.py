@@ -4,7 +4,8 @@ Loading or re-streaming layers, measuring, prefills and any step that may take l
 on the one thread of :attr:`Compute.executor`, one thing at a time, so the event loop
 never blocks on a layer, a streamed read or an emulated delay, and the connection stays
 responsive. A *quick* decode step (one token per sequence, on a shard whose layers are
-all in memory, whose recent decode steps took under :data:`INLINE_STEP_S`) runs on the
+all in memory, whose recent decode steps took under :data:`INLINE_STEP_S`; one slower
+step sends the next to the worker at once, and a new plan starts over) runs on the
 event loop's own thread instead: handing a step to the worker thread and back cost
 about 0.6 ms per stage on SmolLM2 (4 stages: 63.0 ms per token through the worker, 60.5
 inline, in one run of ``bench/tpot.py --compare-tree``; docs/architecture.md). While the link monitor
@@ -116,8 +117,10 @@ class Compute:
         return output
 
     def _note_decode(self, stage: int, elapsed_s: float) -> None:
+        """A slower step counts at once (the next one goes to the worker thread); faster
+        ones bring the figure down gradually."""
         recent = self.decode_s.get(stage)
-        self.decode_s[stage] = elapsed_s if recent is None else 0.8 * recent + 0.2 * elapsed_s
+        self.decode_s[stage] = elapsed_s if recent is None or elapsed_s > recent else 0.8 * recent + 0.2 * elapsed_s
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop taking work; wait (at most ``timeout_s``) for a forward pass still running,
@@ -164,7 +167,9 @@ class Compute:
         return request_id in self._ended
 
     def free_all(self) -> None:
+        """A new plan: no cache is kept, and its stages' step times are learnt anew."""
         self.sequences.clear()
+        self.decode_s.clear()
 
     def expire(self, ttl_s: float) -> list[tuple[str, int]]:
         """Free the caches idle for more than ``ttl_s``; returns which."""

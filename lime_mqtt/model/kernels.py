@@ -87,7 +87,7 @@ _threads = 0  # the thread count the kernels were last set to
 
 def library() -> ctypes.CDLL:
     """The loaded kernels (built first if needed), using as many threads as torch does
-    (``torch.set_num_threads``: a device's ``--threads``) for products of a million
+    (``torch.set_num_threads``: a device's ``--threads``) for products of 2**18
     weights or more."""
     global _threads
     lib = _load()
