@@ -69,9 +69,9 @@ class Compute:
     def __init__(self, name: str, threads: int | None = None, inline: bool = True) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lime-{name}",
                                            initializer=_set_threads, initargs=(threads,))
-        self.threads = threads
         self.inline = inline  # quick decode steps may run on the event loop's thread
-        self._loop_threads_set = False
+        if inline:
+            _set_threads(threads)  # the event loop's thread: built here, on it
         # True while something must not wait behind a step on the event loop (the link
         # monitor's echo): then every step goes to the worker thread.
         self.keep_loop_free: Callable[[], bool] = lambda: False
@@ -98,23 +98,17 @@ class Compute:
         return (self.inline and recent is not None and recent < INLINE_STEP_S and shard.resident
                 and not self.keep_loop_free())
 
-    async def _forward(self, work: Callable[[], T], shard: Shard, stage: int, decode: bool) -> T:
-        """``work()``: inline when it is a quick decode step, else on the worker thread;
-        a decode step's time is remembered for the next choice."""
-        if not (decode and self._quick(shard, stage)):
-            started = time.perf_counter()
-            output = await self.run(work)
-            if decode:
-                self._note_decode(stage, time.perf_counter() - started)
-            return output
-        if not self._loop_threads_set:
-            _set_threads(self.threads)
-            self._loop_threads_set = True
+    async def _forward(self, work: Callable[[], T], shard: Shard, stage: int, decode: bool) -> tuple[T, float]:
+        """``work()`` and its time (s): inline when it is a quick decode step, else on the
+        worker thread; a decode step's time is remembered for the next choice."""
+        inline = decode and self._quick(shard, stage)
         started = time.perf_counter()
-        output = work()
-        self._note_decode(stage, time.perf_counter() - started)
-        self.inline_steps += 1
-        return output
+        output = work() if inline else await self.run(work)
+        elapsed = time.perf_counter() - started
+        if decode:
+            self._note_decode(stage, elapsed)
+        self.inline_steps += inline
+        return output, elapsed
 
     def _note_decode(self, stage: int, elapsed_s: float) -> None:
         """A slower step counts at once (the next one goes to the worker thread); faster
@@ -192,27 +186,24 @@ class Compute:
         if sequence is None or step.pos == 0:
             sequence = self.sequences[key] = Sequence(shard.new_cache(), time.monotonic(), stage.start)
         sequence.last_used, sequence.last_step = time.monotonic(), step.step
-        started = time.perf_counter()
         work = functools.partial(shard.forward, sequence.cache, step.pos, step.tokens, step.hidden,
                                  logits=step.step >= 0)  # a leading prefill chunk needs no logits
-        output = await self._forward(work, shard, stage.stage, decode=step.width == 1 and step.pos > 0)
-        self._count(1, time.perf_counter() - started)
+        output, elapsed = await self._forward(work, shard, stage.stage, decode=step.width == 1 and step.pos > 0)
+        self._count(1, elapsed)
         return output
 
     async def batch(self, shard: Shard, steps: list[Step], stage: StagePlan, rows: int) -> list[Any]:
         """Decode steps of several sequences as one forward pass of ``rows`` rows."""
         sequences = [self.sequences[(s.request_id, stage.stage)] for s in steps]
-        started = time.perf_counter()
         work = functools.partial(
             shard.forward_batch, [s.cache for s in sequences], [s.pos for s in steps], rows,
             tokens=[s.tokens[0] for s in steps if s.tokens] if stage.embed else None,
             hidden=[s.hidden for s in steps if s.hidden is not None] if not stage.embed else None,
         )
-        outputs = await self._forward(work, shard, stage.stage, decode=True)
+        outputs, elapsed = await self._forward(work, shard, stage.stage, decode=True)
         now = time.monotonic()
         for sequence, step in zip(sequences, steps, strict=True):
             sequence.last_used, sequence.last_step = now, step.step
-        elapsed = time.perf_counter() - started
         self.batch_compute_s = 0.8 * self.batch_compute_s + 0.2 * elapsed if self.batch_compute_s else elapsed
         self._count(len(steps), elapsed)
         return list(outputs)
