@@ -94,3 +94,43 @@ def test_threads_split_the_work_but_not_the_sums() -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "BF16", "Q4_K"])
+def test_one_weight_row_at_a_time_or_six_side_by_side_give_the_same_bits(fmt: str) -> None:
+    """Both ways a one- or two-row product can read its weights (the load-time probe picks
+    one per machine) sum each output in the same order."""
+    generator = torch.Generator().manual_seed(11)
+    dense = torch.randn(300, 512, generator=generator)
+    weight = PackedWeight.of(dense.to(torch.bfloat16)) if fmt == "BF16" else PackedWeight.of(dense)
+    if fmt == "Q4_K":
+        raw = _random_blocks(fmt, 300, 512, seed=5)
+        weight = PackedWeight.blocks(torch.from_numpy(raw.copy()).view(-1), fmt, 300, 512)
+    x = torch.randn(3, 512, generator=generator)
+    results = []
+    before = kernels.set_narrow_rows(kernels.NARROW_CHOICES[0])
+    try:
+        for rows in kernels.NARROW_CHOICES:
+            kernels.set_narrow_rows(rows)
+            results.append([kernels.linear(x[:count], weight) for count in (1, 2, 3)])
+    finally:
+        kernels.set_narrow_rows(before)
+    for one, other in zip(*results, strict=True):
+        assert torch.equal(one, other)
+    assert torch.equal(results[0][0], results[0][2][:1])  # and alone as in a batch of three
+
+
+def test_a_bad_narrow_rows_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = kernels.library()
+    before = kernels.set_narrow_rows(0)
+    try:
+        for value, message in (("two", "whole number"), ("-1", "negative")):
+            monkeypatch.setenv("LIME_MQTT_NARROW_ROWS", value)
+            with pytest.raises(ModelError, match=message):
+                kernels.choose_narrow_rows(lib)
+        monkeypatch.setenv("LIME_MQTT_NARROW_ROWS", "2")
+        assert kernels.choose_narrow_rows(lib) == 2
+        monkeypatch.delenv("LIME_MQTT_NARROW_ROWS")
+        assert kernels.choose_narrow_rows(lib) in kernels.NARROW_CHOICES
+    finally:
+        kernels.set_narrow_rows(before)

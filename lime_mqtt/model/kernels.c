@@ -194,7 +194,7 @@ static int64_t row_bytes(int fmt, int64_t n) {
 #ifndef TILE_R
 #define TILE_R 4
 #endif
-#define NARROW_ROWS 2 /* up to this many rows of x, tiles of one weight row (linear_range) */
+#define NARROW_ROWS 2 /* the default of narrow_rows */
 
 static inline __attribute__((always_inline)) void tile(const float *const *w, const int to, const float *x,
                                                        int64_t xstride, const int tr, int64_t npad, float *y,
@@ -251,15 +251,19 @@ static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_
 static int pool_workers = 0, pool_active = 1, pool_pending = 0;
 static uint64_t pool_generation = 0;
 static linear_job pool_job;
+/* Up to this many rows of x, linear_range reads one weight row at a time; set once, before
+ * any product, by lime_set_narrow_rows (kernels.py times both ways on the machine). */
+static int narrow_rows = NARROW_ROWS;
 
 static void linear_range(const linear_job *j, int64_t begin, int64_t end, float *scratch) {
     const float *w[TILE_O];
-    /* One or two rows of x: one weight row at a time, so that the weights are read as one
-     * plain stream, which the hardware prefetcher follows (six rows side by side are six
-     * short streams: SmolLM2's one-row products ran about 25% slower that way). More rows:
-     * six weight rows at once, each loaded once for every row of x. Either way each
-     * output is the same sum in the same order (see tile), so the bits do not change. */
-    const int64_t step = j->rows <= NARROW_ROWS ? 1 : TILE_O;
+    /* Up to narrow_rows rows of x: one weight row at a time, so that the weights are read
+     * as one plain stream (on some machines the prefetcher follows six short streams side by
+     * side badly: SmolLM2's one-row products ran about 25% slower that way on one, 10% faster
+     * on another). More rows: six weight rows at once, each loaded once for every row of x.
+     * Either way each output is the same sum in the same order (see tile), so the bits do
+     * not change. */
+    const int64_t step = j->rows <= narrow_rows ? 1 : TILE_O;
     for (int64_t o0 = begin; o0 < end; o0 += step) {
         int to = end - o0 < step ? (int)(end - o0) : (int)step;
         for (int o = 0; o < to; o++) {
@@ -319,6 +323,13 @@ int lime_set_threads(int threads) {
     pool_active = threads <= pool_workers + 1 ? threads : pool_workers + 1;
     pthread_mutex_unlock(&pool_lock);
     return pool_active;
+}
+
+/* Rows of x up to which products read one weight row at a time (negative: unchanged);
+ * returns the value now in force. Call it before any product, not during one. */
+int lime_set_narrow_rows(int rows) {
+    if (rows >= 0) narrow_rows = rows;
+    return narrow_rows;
 }
 
 int lime_linear(int fmt, const uint8_t *weight, int64_t row_stride, int64_t out, int64_t n,

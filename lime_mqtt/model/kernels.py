@@ -14,6 +14,12 @@ Two things they do that torch's kernels do not:
 - **Quantized weights as they are.** A GGUF matrix stays in its blocks (Q8_0, Q4_0,
   Q4_1, Q4_K, Q6_K) and is dequantized in registers when used, to exactly the float32
   values gguf-py's ``dequantize`` gives; bfloat16 and float16 rows likewise.
+
+How a one-row product (a decode step) reads its weights, one row at a time or six rows
+side by side, is faster one way on some machines and the other way on others; both give
+the same bits. On loading, :func:`choose_narrow_rows` times both on 64 MB of weights (about
+0.1 s) and keeps the faster; ``LIME_MQTT_NARROW_ROWS`` (``0``: six rows, ``2``: one row
+for up to two rows of x) sets it instead.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +120,63 @@ def _load() -> ctypes.CDLL:
             lib.lime_layer.restype = ctypes.c_int
             lib.lime_layer_work.argtypes = [ptr, i64, i64]
             lib.lime_layer_work.restype = i64
+            lib.lime_set_narrow_rows.argtypes = [ctypes.c_int]
+            lib.lime_set_narrow_rows.restype = ctypes.c_int
+            choose_narrow_rows(lib)
             _library = lib
         return _library
+
+
+NARROW_CHOICES = (0, 2)  # rows of x read one weight row at a time: never, or up to two
+_PROBE_MATRICES, _PROBE_SIZE, _PROBE_ROUNDS = 16, 1024, 3
+
+
+def choose_narrow_rows(lib: ctypes.CDLL) -> int:
+    """Set how one- and two-row products read their weights (see the module's text):
+    ``LIME_MQTT_NARROW_ROWS`` if set, else the faster of :data:`NARROW_CHOICES` on one-row
+    products over 16 float32 matrices of 1024 x 1024 (more than a cache holds), rounds
+    interleaved, best of three. Returns the value set."""
+    forced = os.environ.get("LIME_MQTT_NARROW_ROWS")
+    if forced is not None:
+        try:
+            rows = int(forced)
+        except ValueError:
+            raise ModelError(f"LIME_MQTT_NARROW_ROWS={forced!r} is not a whole number") from None
+        if rows < 0:
+            raise ModelError(f"LIME_MQTT_NARROW_ROWS={forced!r} is negative")
+        return int(lib.lime_set_narrow_rows(rows))
+    n = _PROBE_SIZE
+    weights = [torch.full((n, n), 0.5, dtype=torch.float32) for _ in range(_PROBE_MATRICES)]
+    x = torch.ones(n, dtype=torch.float32)
+    y, xpad, scratch = torch.empty(n), torch.empty(n), torch.empty(_TILE * n)
+    lib.lime_set_threads(1)  # the probe times one thread's stream; library() sets the real count after
+
+    def sweep() -> float:
+        start = time.perf_counter()
+        for w in weights:
+            lib.lime_linear(FORMATS["F32"], w.data_ptr(), n * 4, n, n, x.data_ptr(), 1, y.data_ptr(),
+                            xpad.data_ptr(), scratch.data_ptr())
+        return time.perf_counter() - start
+
+    best = {rows: float("inf") for rows in NARROW_CHOICES}
+    for _ in range(_PROBE_ROUNDS + 1):  # the first round also warms up
+        for rows in NARROW_CHOICES:
+            lib.lime_set_narrow_rows(rows)
+            best[rows] = min(best[rows], sweep())
+    chosen = min(best, key=lambda rows: best[rows])
+    log.info("one-row products: %s (%.1f ms against %.1f ms for 64 MB)",
+             "one weight row at a time" if chosen else "six weight rows side by side", best[chosen] * 1e3,
+             max(best.values()) * 1e3)
+    return int(lib.lime_set_narrow_rows(chosen))
+
+
+def set_narrow_rows(rows: int) -> int:
+    """Set the rows of x up to which products read one weight row at a time (for tests and
+    benchmarks; the bits are the same either way); returns the value before."""
+    lib = _load()
+    before = int(lib.lime_set_narrow_rows(-1))
+    lib.lime_set_narrow_rows(rows)
+    return before
 
 
 class Matrix(ctypes.Structure):
