@@ -132,5 +132,6 @@ def test_a_bad_narrow_rows_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -
         assert kernels.choose_narrow_rows(lib) == 2
         monkeypatch.delenv("LIME_MQTT_NARROW_ROWS")
         assert kernels.choose_narrow_rows(lib) in kernels.NARROW_CHOICES
+        assert kernels._threads == 0  # the probe ran at one thread: library() sets the real count again
     finally:
         kernels.set_narrow_rows(before)

@@ -145,11 +145,13 @@ def choose_narrow_rows(lib: ctypes.CDLL) -> int:
         if rows < 0:
             raise ModelError(f"LIME_MQTT_NARROW_ROWS={forced!r} is negative")
         return int(lib.lime_set_narrow_rows(rows))
+    global _threads
     n = _PROBE_SIZE
     weights = [torch.full((n, n), 0.5, dtype=torch.float32) for _ in range(_PROBE_MATRICES)]
     x = torch.ones(n, dtype=torch.float32)
     y, xpad, scratch = torch.empty(n), torch.empty(n), torch.empty(_TILE * n)
-    lib.lime_set_threads(1)  # the probe times one thread's stream; library() sets the real count after
+    lib.lime_set_threads(1)  # the probe times one thread's stream;
+    _threads = 0  # and library() sets the real count again on its next call
 
     def sweep() -> float:
         start = time.perf_counter()
