@@ -9,6 +9,7 @@ transformers are printed and written to bench/results/tpot.json.
     .venv/bin/python bench/tpot.py [--model smollm2] [--tokens 64] [--rounds 5]
     .venv/bin/python bench/tpot.py --stages 4 --compare-tree ../base   # before/after, one run
     .venv/bin/python bench/tpot.py --stages 4 --breakdown   # where a cluster's time per token goes
+    .venv/bin/python bench/tpot.py --stages 4 --compare-unchained   # chained decode steps or not, one run
 
 With ``--breakdown`` each cluster run also reads every device's telemetry before and after
 the request (the first telemetry message published after each moment, so it counts every
@@ -167,6 +168,9 @@ def main() -> int:
     parser.add_argument("--compare-tree", metavar="PATH",
                         help="also run each cluster from the lime-mqtt source tree at PATH (say, a git worktree "
                              "of an earlier commit), in the same rounds: a before/after comparison in one run")
+    parser.add_argument("--compare-unchained", action="store_true",
+                        help="also run each cluster with a coordinator that sends every decode step itself "
+                             "(coordinator --no-chain), in the same rounds")
     args = parser.parse_args()
     folder = resolve_model(args.model)
     import torch
@@ -181,17 +185,23 @@ def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="lime-bench-"))
     compute: dict[str, list[float]] = {}  # cluster name: devices' compute per step, summed, by round
     with LocalBroker() as broker, contextlib.ExitStack() as stack:
-        trees = {"": None} if not args.compare_tree else {"": None, ", compared tree": args.compare_tree}
+        # (label, source tree, coordinator options, name suffix) of each cluster of a stage count
+        variants: list[tuple[str, str | None, tuple[str, ...], str]] = [("", None, (), "")]
+        if args.compare_tree:
+            variants.append((", compared tree", args.compare_tree, (), "c"))
+        if args.compare_unchained:
+            variants.append((", unchained", None, ("--no-chain",), "u"))
         for stages in args.stages:
-            for label, tree in trees.items():
-                name = f"bench{stages}{'c' if tree else ''}"
+            for label, tree, coordinator_args, suffix in variants:
+                name = f"bench{stages}{suffix}"
                 memory_mb = 1600 // stages + 100  # room for the weights and KV cache of an even split
                 telemetry = ("--telemetry-interval", "0.5") if args.breakdown else ()
                 devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads, telemetry)
                            for i in range(stages)]
                 env = {"PYTHONPATH": str(Path(tree).resolve())} if tree else None
                 procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
-                                                           planner_args=("--strategy", "equal"), extra_env=env))
+                                                           planner_args=("--strategy", "equal"), extra_env=env,
+                                                           coordinator_args=coordinator_args))
                 plan = procs.wait_ready()
                 assert len(plan.stages) == stages, plan
                 ids = [d.device_id for d in devices] if args.breakdown else None
@@ -214,7 +224,8 @@ def main() -> int:
               f"{row['ratio_per_round_median']:16.3f}")
     if compute:
         print(f"\n{'cluster':32s} {'device compute ms/step, all stages (median)':>44s}")
-        names = {f"bench{s}": f"cluster, {s} stages" for s in args.stages}
+        names = {f"bench{s}{suffix}": f"cluster, {s} stages{label}" for s in args.stages
+                 for label, _, _, suffix in variants}
         for cluster, per_round in compute.items():
             runs = per_round[1:]  # round 0 warms up
             label = names.get(cluster, cluster)

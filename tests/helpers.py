@@ -17,7 +17,7 @@ from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.device.agent import DeviceAgent
 from lime_mqtt.device.memory import AnonPeakSampler  # noqa: F401  (tests import it from here)
 from lime_mqtt.planner.service import PlannerService
-from lime_mqtt.planning.plan import Plan
+from lime_mqtt.planning.plan import Plan, StagePlan
 from lime_mqtt.transport import Transport, connect, transport_for
 
 
@@ -150,6 +150,13 @@ def reference_logits(folder: Path, ids: list[int], steps: int) -> list[Any]:
 
 
 TEST_COORDINATOR = "test"  # the coordinator a test plays when it sends steps itself
+
+
+def fixed_plan(model: Path, spans: list[tuple[int, int]], epoch: int = 1) -> Plan:
+    """A plan of one stage per device (dev0, dev1, ...) with room for plenty of KV cache."""
+    stages = [StagePlan(stage=i, device_id=f"dev{i}", start=start, stop=stop, embed=i == 0, head=i == len(spans) - 1,
+                        weight_bytes=0, kv_tokens=4096) for i, (start, stop) in enumerate(spans)]
+    return Plan(epoch=epoch, model=model.name, num_layers=6, stages=stages, strategy="test")
 
 
 def stage_topic(topics: Topics, plan: Plan, stage: int, sender: Identity | None = None) -> str:

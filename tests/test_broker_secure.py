@@ -126,6 +126,7 @@ def test_the_acl_has_exactly_the_v2_layout() -> None:
         "user device/pi-1",
         "topic read lime/v2/C/planner/+/plan",
         "topic read lime/v2/C/coordinator/+/control",
+        "topic read lime/v2/C/coordinator/+/status",
         "topic read lime/v2/C/device/+/weights",
         "user client/a",
         "topic read lime/v2/C/coordinator/+/status",

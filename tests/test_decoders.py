@@ -61,6 +61,7 @@ from lime_mqtt.core.weight_messages import (
 from lime_mqtt.core.wire import (
     MAX_ENVELOPE_BYTES,
     WIRE_VERSION,
+    Chain,
     End,
     Sampling,
     StageError,
@@ -229,7 +230,8 @@ MANIFEST: dict[str, Any] = {
 
 SAMPLING = Sampling(0.7, 40, 0.9, 123)
 REPLY = "coord-x"  # the coordinator the last stage answers
-STEP_TOKENS = Step("r1", 0, 3, 0, tokens=[1, 2, 3], sampling=SAMPLING, want_logits=True, reply=REPLY)
+STEP_TOKENS = Step("r1", 0, 3, 0, tokens=[1, 2, 3], sampling=SAMPLING, want_logits=True, reply=REPLY,
+                   chain=Chain(64, (2,)))
 STEP_HIDDEN = Step("r1", 1, 3, 3, hidden=torch.arange(8, dtype=torch.float32).reshape(1, 2, HIDDEN),  # [1, S, H]
                    sampling=SAMPLING, want_logits=True, reply=REPLY)
 TOKEN = Token("r1", 1, 3, 5, token=42, logits=torch.arange(6, dtype=torch.float32))  # [V]
@@ -241,7 +243,7 @@ HEAD = {name: frozenset({"int"}) for name in ("v", "step", "epoch", "pos")} | {
     "kind": frozenset({"str"}), "rid": frozenset({"str"})}
 STEP_FIELDS = HEAD | {"tokens": frozenset({"list", "null"}), "hidden": frozenset({"map"}),
                       "sampling": frozenset({"map"}), "want_logits": frozenset({"bool"}),
-                      "reply": frozenset({"str", "null"})}
+                      "reply": frozenset({"str", "null"}), "chain": frozenset({"map"})}
 TOKEN_FIELDS = HEAD | {"token": frozenset({"int", "null"}), "logits": frozenset({"map"})}
 ERROR_FIELDS = HEAD | {"device_id": frozenset({"str"}), "message": frozenset({"str"})}
 # The weight reply decoder's fields, by kind.

@@ -24,7 +24,7 @@ import torch
 from lime_mqtt.client import ask, ask_final, cancel
 from lime_mqtt.coordinator.service import Coordinator
 from lime_mqtt.core.messages import DeviceStatus, PlannerStatus, decode_device_status, decode_planner_status
-from lime_mqtt.core.plan import Plan, StagePlan
+from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.topics import Identity, Topics
 from lime_mqtt.core.wire import WIRE_VERSION, End, Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.planner.service import PlannerService
@@ -32,6 +32,7 @@ from lime_mqtt.transport.base import Message
 from lime_mqtt.transport.memory import MemoryBroker
 from tests.helpers import (
     TEST_COORDINATOR,
+    fixed_plan,
     in_process_cluster,
     prompt_ids,
     reference_greedy,
@@ -82,13 +83,6 @@ def assert_stream_is_the_answer(log: list[dict[str, Any]], final: dict[str, Any]
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
     assert [t for c in chunks for t in c["token_ids"]] == final["token_ids"]
     assert "".join(c["text"] for c in chunks) == final["text"]
-
-
-def fixed_plan(model: Path, spans: list[tuple[int, int]], epoch: int = 1) -> Plan:
-    """A plan of one stage per device (dev0, dev1, ...) with room for plenty of KV cache."""
-    stages = [StagePlan(stage=i, device_id=f"dev{i}", start=start, stop=stop, embed=i == 0, head=i == len(spans) - 1,
-                        weight_bytes=0, kv_tokens=4096) for i, (start, stop) in enumerate(spans)]
-    return Plan(epoch=epoch, model=model.name, num_layers=6, stages=stages, strategy="test")
 
 
 def device_status(device_id: str, model: str, state: str = "idle", memory_mb: int = 10) -> bytes:

@@ -35,6 +35,8 @@ READS: dict[Role, tuple[tuple[str, str], ...]] = {
     "device": (
         ("planner/+/plan", "the plan: which layers it serves and where its output goes"),
         ("coordinator/+/control", "the end of a request: free its KV cache"),
+        ("coordinator/+/status", "which coordinators are there: the last stage stops a chain of decode steps whose "
+                                 "coordinator has gone"),
         ("device/+/weights", "other devices asking for tensors, when it serves weights too"),
     ),
     "client": (

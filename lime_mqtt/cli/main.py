@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{MIN_LINK_CHUNK} tokens; default {PREFILL_LINK_BUDGET_MS:.0f} ms, 0: links do not matter)")
     p.add_argument("--telemetry-interval", type=float, default=5.0,
                    help="seconds between its telemetry reports: requests in flight, errors, latencies")
+    p.add_argument("--no-chain", action="store_true",
+                   help="send every decode step from the coordinator, instead of the last stage starting the "
+                   "next one itself (one more hop per token; docs/architecture.md)")
     p.add_argument("--no-weight-source", action="store_true",
                    help="do not serve the model's tensors to devices that fetch them over MQTT")
 
@@ -288,7 +291,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
             prefill_link_ms=args.prefill_link_ms, serve_weights=not args.no_weight_source, name=args.name,
             limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst),
-            telemetry_s=args.telemetry_interval,
+            telemetry_s=args.telemetry_interval, chain=not args.no_chain,
         )
         await coordinator.run()
 

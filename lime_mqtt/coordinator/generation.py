@@ -2,7 +2,12 @@
 
 A step is sent to the first stage and its answer (a token from the last stage) awaited;
 a step whose answer does not come is sent again under the same identity (devices rerun
-the latest step from the same cache position). When the plan breaks on the way (a
+the latest step from the same cache position). Chained (the default, ``wire.Chain``), the
+coordinator sends only a request's first step: the last stage starts each next decode
+step itself, straight to the first stage, and the coordinator awaits its token; a chain
+that broke (a token that came after a later one, a reconnect, a step answered by none of
+two sends) is replayed under a new id, and a request whose chain broke for want of an
+answer goes on unchained. When the plan breaks on the way (a
 device left, a new plan came), the request's whole token history is replayed as a
 prefill on the next plan, under a new id on the devices and the same step number, so
 the token chosen is the one the old plan would have given. Long prompts go in chunks.
@@ -30,7 +35,7 @@ from lime_mqtt.core.errors import RequestError
 from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.protocol import Request
 from lime_mqtt.core.topics import STEP_QOS, Identity, Topics
-from lime_mqtt.core.wire import End, Sampling, StageError, Step, Token, decode_envelope
+from lime_mqtt.core.wire import MAX_CHAIN_STOP, Chain, End, Sampling, StageError, Step, Token, decode_envelope
 from lime_mqtt.model.checkpoint import Checkpoint
 from lime_mqtt.planning.cost import PREFILL_LINK_BUDGET_MS, link_chunk_tokens
 from lime_mqtt.transport.base import Connection
@@ -52,6 +57,10 @@ class _PlanLost(Exception):
     """The plan a step was sent under changed, or one of its devices left: replay on the next."""
 
 
+class _ChainBroken(Exception):
+    """A chained request's steps went astray: replay it on the same plan."""
+
+
 @dataclass
 class Active:
     """A request being answered: the plan it runs under, its id on the devices (a new one
@@ -61,6 +70,14 @@ class Active:
     rid: str
     plan: Plan
     pending: dict[int, asyncio.Future[Token | StageError]] = field(default_factory=dict)
+    chain: Chain | None = None  # the last stage starts each next decode step (wire.Chain)
+    chained: int | None = None  # the step the chain has started (the coordinator sends none)
+    early: dict[int, Token | StageError] = field(default_factory=dict)  # chained answers before their turn
+
+    def replayed(self, rid: str) -> None:
+        """Under a new id on the devices: what the old one had on its way is forgotten."""
+        self.rid, self.chained = rid, None
+        self.early.clear()
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,7 @@ class Generation:
     def __init__(
         self, connection: Connection, topics: Topics, name: str, watch: PlanWatch, checkpoint: Checkpoint,
         tokenizer: Any, *, timing: Timing, prefill_chunk: int, max_prompt_tokens: int | None = None,
-        prefill_link_ms: float = PREFILL_LINK_BUDGET_MS,
+        prefill_link_ms: float = PREFILL_LINK_BUDGET_MS, chain: bool = True,
     ) -> None:
         if prefill_chunk < 0:
             raise ValueError("prefill_chunk must be 0 (never cut) or a number of tokens")
@@ -96,6 +113,7 @@ class Generation:
         self.context_length = int(checkpoint.config_dict.get("max_position_embeddings", 2048))
         self.max_prompt_tokens = max_prompt_tokens  # a limit below the context, if set
         self.eos_ids = _eos_ids(checkpoint, tokenizer)
+        self.chain = chain  # the last stage starts each next decode step itself (wire.Chain)
         self.admission = KvAdmission()
         self.active: dict[str, Active] = {}  # by the request's id on the devices
         self.peak_active = 0  # the most requests generating at once
@@ -117,9 +135,14 @@ class Generation:
             log.warning("ignoring a %s for request %s from device %s, which the plan of epoch %d does not "
                         "put there", envelope.kind, envelope.request_id, sender, active.plan.epoch)
             return
-        future = active.pending.get(envelope.step) if active else None
-        if future is not None and not future.done():
-            future.set_result(envelope)
+        if active is None:
+            return
+        future = active.pending.get(envelope.step)
+        if future is not None:
+            if not future.done():
+                future.set_result(envelope)
+        elif active.chain is not None and 0 <= envelope.step < active.chain.until:
+            active.early[envelope.step] = envelope  # a chained step answered before its turn here
 
     def prompt_ids(self, request: Request) -> list[int]:
         if request.messages is not None:
@@ -169,7 +192,9 @@ class Generation:
         self, request: Request, client_id: str, send: Send, started: float, prompt_ids: list[int],
         max_new: int, plan: Plan, resumed: list[int], first_chunk: int,
     ) -> None:
-        active = Active(request, uuid.uuid4().hex, plan)
+        stop = tuple(sorted(self.eos_ids))
+        chain = Chain(max_new, stop if len(stop) <= MAX_CHAIN_STOP else ()) if self.chain else None
+        active = Active(request, uuid.uuid4().hex, plan, chain=chain)
         self.active[active.rid] = active
         self.peak_active = max(self.peak_active, len(self.active))
         sampling = Sampling(
@@ -242,17 +267,19 @@ class Generation:
                 ids = history()
                 start = await self._prefill_leading_chunks(active, ids, sampling)
                 return await self._step(active, step, start, ids[start:], sampling)
-            except _PlanLost:
+            except (_PlanLost, _ChainBroken) as exc:
                 lost = active.plan
-                active.plan = await self.watch.next_plan(lost)
+                if isinstance(exc, _PlanLost):
+                    active.plan = await self.watch.next_plan(lost)
                 await self._end_on_devices(active, lost)  # whatever is left of it there
                 self.active.pop(active.rid, None)
-                active.rid = uuid.uuid4().hex
+                active.replayed(uuid.uuid4().hex)
                 self.active[active.rid] = active
                 pos = 0
                 self.stats.replays += 1
-                log.warning("plan %d broke at step %d of a request; replaying its %d tokens on plan %d as %s",
-                            lost.epoch, step, len(history()), active.plan.epoch, active.rid)
+                why = f"plan {lost.epoch} broke" if isinstance(exc, _PlanLost) else "the chain of steps broke"
+                log.warning("%s at step %d of a request; replaying its %d tokens on plan %d as %s", why, step,
+                            len(history()), active.plan.epoch, active.rid)
 
     async def _end_on_devices(self, active: Active, plan: Plan | None = None) -> None:
         """Tell every device to free this request's state (its KV cache)."""
@@ -294,32 +321,53 @@ class Generation:
     async def _step(self, active: Active, step: int, pos: int, inputs: list[int], sampling: Sampling) -> Token:
         future: asyncio.Future[Token | StageError] = asyncio.get_running_loop().create_future()
         active.pending[step] = future
+        early = active.early.pop(step, None)
+        if early is not None:
+            future.set_result(early)
+        for stale in [s for s in active.early if s < step]:  # second answers of steps done
+            del active.early[stale]
         rid, plan = active.rid, active.plan
+        chain = active.chain if step >= 0 else None
         envelope = Step(rid, step, plan.epoch, pos, tokens=inputs, sampling=sampling,
-                        want_logits=active.request.return_logits, reply=self.name)
+                        want_logits=active.request.return_logits, reply=self.name, chain=chain)
         # A step may be lost (QoS 0): send it again, under the same identity, when no answer
         # comes in time. Devices recompute a repeated step from the same cache position.
         retry_s = self.timing.step_retry_s + PREFILL_RETRY_S_PER_TOKEN * len(inputs)
         deadline = asyncio.get_running_loop().time() + self.timing.step_timeout_s
         payload = envelope.encode()
         topic = self.topics.stage_in(self.me, plan.stages[0].device_id, 0)
+        send = active.chained != step  # a chained step is on its way already
+        sent_again = 0
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
                     if self.watch.plan is not plan or not self.watch.plan_alive():
                         raise _PlanLost()
-                    await self.connection.publish(topic, payload, qos=STEP_QOS)
+                    if send:
+                        await self.connection.publish(topic, payload, qos=STEP_QOS)
+                    send = True
                     disturbance = self.watch.disturbance()
                     waits: set[asyncio.Future[Any]] = {future, disturbance}
-                    await asyncio.wait(waits, timeout=retry_s, return_when=asyncio.FIRST_COMPLETED)
+                    if not future.done():
+                        await asyncio.wait(waits, timeout=retry_s, return_when=asyncio.FIRST_COMPLETED)
                     if future.done():
                         result = future.result()
                         break
                     if disturbance.done():
                         if disturbance.result() == "resend":
+                            if chain is not None:
+                                raise _ChainBroken()  # a chain's step may have been lost anywhere on the way
                             log.info("request %s step %d: sending it again after a reconnect", rid, step)
                             continue
                         raise _PlanLost()
+                    if chain is not None and (sent_again or any(s > step for s in active.early)):
+                        # The chain went on without this token reaching here, or two sends of the
+                        # step were not answered: replay; a chain that stalls goes on unchained.
+                        log.warning("request %s step %d: the chain of steps broke; replaying", rid, step)
+                        if sent_again:
+                            active.chain = None
+                        raise _ChainBroken()
+                    sent_again += 1
                     log.warning("request %s step %d: no answer in %.1f s, sending it again", rid, step, retry_s)
         except TimeoutError:
             raise RequestError(
@@ -331,6 +379,8 @@ class Generation:
             raise RequestError("stage_error", f"device {result.device_id}: {result.message}")
         if result.token is None and step >= 0:
             raise RequestError("stage_error", f"step {step} came back without a token")
+        if chain is not None and result.token is not None and chain.follows(step, result.token):
+            active.chained = step + 1  # the last stage has sent it on
         return result
 
 

@@ -58,6 +58,7 @@ class Coordinator:
         name: str | None = None,
         limits: protocol.Limits | None = None,
         telemetry_s: float = 5.0,
+        chain: bool = True,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -91,6 +92,7 @@ class Coordinator:
             self.transport, self.topics, self.name, self.watch, self.checkpoint, self.tokenizer,
             timing=Timing(step_timeout_s, step_retry_s), prefill_chunk=prefill_chunk,
             prefill_link_ms=prefill_link_ms, max_prompt_tokens=(limits or protocol.Limits()).max_prompt_tokens,
+            chain=chain,
         )
         self.intake = Intake(self.transport, self.topics, self.name, self.generation, max_concurrent=max_concurrent,
                              max_waiting=max_waiting, limits=limits, owns=self.owns)

@@ -21,12 +21,14 @@ from lime_mqtt.core.topics import valid_name
 
 # Version 2: a stage error is an envelope kind of its own ("error"), no longer a token
 # with an error in a "meta" map. Version 3 (topic layout 2): a step's "reply" names the
-# coordinator to answer (one topic level), no longer a topic.
-WIRE_VERSION = 3
+# coordinator to answer (one topic level), no longer a topic. Version 4: a step may carry
+# a "chain" (the last stage sends the next decode step to the first stage itself).
+WIRE_VERSION = 4
 MAX_ENVELOPE_BYTES = 256 * 1024 * 1024  # the MQTT maximum; the broker may set a lower one
 MAX_STEP_TOKENS = 1 << 20
 MAX_POSITION = 1 << 24
 MAX_ID_LENGTH = 128
+MAX_CHAIN_STOP = 16  # stop token ids a chain carries
 
 _DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32,
@@ -107,13 +109,45 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Chain:
+    """The last stage, having chosen the token of step ``n``, sends step ``n + 1`` (that token,
+    at the next position) straight to the first stage itself, as well as the token to the
+    coordinator, while ``n + 1 < until`` and the token is not one of ``stop``: a decode step
+    then crosses one hop fewer, and the coordinator's own work on a token (streaming it,
+    stop strings) runs beside the next step instead of before it."""
+
+    until: int  # the number of steps the request may have: no step this or later is started
+    stop: tuple[int, ...] = ()  # token ids that end the request (end of sequence)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"u": self.until, "s": list(self.stop)}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Chain:
+        if not isinstance(obj, dict) or set(obj) != {"u", "s"}:
+            raise WireError("chain must be a map of u and s")
+        until, stop = obj["u"], obj["s"]
+        if not isinstance(until, int) or isinstance(until, bool) or not 0 <= until < 2**31:
+            raise WireError("chain u must be an integer in [0, 2**31)")
+        if not isinstance(stop, list) or len(stop) > MAX_CHAIN_STOP or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in stop
+        ):
+            raise WireError(f"chain s must be a list of at most {MAX_CHAIN_STOP} token ids")
+        return cls(until, tuple(stop))
+
+    def follows(self, step: int, token: int) -> bool:
+        """Whether the last stage starts step ``step + 1`` after choosing ``token`` at ``step``."""
+        return step >= 0 and step + 1 < self.until and token not in self.stop
+
+
+@dataclass(frozen=True)
 class Step:
     """Tokens (first stage) or hidden states (the others) moving forward through the stages.
 
     ``pos`` is the position of the step's first token; ``step`` numbers the request's
     outputs (0 gives the first token; negative: a leading chunk of a prefill, which gives
     none). The last stage needs ``sampling`` and ``reply``, the name of the coordinator
-    to send the token to.
+    to send the token to; with ``chain`` it also starts the next decode step (:class:`Chain`).
     """
 
     request_id: str
@@ -125,6 +159,7 @@ class Step:
     sampling: Sampling | None = None
     want_logits: bool = False
     reply: str | None = None
+    chain: Chain | None = None
 
     kind: ClassVar[str] = "step"
 
@@ -147,6 +182,8 @@ class Step:
             body["want_logits"] = True
         if self.reply is not None:
             body["reply"] = self.reply
+        if self.chain is not None:
+            body["chain"] = self.chain.to_wire()
         return cbor2.dumps(body)
 
 
@@ -311,4 +348,5 @@ def _decode_envelope(payload: bytes, hidden_size: int | None, max_bytes: int) ->
     if not isinstance(want_logits, bool):
         raise WireError("want_logits must be true or false")
     sampling = Sampling.from_wire(body["sampling"]) if "sampling" in body else None
-    return Step(rid, step, epoch, pos, tokens, hidden, sampling, want_logits, reply)
+    chain = Chain.from_wire(body["chain"]) if "chain" in body else None
+    return Step(rid, step, epoch, pos, tokens, hidden, sampling, want_logits, reply, chain)

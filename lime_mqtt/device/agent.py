@@ -107,6 +107,7 @@ class DeviceAgent:
         self.capabilities: dict[str, float] = {}
         self.link_interval_s = link_interval_s  # measure the link again this often while serving (0: never)
         self.link_monitor: LinkMonitor | None = None
+        self.gone_coordinators: set[str] = set()  # whose status was cleared: their chains stop
         self.adaptations = 0  # changes of what is streamed, made by the governor
         self.last_adaptation: Adaptation | None = None
         will = LastWill(self.topics.device_status(device_id), self._status("offline").encode())
@@ -245,7 +246,7 @@ class DeviceAgent:
             # Every step sent to this device, for any stage: the scheduler accepts only
             # those from the sender the plan puts before the stage.
             await self.transport.subscribe(self.topics.all_plans, self.topics.all_control,
-                                           self.topics.stage_inbox(self.device_id))
+                                           self.topics.stage_inbox(self.device_id), self.topics.all_coordinator_status)
             if self.link_interval_s > 0:
                 echo = self.topics.echo(self.device_id)
                 self.link_monitor = LinkMonitor(self.transport, echo)
@@ -308,6 +309,12 @@ class DeviceAgent:
                 await self.scheduler.put(plan)
             elif route.kind in ("control", "stage"):
                 await self.scheduler.put(message)
+            elif route.kind == "status" and route.sender.role == "coordinator":
+                # Cleared (its last will, or a clean exit): the chains it started stop here.
+                if message.payload:
+                    self.gone_coordinators.discard(route.sender.name)
+                else:
+                    self.gone_coordinators.add(route.sender.name)
             elif route.kind == "echo" and route.to == self.me and self.link_monitor is not None:
                 self.link_monitor.deliver(message.payload)
 
@@ -445,7 +452,7 @@ class DeviceAgent:
         """Pass a step's hidden state on to the next stage, or (last stage) the token back."""
         if not stage.head:
             onward = Step(step.request_id, step.step, step.epoch, step.pos, hidden=output, sampling=step.sampling,
-                          want_logits=step.want_logits, reply=step.reply)
+                          want_logits=step.want_logits, reply=step.reply, chain=step.chain)
             assert self.plan is not None
             successor = self.plan.stages[stage.stage + 1].device_id
             await self.transport.publish(self.topics.stage_in(self.me, successor, stage.stage + 1), onward.encode(),
@@ -458,6 +465,17 @@ class DeviceAgent:
             await self.transport.publish(self.topics.result(self.device_id, step.reply), done.encode(), qos=STEP_QOS)
             return
         token = choose_token(output, step.sampling, step.step)
+        if step.chain is not None and step.chain.follows(step.step, token) and step.reply not in self.gone_coordinators:
+            await self._chain(step, token)  # first: the next step is what the answer waits for
         result = Token(step.request_id, step.step, step.epoch, step.pos, token=token,
                        logits=output if step.want_logits else None)
         await self.transport.publish(self.topics.result(self.device_id, step.reply), result.encode(), qos=STEP_QOS)
+
+    async def _chain(self, step: Step, token: int) -> None:
+        """The last stage starts the next decode step itself: ``token`` at the next position,
+        straight to the first stage (wire.Chain)."""
+        assert self.plan is not None
+        onward = Step(step.request_id, step.step + 1, step.epoch, step.pos + step.width, tokens=[token],
+                      sampling=step.sampling, want_logits=step.want_logits, reply=step.reply, chain=step.chain)
+        first = self.plan.stages[0].device_id
+        await self.transport.publish(self.topics.stage_in(self.me, first, 0), onward.encode(), qos=STEP_QOS)

@@ -77,9 +77,10 @@ class Scheduler:
         self.plan = plan
         self.stages = {s.stage: s for s in stages}
 
-    def _stage_of(self, message: Message) -> StagePlan | None:
-        """The stage a step on this topic is for, if its sender is the one the plan puts
-        before that stage; None (logged) otherwise."""
+    def _stage_of(self, message: Message) -> tuple[StagePlan, Identity] | None:
+        """The stage a step on this topic is for, and its sender, if the plan puts that sender
+        before the stage (for stage 0: a coordinator, or the last device going on with a
+        chained request); None (logged) otherwise."""
         route = self.topics.parse(message.topic)
         if route is None or route.kind != "stage" or route.to != self.me or route.arg is None \
                 or not route.arg.isdigit() or self.plan is None:
@@ -87,22 +88,49 @@ class Scheduler:
         stage = self.stages.get(int(route.arg))
         if stage is None:
             return None
-        expected = (route.sender.role == "coordinator" if stage.stage == 0
-                    else route.sender == Identity("device", self.plan.stages[stage.stage - 1].device_id))
+        if stage.stage == 0:
+            expected = route.sender.role == "coordinator" or self._chained_from(route.sender)
+        else:
+            expected = route.sender == Identity("device", self.plan.stages[stage.stage - 1].device_id)
         if not expected:
             self.impostors += 1
             before = "a coordinator" if stage.stage == 0 else f"device {self.plan.stages[stage.stage - 1].device_id}"
             log.warning("%s: ignoring a step for stage %d from %s: plan %d puts %s before it", self.name,
                         stage.stage, route.sender, self.plan.epoch, before)
             return None
-        return stage
+        return stage, route.sender
+
+    def _follows_chain(self, step: Step, last: int | None) -> bool:
+        """A step for stage 0 from the last device: it may only go on with a chained request
+        whose cache is here, one decode step after the one this stage ran last; never start,
+        skip or rewind one. An older one is a late copy (a duplicate)."""
+        if last is not None and step.step <= last:
+            self.duplicates += 1
+            return False
+        if last is None and step.chain is not None and step.pos > 0 and step.width == 1:
+            log.debug("%s: dropping a chained step of %s, whose cache is gone", self.name, step.request_id)
+            return False  # freed (an error, its time to live): the coordinator sends it again or replays
+        if step.chain is None or step.tokens is None or step.width != 1 or last is None or step.step != last + 1:
+            self.impostors += 1
+            log.warning("%s: ignoring a step for stage 0 from the last device that does not go on with a "
+                        "chained request here (%s step %d)", self.name, step.request_id, step.step)
+            return False
+        return True
+
+    def _chained_from(self, sender: Identity) -> bool:
+        """Whether ``sender`` is the plan's last device, which starts the next decode step of a
+        chained request itself (wire.Chain)."""
+        assert self.plan is not None
+        return sender == Identity("device", self.plan.stages[-1].device_id)
 
     def accept(self, message: Message, ready: set[int]) -> Accepted | None:
         """A step this device should run now, with its stage; ``None`` (logged) otherwise.
         ``ready``: the stages whose shards are loaded."""
-        stage = self._stage_of(message)  # from the topic alone: an impostor's bytes are not even decoded
-        if self.plan is None or stage is None or stage.stage not in ready:
+        found = self._stage_of(message)  # from the topic alone: an impostor's bytes are not even decoded
+        if self.plan is None or found is None or found[0].stage not in ready:
             return None
+        stage, sender = found
+        chained = stage.stage == 0 and sender.role == "device"  # the last device going on with a request
         try:
             envelope = decode_envelope(message.payload, hidden_size=self.hidden_size,
                                        max_bytes=self.max_envelope_bytes)
@@ -118,6 +146,8 @@ class Scheduler:
             log.debug("%s: dropping a step of %s, which has ended", self.name, envelope.request_id)
             return None
         last = self.compute.last_step(envelope.request_id, stage.stage)
+        if chained and not self._follows_chain(envelope, last):
+            return None
         if last is not None and envelope.step < last:
             # A late copy (a redelivery, or a retry overtaken by later steps): running it
             # would cut the cache back. The latest step itself may run again (a retry).

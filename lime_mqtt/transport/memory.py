@@ -106,7 +106,9 @@ class MemoryBroker:
     loses one client's network (its will is published; a reconnecting one comes back at
     once), ``partition(id)`` does the same and keeps it away until ``heal(id)``, and
     ``stop()``/``start()``/``restart()`` stop the broker as Mosquitto stops: every client is
-    disconnected (wills published first), sessions are lost, retained messages are kept.
+    disconnected (wills published first), sessions are lost, retained messages are kept;
+    ``lose(rule)`` loses every QoS 0 message for which ``rule(topic, payload)`` is true, as
+    a network may.
 
     ``clock`` times session expiry (a test may pass its own); ``copy_per_subscription``
     delivers one copy per matching subscription, as Mosquitto 2.0 does, instead of one.
@@ -128,6 +130,7 @@ class MemoryBroker:
         self._sessions: dict[str, _Session] = {}
         self._retained: dict[str, Message] = {}  # topic -> message, retain=True
         self._partitioned: set[str] = set()
+        self._losses: list[Callable[[str, bytes], bool]] = []
         # Set and replaced whenever a client may now connect again (start, heal): waiters
         # hold the old event, so each change wakes all of them once.
         self._changed = asyncio.Event()
@@ -176,6 +179,10 @@ class MemoryBroker:
         if session is None or session.connection is None:
             raise KeyError(f"{client_id!r} is not connected to {self!r}")
         self._disconnect(session.connection, "connection dropped", will=True)
+
+    def lose(self, rule: Callable[[str, bytes], bool]) -> None:
+        """From now on, lose the QoS 0 messages for which ``rule(topic, payload)`` is true."""
+        self._losses.append(rule)
 
     def partition(self, client_id: str) -> None:
         """Cut one client off until :meth:`heal`: dropped as by :meth:`drop` if connected,
@@ -283,6 +290,8 @@ class MemoryBroker:
         response_topic: str | None,
     ) -> bool:
         """Deliver (or queue for a session away) to every matching subscriber; whether any matched."""
+        if qos == 0 and any(rule(topic, payload) for rule in self._losses):
+            return True  # taken, and lost on the way
         live = Message(topic, payload, False, response_topic, correlation_data)
         matched = False
         if retain:
