@@ -10,6 +10,7 @@ and a receiver knows who sent a message from the topic it arrived on (:meth:`Top
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -215,9 +216,11 @@ class Topics:
     def all_requests(self) -> str:
         return f"{self.root}/client/+/requests"
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (Topics are few and live as long as their users)
     def parse(self, topic: str) -> Route | None:
         """Who sent ``topic`` and what it is; None for a topic outside this cluster's
-        layout. Kinds: status, telemetry, weights (a request), plan, control, requests;
+        layout (remembered for the 1024 latest topics: every step of a stage comes on
+        one). Kinds: status, telemetry, weights (a request), plan, control, requests;
         direct ones (with ``to``): stage (``arg`` the stage), result, answer (``arg`` the
         request id), weights_reply (``arg`` the fetch tag), echo."""
         prefix = f"{self.root}/"

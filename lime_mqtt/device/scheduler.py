@@ -171,6 +171,8 @@ class Scheduler:
         """
         batch = [first.step]
         want = min(self.max_batch, self.compute.live_at(first.stage.stage))
+        if want <= 1:
+            return batch  # the only sequence at this stage: nothing to wait for
         deadline = time.monotonic() + min(0.02, self.compute.batch_compute_s / 4)
         await self._let_arrived_messages_in()
         while len(batch) < want:

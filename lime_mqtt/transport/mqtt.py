@@ -12,8 +12,9 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ class MqttConnection:
         self.on_reconnect = on_reconnect
         self._subscriptions: dict[str, int] = {}  # topic -> QoS, restored on reconnect
         self._acks: dict[int, ReasonCode | None] = {}  # message id -> the broker's PUBACK reason, while awaited
+        self._write_now: Callable[[], None] = lambda: None  # write what paho has queued (_take_the_fast_paths)
         self._closing = False
 
     def _new_client(self, first: bool) -> aiomqtt.Client:
@@ -162,6 +164,7 @@ class MqttConnection:
         client = self._new_client(first)
         client._queue = self._inbox  # private, aiomqtt is pinned < 3: one queue outlives connections
         self._hear_acks(client)
+        self._take_the_fast_paths(client)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
                 await client.__aenter__()
@@ -215,6 +218,42 @@ class MqttConnection:
 
         paho.publish = publish  # type: ignore[method-assign]
         paho.on_publish = on_publish
+
+    def _take_the_fast_paths(self, client: aiomqtt.Client) -> None:
+        """Two shortcuts past aiomqtt on the per-token path (aiomqtt is pinned < 3):
+
+        - a received message goes to the inbox as paho's own (``messages()`` reads it),
+          without aiomqtt's ``Message`` and ``Topic`` objects made for each;
+        - a packet that paho queues from the event loop's thread registers its socket for
+          writing at once (aiomqtt's callback does it through ``call_soon_threadsafe``: a
+          write to the loop's wake-up pipe and one more turn of the loop), and
+          :meth:`publish` at QoS 0 then writes it before returning (:meth:`_write_now`):
+          a step leaves when it is published, not one or two turns of the loop later.
+        """
+        paho = client._client
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        through_aiomqtt: Any = paho.on_socket_register_write
+
+        def write() -> None:  # as aiomqtt's: a failed write is a lost connection
+            try:
+                paho.loop_write()
+            except Exception as exc:  # paho raises what the socket raised
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        def register_write(paho_client: Any, userdata: Any, sock: Any) -> None:
+            if threading.get_ident() == loop_thread:
+                loop.add_writer(sock.fileno(), write)
+            else:  # paho calls it from the thread that connects, too
+                through_aiomqtt(paho_client, userdata, sock)
+
+        def on_message(paho_client: Any, userdata: Any, message: paho_mqtt.MQTTMessage) -> None:
+            self._inbox.put_nowait(message)
+
+        paho.on_socket_register_write = register_write
+        paho.on_message = on_message
+        self._write_now = write
 
     def _on_disconnect(self, client: aiomqtt.Client, done: asyncio.Future[None]) -> None:
         if not done.cancelled():
@@ -304,9 +343,12 @@ class MqttConnection:
             # QoS 0 has no acknowledgement to wait for: hand it to paho and go on (aiomqtt
             # would wait for the socket write, a few event-loop turns per message).
             await self.wait_connected()
-            info = self._client._client.publish(topic, payload, 0, retain)
+            paho = self._client._client
+            info = paho.publish(topic, payload, 0, retain)
             if info.rc != paho_mqtt.MQTT_ERR_SUCCESS and not self.reconnect:
                 raise TransportError(f"publish to {topic} failed: {paho_mqtt.error_string(info.rc)}")
+            if paho.want_write():
+                self._write_now()  # what does not fit in the socket now goes when it is writable
             return  # reconnecting: at most once, as QoS 0 promises
         properties = None
         if correlation_data is not None or response_topic is not None:
@@ -372,7 +414,7 @@ class MqttConnection:
             props = msg.properties
             payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
             yield Message(
-                topic=msg.topic.value,
+                topic=msg.topic,  # paho's: the topic as text
                 payload=payload,
                 retain=bool(msg.retain),
                 response_topic=getattr(props, "ResponseTopic", None) if props else None,
