@@ -124,6 +124,7 @@ class Topics:
     def all_device_telemetry(self) -> str:
         return f"{self.root}/device/+/telemetry"
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (on the per-token path; few distinct)
     def stage_in(self, sender: Identity, device_id: str, stage: int) -> str:
         """Where ``sender`` (the coordinator for stage 0, else the device of stage - 1)
         sends a step to ``stage`` on ``device_id``."""
@@ -133,6 +134,7 @@ class Topics:
         """Every step sent to ``device_id``, for any of its stages, from anyone."""
         return self.inbox(Identity("device", device_id), "stage", any_arg=True)
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (on the per-token path; few distinct)
     def result(self, device_id: str, coordinator: str) -> str:
         """Where the last stage sends a sampled token (or a stage error) to the coordinator."""
         return self.direct(Identity("device", device_id), Identity("coordinator", coordinator), "result")

@@ -117,6 +117,7 @@ class MqttConnection:
         self._subscriptions: dict[str, int] = {}  # topic -> QoS, restored on reconnect
         self._acks: dict[int, ReasonCode | None] = {}  # message id -> the broker's PUBACK reason, while awaited
         self._write_now: Callable[[], None] = lambda: None  # write what paho has queued (_take_the_fast_paths)
+        self._writing = False  # a QoS 0 publish is under way: it writes its packet itself
         self._closing = False
 
     def _new_client(self, first: bool) -> aiomqtt.Client:
@@ -226,9 +227,10 @@ class MqttConnection:
           without aiomqtt's ``Message`` and ``Topic`` objects made for each;
         - a packet that paho queues from the event loop's thread registers its socket for
           writing at once (aiomqtt's callback does it through ``call_soon_threadsafe``: a
-          write to the loop's wake-up pipe and one more turn of the loop), and
-          :meth:`publish` at QoS 0 then writes it before returning (:meth:`_write_now`):
-          a step leaves when it is published, not one or two turns of the loop later.
+          write to the loop's wake-up pipe and one more turn of the loop), except the
+          packet of a QoS 0 :meth:`publish`, which writes it itself before returning and
+          registers the socket only for what did not fit: a step leaves when it is
+          published, not one or two turns of the loop later.
         """
         paho = client._client
         loop = asyncio.get_running_loop()
@@ -243,17 +245,23 @@ class MqttConnection:
                     client._disconnected.set_exception(exc)
 
         def register_write(paho_client: Any, userdata: Any, sock: Any) -> None:
-            if threading.get_ident() == loop_thread:
-                loop.add_writer(sock.fileno(), write)
-            else:  # paho calls it from the thread that connects, too
+            if threading.get_ident() != loop_thread:  # paho calls it from the thread that connects, too
                 through_aiomqtt(paho_client, userdata, sock)
+            elif not self._writing:  # (publish() writes at once, and registers only what is left)
+                loop.add_writer(sock.fileno(), write)
+
+        def write_now() -> None:
+            write()
+            sock = paho.socket()
+            if paho.want_write() and sock is not None:  # the socket is full: the rest when it drains
+                loop.add_writer(sock.fileno(), write)
 
         def on_message(paho_client: Any, userdata: Any, message: paho_mqtt.MQTTMessage) -> None:
             self._inbox.put_nowait(message)
 
         paho.on_socket_register_write = register_write
         paho.on_message = on_message
-        self._write_now = write
+        self._write_now = write_now
 
     def _on_disconnect(self, client: aiomqtt.Client, done: asyncio.Future[None]) -> None:
         if not done.cancelled():
@@ -344,7 +352,11 @@ class MqttConnection:
             # would wait for the socket write, a few event-loop turns per message).
             await self.wait_connected()
             paho = self._client._client
-            info = paho.publish(topic, payload, 0, retain)
+            self._writing = True
+            try:
+                info = paho.publish(topic, payload, 0, retain)
+            finally:
+                self._writing = False
             if info.rc != paho_mqtt.MQTT_ERR_SUCCESS and not self.reconnect:
                 raise TransportError(f"publish to {topic} failed: {paho_mqtt.error_string(info.rc)}")
             if paho.want_write():
