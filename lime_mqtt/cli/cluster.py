@@ -150,6 +150,7 @@ class ProcessCluster:
         planner: bool = True,
         coordinator_args: tuple[str, ...] = (),
         identities: BrokerFolder | None = None,
+        coordinator_broker: str | None = None,
     ) -> None:
         self.broker, self.cluster, self.model = broker, cluster, model
         # With a broker folder (lime-mqtt broker init), each process runs with its own
@@ -162,6 +163,7 @@ class ProcessCluster:
         self.planner_args = planner_args
         self.with_planner = planner  # False: someone else publishes the plan
         self.coordinator_args = coordinator_args
+        self.coordinator_broker = coordinator_broker  # the coordinator's own way to the broker (a delaying proxy)
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -178,12 +180,13 @@ class ProcessCluster:
 
         return identity_transport(self.identities, "operator", "admin", broker=self.broker)
 
-    def _spawn(self, name: str, *args: str, identity: tuple[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, identity: tuple[str, str] | None = None,
+               broker: str | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = (self.log_dir / f"{name}.log").open("ab")
         command = [
             sys.executable, "-m", "lime_mqtt.cli", *args,
-            "--broker", self.broker, "--cluster", self.cluster, "--model", self.model,
+            "--broker", broker or self.broker, "--cluster", self.cluster, "--model", self.model,
         ]
         if self.identities is not None and identity is not None:
             command += ["--config", str(self.identities.identity_file(*identity))]
@@ -196,7 +199,8 @@ class ProcessCluster:
             self._spawn("planner", "planner", "--quorum", str(len(self.devices)), "--settle", "0.5", *self.planner_args,
                         identity=("planner", "main"))
         if self.with_coordinator:
-            self._spawn("coordinator", "coordinator", *self.coordinator_args, identity=("coordinator", "main"))
+            self._spawn("coordinator", "coordinator", *self.coordinator_args, identity=("coordinator", "main"),
+                        broker=self.coordinator_broker)
         for device in self.devices:
             self.start_device(device)
         return self
