@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,14 @@ def test_a_bad_narrow_rows_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -
         assert kernels._threads == 0  # the probe ran at one thread: library() sets the real count again
     finally:
         kernels.set_narrow_rows(before)
+
+
+def test_flushing_weights_from_the_caches_keeps_them_as_they_were() -> None:
+    """The probe of choose_narrow_rows empties the caches of its matrices before each
+    sweep, so that it times memory: the flush writes back, it never changes a byte."""
+    lib = kernels._load()
+    weights = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(7))  # 4 MB
+    before = weights.clone()
+    flushed = lib.lime_flush(weights.data_ptr(), weights.numel() * 4)
+    assert flushed == (0 if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64", "i686") else -1)
+    assert torch.equal(weights, before)

@@ -325,6 +325,25 @@ int lime_set_threads(int threads) {
     return pool_active;
 }
 
+/* Write back and drop [p, p + bytes) from every cache level, so that the next read of it
+ * comes from memory, as a decode step's weights do (kernels.py's probe). Returns 0, or -1
+ * where this machine has no such instruction for user code (the caches keep it). */
+int lime_flush(const uint8_t *p, int64_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_ia32_clflush(p + i);
+    __builtin_ia32_mfence();
+    return 0;
+#elif defined(__aarch64__)
+    for (int64_t i = 0; i < bytes; i += 64) __asm__ volatile("dc civac, %0" : : "r"(p + i) : "memory");
+    __asm__ volatile("dsb ish" : : : "memory");
+    return 0;
+#else
+    (void)p;
+    (void)bytes;
+    return -1;
+#endif
+}
+
 /* Rows of x up to which products read one weight row at a time (negative: unchanged);
  * returns the value now in force. Call it before any product, not during one. */
 int lime_set_narrow_rows(int rows) {

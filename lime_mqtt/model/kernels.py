@@ -17,8 +17,8 @@ Two things they do that torch's kernels do not:
 
 How a one-row product (a decode step) reads its weights, one row at a time or six rows
 side by side, is faster one way on some machines and the other way on others; both give
-the same bits. On loading, :func:`choose_narrow_rows` times both on 64 MB of weights (about
-0.1 s) and keeps the faster; ``LIME_MQTT_NARROW_ROWS`` (``0``: six rows, ``2``: one row
+the same bits. On loading, :func:`choose_narrow_rows` times both on 64 MB of weights read
+from memory (about 0.3 s) and keeps the faster; ``LIME_MQTT_NARROW_ROWS`` (``0``: six rows, ``2``: one row
 for up to two rows of x) sets it instead.
 """
 
@@ -122,6 +122,8 @@ def _load() -> ctypes.CDLL:
             lib.lime_layer_work.restype = i64
             lib.lime_set_narrow_rows.argtypes = [ctypes.c_int]
             lib.lime_set_narrow_rows.restype = ctypes.c_int
+            lib.lime_flush.argtypes = [ptr, i64]
+            lib.lime_flush.restype = ctypes.c_int
             choose_narrow_rows(lib)
             _library = lib
         return _library
@@ -134,8 +136,10 @@ _PROBE_MATRICES, _PROBE_SIZE, _PROBE_ROUNDS = 16, 1024, 3
 def choose_narrow_rows(lib: ctypes.CDLL) -> int:
     """Set how one- and two-row products read their weights (see the module's text):
     ``LIME_MQTT_NARROW_ROWS`` if set, else the faster of :data:`NARROW_CHOICES` on one-row
-    products over 16 float32 matrices of 1024 x 1024 (more than a cache holds), rounds
-    interleaved, best of three. Returns the value set."""
+    products over 16 float32 matrices of 1024 x 1024, each sweep read from memory (the
+    caches are emptied of them first: 64 MB fits some machines' last-level cache, and a
+    decode step's weights come from memory), rounds interleaved, best of three. Returns
+    the value set."""
     forced = os.environ.get("LIME_MQTT_NARROW_ROWS")
     if forced is not None:
         try:
@@ -154,6 +158,8 @@ def choose_narrow_rows(lib: ctypes.CDLL) -> int:
     _threads = 0  # and library() sets the real count again on its next call
 
     def sweep() -> float:
+        for w in weights:  # from memory, as a decode step reads its weights: 64 MB may fit a cache
+            lib.lime_flush(w.data_ptr(), w.numel() * 4)
         start = time.perf_counter()
         for w in weights:
             lib.lime_linear(FORMATS["F32"], w.data_ptr(), n * 4, n, n, x.data_ptr(), 1, y.data_ptr(),
