@@ -92,7 +92,10 @@ class Workload:
     sequences: int = 1  # sequences served at once
     objective: Objective = "latency"
     reserve_bytes: int = 32 * MIB  # per device: activations, message buffers, allocator slack
-    overhead_ms: float = 1.0  # per token, in the coordinator (its own hop and bookkeeping)
+    # per token, besides the stages: measured when the coordinator sent every step (its hop
+    # and bookkeeping); with chained decode steps it is off the path, and the constant was
+    # kept, not measured again (docs/planner.md)
+    overhead_ms: float = 1.0
     # The first stage (it sees token ids) and the last (it chooses them) only on trusted devices.
     trusted_ends: bool = False
 

@@ -442,7 +442,7 @@ def format_plan(plan: Plan, explain: bool = False) -> str:
             )
             lines.append(
                 f"predicted {plan.predicted_ms_per_token:.1f} ms per token (stages plus {plan.overhead_ms or 0:.1f} ms "
-                f"coordinator overhead; objective {plan.objective}{search})"
+                f"per-token overhead; objective {plan.objective}{search})"
             )
         lines.append(
             f"KV cache: planned for {plan.sequences} sequence(s) of {plan.context_tokens} tokens; "
