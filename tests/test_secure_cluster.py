@@ -89,9 +89,11 @@ async def _scenario(broker: SecureBroker, plan: Plan, model: str) -> tuple:  # t
             b_refused = exc.reason
         a_stream += [m async for m in stream]
         # b's own long request, which b cancels: it gets its own answer on its own topics ...
-        b_stream = ask(b, CLUSTER, {**REQUEST, "max_tokens": 200}, timeout_s=60)
+        # (Its cancel goes on b's connection already open: a new one costs a TLS handshake and
+        # a login, time in which a fast cluster could finish the answer.)
+        b_stream = ask(b, CLUSTER, {**REQUEST, "max_tokens": 400}, timeout_s=60)
         first = await anext(b_stream)
-        await cancel(b, CLUSTER, REQUEST["id"])
+        await cancel(b, CLUSTER, REQUEST["id"], connection=spy)
         b_own = [first, *[m async for m in b_stream]][-1]
         # The spy receives b's final answer after anything of a's (one broker, in order).
         messages = spy.messages()

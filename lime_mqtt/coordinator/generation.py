@@ -336,7 +336,7 @@ class Generation:
         deadline = asyncio.get_running_loop().time() + self.timing.step_timeout_s
         payload = envelope.encode()
         topic = self.topics.stage_in(self.me, plan.stages[0].device_id, 0)
-        send = active.chained != step  # a chained step is on its way already
+        send = active.chained != step and not future.done()  # a chained step is on its way already
         sent_again = 0
         try:
             async with asyncio.timeout_at(deadline):
