@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,16 +32,7 @@ from tpot import cluster_runner, interleaved_rounds
 
 from lime_mqtt.cli.cluster import DeviceSpec, ProcessCluster
 from lime_mqtt.model.builtin import resolve_model
-from lime_mqtt.transport.mosquitto import LocalBroker, free_port
-
-
-def _listening(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)  # a synchronous helper: no event loop runs here
-    raise RuntimeError(f"the delaying proxy on port {port} did not come up")
+from lime_mqtt.transport.mosquitto import LocalBroker, free_port, wait_for_port
 
 
 @contextlib.contextmanager
@@ -54,7 +43,7 @@ def delaying_proxy(broker_port: int, rtt_ms: float, log: Path) -> Iterator[str]:
                               "--to", f"127.0.0.1:{broker_port}", "--delay-ms", str(rtt_ms / 2)],
                              stdout=log.open("ab"), stderr=subprocess.STDOUT)
     try:
-        _listening(port)
+        wait_for_port("127.0.0.1", port, process=proxy)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         proxy.terminate()

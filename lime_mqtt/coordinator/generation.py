@@ -114,6 +114,8 @@ class Generation:
         self.max_prompt_tokens = max_prompt_tokens  # a limit below the context, if set
         self.eos_ids = _eos_ids(checkpoint, tokenizer)
         self.chain = chain  # the last stage starts each next decode step itself (wire.Chain)
+        stop = tuple(sorted(self.eos_ids))  # where a chain ends by itself (else at the request's End)
+        self.chain_stop = stop if len(stop) <= MAX_CHAIN_STOP else ()
         self.admission = KvAdmission()
         self.active: dict[str, Active] = {}  # by the request's id on the devices
         self.peak_active = 0  # the most requests generating at once
@@ -192,8 +194,7 @@ class Generation:
         self, request: Request, client_id: str, send: Send, started: float, prompt_ids: list[int],
         max_new: int, plan: Plan, resumed: list[int], first_chunk: int,
     ) -> None:
-        stop = tuple(sorted(self.eos_ids))
-        chain = Chain(max_new, stop if len(stop) <= MAX_CHAIN_STOP else ()) if self.chain else None
+        chain = Chain(max_new, self.chain_stop) if self.chain else None
         active = Active(request, uuid.uuid4().hex, plan, chain=chain)
         self.active[active.rid] = active
         self.peak_active = max(self.peak_active, len(self.active))

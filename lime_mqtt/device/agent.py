@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -451,8 +452,7 @@ class DeviceAgent:
     async def _emit(self, step: Step, stage: StagePlan, output: Any) -> None:
         """Pass a step's hidden state on to the next stage, or (last stage) the token back."""
         if not stage.head:
-            onward = Step(step.request_id, step.step, step.epoch, step.pos, hidden=output, sampling=step.sampling,
-                          want_logits=step.want_logits, reply=step.reply, chain=step.chain)
+            onward = replace(step, tokens=None, hidden=output)  # the rest (sampling, reply, chain) goes on as it came
             assert self.plan is not None
             successor = self.plan.stages[stage.stage + 1].device_id
             await self.transport.publish(self.topics.stage_in(self.me, successor, stage.stage + 1), onward.encode(),
@@ -475,7 +475,6 @@ class DeviceAgent:
         """The last stage starts the next decode step itself: ``token`` at the next position,
         straight to the first stage (wire.Chain)."""
         assert self.plan is not None
-        onward = Step(step.request_id, step.step + 1, step.epoch, step.pos + step.width, tokens=[token],
-                      sampling=step.sampling, want_logits=step.want_logits, reply=step.reply, chain=step.chain)
+        onward = replace(step, step=step.step + 1, pos=step.pos + step.width, tokens=[token], hidden=None)
         first = self.plan.stages[0].device_id
         await self.transport.publish(self.topics.stage_in(self.me, first, 0), onward.encode(), qos=STEP_QOS)
