@@ -246,21 +246,40 @@ def test_a_caller_that_hangs_up_on_a_whole_answer_cancels_it(broker: LocalBroker
     import http.client
     from urllib.parse import urlsplit
 
-    before = asyncio.run(_telemetry(broker, {"coordinator"}))["coordinator"]
-    address = urlsplit(bridge["url"])
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-    body = {"model": bridge["model"], "messages": CHAT, "max_tokens": 1500, "stream": False}
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    async def hang_up_midway() -> None:
+        topics = Topics(CLUSTER)
+        latest: dict[str, Any] = {}
 
-    async def until(condition: Any) -> dict[str, Any]:
-        while True:
-            now = await _telemetry(broker, {*DEVICES, "coordinator"})
-            if condition(now):
-                return now
+        async def until(condition: Any, what: str, timeout_s: float = 30) -> None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while not ({*DEVICES, "coordinator"} <= set(latest) and condition(latest)):
+                        message = await anext(messages)
+                        route = topics.parse(message.topic)
+                        assert route is not None
+                        if route.sender.role == "device":
+                            latest[route.sender.name] = decode_device_telemetry(message.payload, route.sender.name)
+                        else:
+                            latest["coordinator"] = decode_coordinator_telemetry(message.payload, route.sender.name)
+            except TimeoutError:
+                raise AssertionError(f"not {what} in {timeout_s} s; last telemetry: {latest}\n"
+                                     f"{bridge['procs'].log_tail()}") from None
 
-    asyncio.run(asyncio.wait_for(until(lambda t: all(t[d].kv_sequences == 1 for d in DEVICES)), 30))
-    connection.close()  # hang up before the answer
-    after = asyncio.run(asyncio.wait_for(until(
-        lambda t: all(t[d].kv_sequences == 0 for d in DEVICES)
-        and t["coordinator"].errors.get("cancelled", 0) == before.errors.get("cancelled", 0) + 1), 30))
-    assert after["coordinator"].running == 0
+        async with transport_for(broker.url).connection() as conn:  # one subscription: every report seen
+            await conn.subscribe(topics.all_device_telemetry, topics.all_coordinator_telemetry)
+            messages = aiter(conn.messages())
+            await until(lambda t: t["coordinator"].running == 0, "idle before the request")
+            before = latest["coordinator"].errors.get("cancelled", 0)
+            address = urlsplit(bridge["url"])
+            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+            body = {"model": bridge["model"], "messages": CHAT, "max_tokens": 1500, "stream": False}
+            connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            # Hang up at the first report of the answer on every device: it takes seconds more
+            # (about 480 tokens), so the cancel, not the answer's end, is what frees it.
+            await until(lambda t: all(t[d].kv_sequences == 1 for d in DEVICES), "answering on every device")
+            connection.close()
+            await until(lambda t: all(t[d].kv_sequences == 0 for d in DEVICES)
+                        and t["coordinator"].errors.get("cancelled", 0) == before + 1, "cancelled and freed")
+            assert latest["coordinator"].running == 0
+
+    asyncio.run(hang_up_midway())
