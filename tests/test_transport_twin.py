@@ -123,6 +123,24 @@ async def test_qos0_and_qos1_arrive_in_publish_order(transport: Transport, clust
     assert [m.payload for m in got] == [payload for payload, _ in sent]
 
 
+async def test_qos0_payloads_larger_than_the_socket_takes_arrive_whole_and_in_order(
+    transport: Transport, cluster_name: str,
+) -> None:
+    # A QoS 0 publish writes its packet at once and leaves the rest to the connection when
+    # the socket is full: the small ones published right behind a large one wait for it.
+    topic = f"{cluster_name}/big"
+    sizes = [32 << 20, 10, 3 << 20, 0, 1, 200_000, 5] * 2
+    sent = [bytes([i]) * n for i, n in enumerate(sizes)]
+    async with transport.connection() as sub, transport.connection() as pub:
+        messages = sub.messages()
+        await sub.subscribe(topic, qos=0)
+        for payload in sent:
+            await pub.publish(topic, payload, qos=0)
+        got = [await next_message(messages, timeout_s=30) for _ in sent]
+    assert [len(m.payload) for m in got] == sizes
+    assert [m.payload for m in got] == sent
+
+
 async def test_unsubscribe_stops_delivery(transport: Transport, cluster_name: str) -> None:
     noisy, marker = f"{cluster_name}/noisy", f"{cluster_name}/marker"
     async with transport.connection() as sub, transport.connection() as pub:
