@@ -41,6 +41,8 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 # The dtypes numpy has, by name: their bytes go through numpy alone, with fewer calls into
 # torch (each costs tens of microseconds right after a forward pass has cooled the caches).
 _NUMPY = {"f32": numpy.float32, "f16": numpy.float16, "i64": numpy.int64, "i32": numpy.int32}
+_ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4}
+_FLOATS = ("f32", "f16", "bf16")
 
 # A prompt cut into n chunks is sent as steps -(n-1) .. -1 (no token comes of them), then
 # step 0 (the last chunk, whose token is the first of the answer).
@@ -63,11 +65,16 @@ def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
 
 def tensor_from_wire(obj: Any) -> torch.Tensor:
     """Inverse of :func:`tensor_to_wire`; checks that shape and byte count agree."""
+    return _tensor(*_tensor_parts(obj))
+
+
+def _tensor_parts(obj: Any) -> tuple[str, list[int], bytes]:
+    """A wire tensor's dtype name, shape and bytes, checked against each other (no torch
+    call: right after a forward pass each costs tens of microseconds)."""
     if not isinstance(obj, dict):
         raise WireError("tensor must be a map")
     name, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    dtype = _DTYPES.get(name) if isinstance(name, str) else None
-    if dtype is None:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise WireError(f"unknown tensor dtype {str(name)[:32]!r}")
     if not isinstance(shape, list) or len(shape) > 8 or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
@@ -78,15 +85,18 @@ def tensor_from_wire(obj: Any) -> torch.Tensor:
     count = 1
     for dim in shape:
         count *= dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(data) != count * itemsize:
-        raise WireError(f"tensor data has {len(data)} bytes, shape {shape} needs {count * itemsize}")
+    if len(data) != count * _ITEMSIZE[name]:
+        raise WireError(f"tensor data has {len(data)} bytes, shape {shape} needs {count * _ITEMSIZE[name]}")
+    return name, shape, data
+
+
+def _tensor(name: str, shape: list[int], data: bytes) -> torch.Tensor:
     # A fresh, aligned copy (not a view of the message buffer): CPU kernels run slower
     # paths on misaligned inputs.
     if name in _NUMPY:
         return torch.from_numpy(numpy.frombuffer(data, dtype=_NUMPY[name]).reshape(shape).copy())
-    out = torch.empty(shape, dtype=dtype)
-    if count:
+    out = torch.empty(shape, dtype=_DTYPES[name])
+    if data:
         out.view(-1).view(torch.uint8).numpy()[:] = numpy.frombuffer(data, dtype=numpy.uint8)
     return out
 
@@ -289,14 +299,14 @@ def _text(body: dict[Any, Any], name: str, max_length: int) -> str:
 
 def _hidden(obj: Any, hidden_size: int | None) -> torch.Tensor:
     """Hidden states ``[1, S, H]`` of a float dtype, with ``H`` the plan's hidden size when known."""
-    hidden = tensor_from_wire(obj)
-    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1:
-        raise WireError(f"hidden states must have shape [1, S, H], not {list(hidden.shape)}")
-    if not hidden.dtype.is_floating_point:
-        raise WireError(f"hidden states must be floating point, not {hidden.dtype}")
-    if hidden_size is not None and hidden.shape[2] != hidden_size:
-        raise WireError(f"hidden states are {hidden.shape[2]} wide, the model's hidden size is {hidden_size}")
-    return hidden
+    name, shape, data = _tensor_parts(obj)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] < 1:
+        raise WireError(f"hidden states must have shape [1, S, H], not {shape}")
+    if name not in _FLOATS:
+        raise WireError(f"hidden states must be floating point, not {_DTYPES[name]}")
+    if hidden_size is not None and shape[2] != hidden_size:
+        raise WireError(f"hidden states are {shape[2]} wide, the model's hidden size is {hidden_size}")
+    return _tensor(name, shape, data)
 
 
 def decode_envelope(payload: bytes, *, hidden_size: int | None = None,
