@@ -159,3 +159,22 @@ def test_a_batched_step_gives_each_sequence_the_bits_it_gets_alone(
     for i, cache in enumerate(caches):
         alone = shard.forward_batch([copy.deepcopy(cache)], [positions[i]], 1, tokens=[tokens[i]])[0]
         assert torch.equal(alone, together[i])
+
+
+def test_a_decode_steps_rotary_rows_are_the_modules_own_bits(tmp_path: Path) -> None:
+    # Shard keeps the rotary rows of decode positions (the same for every request); each must
+    # be what transformers' rotary module gives for that one position, alone or in a batch.
+    from lime_mqtt.model.lean import Rows
+
+    folder = write_tiny_model(tmp_path, layers=2, family="llama", dtype="float32")
+    shard = Shard(Checkpoint(folder), ShardSpec(0, 2, True, True))
+    assert shard._rotary_static
+    probe = torch.zeros(3, shard.config.hidden_size)
+    for starts in ([5], [70, 6, 300]):
+        rows = Rows([shard.new_cache() for _ in starts], starts, [1] * len(starts), batched=True)
+        tables = shard._rotary_tables(probe[: len(starts)], rows)
+        cos, sin = next(iter(tables.values()))
+        for i, position in enumerate(starts):
+            want_cos, want_sin = shard.rotary(probe[:1].view(1, 1, -1), torch.tensor([[position]]))
+            assert torch.equal(cos[i, 0], want_cos[0, 0]) and torch.equal(sin[i, 0], want_sin[0, 0])
+    assert (None, 6) in shard._rotary_memo and (None, 300 + 31) in shard._rotary_memo

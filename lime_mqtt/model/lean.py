@@ -36,6 +36,7 @@ from lime_mqtt.model.kernels import PackedWeight
 
 KERNEL_ROWS = 32  # rows up to which projections and attention run on the engine's kernels
 _GROW = 64  # the cache grows by at least this many positions
+WORK_AHEAD = 256  # positions of attention scores a kept step's work buffer has room for ahead
 
 
 class KVCache:
@@ -49,6 +50,13 @@ class KVCache:
         self.k = torch.empty(layers, kv_heads, 0, head_dim, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.length = 0
+        self.fused: dict[str, FusedStep] = {}  # by layer kind: this sequence's last step (FusedStep.of)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KVCache:
+        """A copy with buffers of its own, and no kept kernel step (one points into these)."""
+        copied = KVCache(self.start, self.layers, self.kv_heads, self.head_dim, self.dtype)
+        copied.k, copied.v, copied.length = self.k.clone(), self.v.clone(), self.length
+        return copied
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -337,8 +345,7 @@ class FusedStep:
     """One step's rows for :func:`fused_layer`: positions, rotary tables and cache addresses."""
 
     def __init__(self, rows: Rows, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos = cos.reshape(rows.total, -1).to(torch.float32).contiguous()
-        self.sin = sin.reshape(rows.total, -1).to(torch.float32).contiguous()
+        self.cos, self.sin = _float_rows(cos, rows.total), _float_rows(sin, rows.total)
         k_base, v_base, stride, elems, pos = [], [], [], [], []
         for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
             for p in range(start, start + count):
@@ -349,20 +356,51 @@ class FusedStep:
                 pos.append(p)
         pointers = ctypes.c_void_p * rows.total
         self._k, self._v = pointers(*k_base), pointers(*v_base)
-        self._ints = [np.asarray(a, dtype=np.int64) for a in (stride, elems, pos)]
+        self._ints = np.array([stride, elems, pos], dtype=np.int64)  # three rows of R, C order
         self.longest = max(pos) + 1
+        base, row = self._ints.ctypes.data, rows.total * 8
         self.spec = kernels.StepSpec(rows.total, self.cos.data_ptr(), self.sin.data_ptr(),
                                      ctypes.cast(self._k, ctypes.c_void_p), ctypes.cast(self._v, ctypes.c_void_p),
-                                     *(a.ctypes.data for a in self._ints))
+                                     base, base + row, base + 2 * row)
         self.work: torch.Tensor | None = None
+        self.work_longest = 0  # the longest sequence ``work`` has room for
+        self.cache_at = [(c.k.data_ptr(), c.v.data_ptr(), c.capacity) for c in rows.caches]
+
+    @classmethod
+    def of(cls, rows: Rows, kind: str, cos: torch.Tensor, sin: torch.Tensor) -> FusedStep:
+        """The step for ``rows``. A lone sequence's one new row keeps its step on its cache
+        from one decode step to the next: only the position and the rotary rows change
+        (while the cache has not moved), which saves a dozen ctypes and numpy objects per
+        step on every stage."""
+        if rows.total != 1:
+            return cls(rows, cos, sin)
+        cache = rows.caches[0]
+        step = cache.fused.get(kind)
+        if step is None or step.cache_at != [(cache.k.data_ptr(), cache.v.data_ptr(), cache.capacity)]:
+            step = cache.fused[kind] = cls(rows, cos, sin)
+            return step
+        step.cos, step.sin = _float_rows(cos, 1), _float_rows(sin, 1)
+        step.spec.cos, step.spec.sin = step.cos.data_ptr(), step.sin.data_ptr()
+        step._ints[2, 0] = rows.starts[0]
+        step.longest = rows.starts[0] + 1
+        return step
+
+
+def _float_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """[R, rotary dim] in float32, row after row: what the kernel reads (a float32
+    contiguous [R, 1, dim] table is that already, as Shard's memo keeps them)."""
+    if table.dtype == torch.float32 and table.is_contiguous():
+        return table
+    return table.reshape(rows, -1).to(torch.float32).contiguous()
 
 
 def fused_layer(spec: kernels.LayerSpec, step: FusedStep, x: torch.Tensor, offset: int,
                 window: int | None) -> torch.Tensor:
     """One decoder layer in one kernel call, on ``x`` [R, hidden] float32 (in place)."""
     lib = kernels.library()
-    if step.work is None:  # every layer of a model has the same shapes: sized once per step
-        step.work = torch.empty(int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.longest)),
+    if step.work is None or step.work_longest < step.longest:  # every layer has the same shapes
+        step.work_longest = step.longest + WORK_AHEAD  # a step kept from one position to the next grows
+        step.work = torch.empty(int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.work_longest)),
                                 dtype=torch.float32)
     x = x.contiguous()
     if lib.lime_layer(ctypes.byref(spec), ctypes.byref(step.spec), offset, window or 0, x.data_ptr(),
