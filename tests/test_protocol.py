@@ -67,6 +67,19 @@ def test_greedy_and_seeded_sampling() -> None:
     assert all(choose_token(logits, Sampling(temperature=5.0, top_p=0.01, seed=s), 0) == 1 for s in range(10))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_torch_argmax_ties_and_nan_included(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    cases = [torch.randn(49152, generator=generator) for _ in range(5)]
+    tie = torch.zeros(100)
+    tie[[7, 40, 90]] = 5.0
+    nan = torch.tensor([1.0, float("nan"), 3.0, float("nan")])
+    for logits in [*cases, tie, nan, torch.full((4,), float("-inf"))]:
+        with torch.inference_mode():
+            row = logits.to(dtype)
+        assert choose_token(row, Sampling(), step=0) == int(torch.argmax(row))
+
+
 def test_topic_layout_2_names_the_sender_of_every_message() -> None:
     topics = Topics("plant-a")
     coordinator, pi3, pi4 = Identity("coordinator", "main"), Identity("device", "pi-3"), Identity("device", "pi-4")
