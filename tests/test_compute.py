@@ -96,3 +96,21 @@ async def test_slow_or_streamed_steps_go_to_the_worker(tiny_model: Path) -> None
     finally:
         streamed.close()
         await slow.close()
+
+
+def test_a_settled_heap_leaves_a_full_collection_nothing_loaded_to_scan() -> None:
+    # In a process of its own (freezing the test runner's heap would outlive the test):
+    # after settle_heap, what torch and a shard loaded is in the permanent generation.
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, torch\n"
+        "from lime_mqtt.core.heap import settle_heap\n"
+        "loaded = len(gc.get_objects())\n"
+        "settle_heap()\n"
+        "print(loaded, gc.get_freeze_count(), len(gc.get_objects()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded, frozen, left = map(int, out.stdout.split())
+    assert loaded > 10_000 and frozen >= loaded // 2 and left < loaded // 100, out.stdout

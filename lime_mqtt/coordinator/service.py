@@ -24,6 +24,7 @@ from lime_mqtt.coordinator.intake import Intake
 from lime_mqtt.coordinator.plans import PlanWatch
 from lime_mqtt.core import protocol
 from lime_mqtt.core.errors import LimeError, MessageError
+from lime_mqtt.core.heap import settle_heap
 from lime_mqtt.core.messages import CoordinatorStatus, CoordinatorTelemetry
 from lime_mqtt.core.plan import Plan
 from lime_mqtt.core.topics import Identity, Route, Topics
@@ -119,6 +120,7 @@ class Coordinator:
             await self.transport.subscribe(*self.watch.view.subscriptions(), self.topics.results_inbox(self.name),
                                            self.topics.all_requests)
             await self._publish_status()
+            settle_heap()  # the tokenizer and the model's objects: no full collection scans them per token
             self.serving.set()
             log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.all_requests)
             try:

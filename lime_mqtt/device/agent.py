@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lime_mqtt.core.errors import LimeError, WireError
+from lime_mqtt.core.heap import settle_heap
 from lime_mqtt.core.messages import STATUS_VERSION, Adaptation, DeviceState, DeviceStatus, DeviceTelemetry
 from lime_mqtt.core.plan import Plan, StagePlan
 from lime_mqtt.core.progress import Bars, no_bars
@@ -390,6 +391,7 @@ class DeviceAgent:
             self.error = str(exc)[:MAX_ERROR_CHARS]
             await self._publish_status("error")
             raise
+        settle_heap()  # what the shards loaded stays: no full collection scans it during a step
         log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
                  [s.stage for s in stages], list(host.shards.values()))
         await self._publish_status("ready")
