@@ -122,15 +122,20 @@ async def _telemetry(broker: LocalBroker, wanted: set[str], timeout_s: float = 2
         await conn.subscribe(topics.all_device_telemetry, topics.all_coordinator_telemetry)
         async with asyncio.timeout(timeout_s):
             async for message in conn.messages():
-                route = topics.parse(message.topic)
-                assert route is not None
-                if route.sender.role == "device":
-                    found[route.sender.name] = decode_device_telemetry(message.payload, route.sender.name)
-                else:
-                    found["coordinator"] = decode_coordinator_telemetry(message.payload, route.sender.name)
+                _note_telemetry(found, topics, message)
                 if wanted <= set(found):
                     return found
     raise AssertionError("unreachable")
+
+
+def _note_telemetry(found: dict[str, Any], topics: Topics, message: Any) -> None:
+    """Keep a telemetry report in ``found``: by device name, or as "coordinator"."""
+    route = topics.parse(message.topic)
+    assert route is not None
+    if route.sender.role == "device":
+        found[route.sender.name] = decode_device_telemetry(message.payload, route.sender.name)
+    else:
+        found["coordinator"] = decode_coordinator_telemetry(message.payload, route.sender.name)
 
 
 def test_a_dropped_stream_frees_the_kv_cache_on_every_device(broker: LocalBroker, bridge: dict[str, Any]) -> None:
@@ -254,13 +259,7 @@ def test_a_caller_that_hangs_up_on_a_whole_answer_cancels_it(broker: LocalBroker
             try:
                 async with asyncio.timeout(timeout_s):
                     while not ({*DEVICES, "coordinator"} <= set(latest) and condition(latest)):
-                        message = await anext(messages)
-                        route = topics.parse(message.topic)
-                        assert route is not None
-                        if route.sender.role == "device":
-                            latest[route.sender.name] = decode_device_telemetry(message.payload, route.sender.name)
-                        else:
-                            latest["coordinator"] = decode_coordinator_telemetry(message.payload, route.sender.name)
+                        _note_telemetry(latest, topics, await anext(messages))
             except TimeoutError:
                 raise AssertionError(f"not {what} in {timeout_s} s; last telemetry: {latest}\n"
                                      f"{bridge['procs'].log_tail()}") from None
