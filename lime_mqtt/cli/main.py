@@ -291,7 +291,7 @@ def _cmd_coordinator(args: argparse.Namespace, settings: Settings) -> int:
             max_concurrent=args.max_concurrent, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
             prefill_link_ms=args.prefill_link_ms, serve_weights=not args.no_weight_source, name=args.name,
             limits=Limits(args.max_request_bytes, args.max_prompt_tokens, args.client_rate, args.client_burst),
-            telemetry_s=args.telemetry_interval, chain=not args.no_chain,
+            telemetry_s=args.telemetry_interval, chain=not args.no_chain, freeze_heap=True,
         )
         await coordinator.run()
 
@@ -332,7 +332,7 @@ def _cmd_device(args: argparse.Namespace, settings: Settings) -> int:
             measure=not args.no_measure, layer_delay_ms=args.emulate_layer_delay_ms, max_batch=args.max_batch,
             fetch_weights=args.weights_from_broker, serve_weights=args.serve_weights,
             trusted=args.trusted or settings.trusted, max_activation_bytes=int(args.max_activation_mb * 1024 * 1024),
-            bars=terminal_bars, link_interval_s=args.link_interval,
+            bars=terminal_bars, link_interval_s=args.link_interval, freeze_heap=True,
         )
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -60,10 +60,12 @@ class Coordinator:
         limits: protocol.Limits | None = None,
         telemetry_s: float = 5.0,
         chain: bool = True,
+        freeze_heap: bool = False,
     ) -> None:
         from transformers import AutoTokenizer
 
         self.topics = Topics(cluster)
+        self.freeze_heap = freeze_heap  # a process of its own: freeze its heap before serving
         self.checkpoint = Checkpoint(model_folder)
         self.model_id = self.checkpoint.folder.name
         # A model whose family no device can run: say so now, not on every request.
@@ -120,7 +122,8 @@ class Coordinator:
             await self.transport.subscribe(*self.watch.view.subscriptions(), self.topics.results_inbox(self.name),
                                            self.topics.all_requests)
             await self._publish_status()
-            settle_heap()  # the tokenizer and the model's objects: no full collection scans them per token
+            if self.freeze_heap:
+                settle_heap()  # the tokenizer and the model's objects: no full collection scans them per token
             self.serving.set()
             log.info("coordinator %s serving %s on %s", self.name, self.model_id, self.topics.all_requests)
             try:

@@ -71,6 +71,7 @@ class DeviceAgent:
         max_activation_bytes: int = MAX_ACTIVATION_BYTES,
         bars: Bars = no_bars,
         link_interval_s: float = 30.0,
+        freeze_heap: bool = False,
     ) -> None:
         if not valid_device_id(device_id):
             raise LimeError(f"device id {device_id!r} must be 1-64 characters without / + # or spaces")
@@ -86,6 +87,7 @@ class DeviceAgent:
         self.device_id = device_id
         self.memory_mb = memory_mb
         self.serve_weights = serve_weights  # this device is a weight source for others
+        self.freeze_heap = freeze_heap  # a process of its own: freeze its heap once a plan is loaded
         self.trusted = trusted  # may run the first and last stage under --trusted-ends
         self.kv_ttl_s = kv_ttl_s
         self.telemetry_s = telemetry_s
@@ -391,7 +393,8 @@ class DeviceAgent:
             self.error = str(exc)[:MAX_ERROR_CHARS]
             await self._publish_status("error")
             raise
-        settle_heap()  # what the shards loaded stays: no full collection scans it during a step
+        if self.freeze_heap:
+            settle_heap()  # what the shards loaded stays: no full collection scans it during a step
         log.info("%s: ready for plan %d as stage(s) %s: %s", self.device_id, plan.epoch,
                  [s.stage for s in stages], list(host.shards.values()))
         await self._publish_status("ready")
