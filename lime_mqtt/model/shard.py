@@ -203,6 +203,7 @@ class Shard:
         # on the sequence's length.
         self._rotary_memo: dict[tuple[str | None, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_static = getattr(self.rotary, "rope_type", None) in STATIC_ROPE_TYPES
+        self._layer_kinds = sorted(set(self.adapter.layer_types[spec.start : spec.stop]))  # sliding, full, ...
         self._prefixes = {i: self.adapter.layer_prefix(i) for i in spec.streamed}
         self._own_stream = stream is None and bool(streamed_keys)
         self.stream = stream if stream is not None else (
@@ -377,21 +378,21 @@ class Shard:
         position, as transformers' decode step calls it): the same bits, without the
         module's half a dozen torch operations per step (about 0.2 ms on each stage, with
         the caches cold after the previous step's weights)."""
-        kinds = sorted(set(self.adapter.layer_types[self.spec.start : self.spec.stop]))
         by_kind = self.adapter.family.rotary_by_layer_type
         probe = x.view(1, x.shape[0], -1)
         if self._rotary_static and all(count == 1 for count in rows.counts):
-            tables = {}
-            for kind in kinds:
+            made: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # one table unless by kind
+            for kind in self._layer_kinds:
                 key = kind if by_kind else None
-                parts = [self._rotary_row(probe, key, start) for start in rows.starts]
-                tables[kind] = parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]),
-                                                                 torch.cat([s for _, s in parts]))
-            return tables
+                if key not in made:
+                    parts = [self._rotary_row(probe, key, start) for start in rows.starts]
+                    made[key] = parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]),
+                                                                  torch.cat([s for _, s in parts]))
+            return {kind: made[kind if by_kind else None] for kind in self._layer_kinds}
         positions = rows.positions().view(1, -1)
         shared = None if by_kind else self._rotary_call(probe, positions, None)
         tables = {}
-        for kind in kinds:
+        for kind in self._layer_kinds:
             cos, sin = shared if shared is not None else self._rotary_call(probe, positions, kind)
             tables[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [R, 1, rotary dim]
         return tables
