@@ -41,19 +41,53 @@ class Service(Protocol):
 
 
 @contextlib.asynccontextmanager
-async def running(services: dict[str, Service]) -> AsyncIterator[None]:
+async def running(services: dict[str, Service], stop_s: float = 60.0) -> AsyncIterator[None]:
     """Run each service as a named task of one task group for the body of the ``with``.
 
     A service that crashes cancels the body, and its exception (in an ExceptionGroup) is
     the test's failure, not a timeout of whatever the test was waiting for. On the way
-    out every service is cancelled and awaited."""
+    out every service is cancelled and awaited; one that has not stopped ``stop_s`` later
+    fails the test with where each task waits."""
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(service.run(), name=name) for name, service in services.items()]
+        tasks = [group.create_task(_stops_when_told(name, service, stop_s), name=name) for name, service in services.items()]
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
+
+
+async def _stops_when_told(name: str, service: Service, stop_s: float) -> None:
+    """``service.run()``; once cancelled, it has ``stop_s`` to finish, or the test fails
+    with where every task of the loop waits (not a silent hang until pytest's timeout)."""
+    inner = asyncio.create_task(service.run(), name=f"{name}-run")
+    try:
+        await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        inner.cancel()
+        done, _ = await asyncio.wait({inner}, timeout=stop_s)
+        if not done:
+            waits = "\n".join(f"{task.get_name()}: {' -> '.join(await_chain(task))}"
+                              for task in asyncio.all_tasks() if not task.done())
+            raise RuntimeError(f"{name} did not stop within {stop_s:.0f} s of being cancelled; "
+                               f"where each task waits:\n{waits}") from None
+        raise
+
+
+def await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """file:line of each coroutine that ``task`` is suspended in, outermost first, and
+    the object awaited at the bottom."""
+    chain: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame") if hasattr(awaited, a)), None)
+        if frame is None:  # a future (asyncio's C iterator over one hides which)
+            chain.append("a future" if type(awaited).__name__ == "FutureIter" else repr(awaited)[:200])
+            break
+        chain.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_qualname}")
+        awaited = next((getattr(awaited, a) for a in ("cr_await", "gi_yieldfrom", "ag_await") if hasattr(awaited, a)),
+                       None)
+    return chain
 
 
 @contextlib.asynccontextmanager

@@ -337,3 +337,31 @@ def test_a_device_that_hangs_is_taken_for_lost_by_its_missed_heartbeats(
     assert hung in {s.device_id for s in back.stages}
     resumed = min(t for t, m in log if t > stopped and m["type"] == "chunk")
     print(f"hung device: the next token came {resumed - stopped:.2f} s after SIGSTOP")
+
+
+async def test_closing_a_connection_to_a_frozen_broker_ends(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that stops reading (SIGSTOP: hung, swapped out) while data waits to be sent:
+    closing the connection ends CLOSE_TIMEOUT_S later, with a warning, and its socket is
+    closed (aiomqtt alone gives up after 10 s and leaves the socket open)."""
+    import signal
+
+    from lime_mqtt.transport.mqtt import CLOSE_TIMEOUT_S
+
+    with LocalBroker(folder=tmp_path / "broker") as broker:
+        conn = broker.transport().connection()
+        await conn.__aenter__()
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            paho = conn._client._client
+            chunk = bytes(1 << 20)
+            for _ in range(64):  # far more than the loopback socket buffers hold
+                await conn.publish("frozen/load", chunk)
+            assert paho.want_write()  # unsent data is queued: the DISCONNECT goes behind it
+            started = time.perf_counter()
+            await asyncio.wait_for(conn.__aexit__(None, None, None), CLOSE_TIMEOUT_S + 10)
+            took = time.perf_counter() - started
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+    assert CLOSE_TIMEOUT_S - 0.5 < took < CLOSE_TIMEOUT_S + 5, took
+    assert any("DISCONNECT" in r.getMessage() and "closing the socket" in r.getMessage() for r in caplog.records)
+    assert paho.socket() is None

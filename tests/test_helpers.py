@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,35 @@ async def test_an_agent_that_crashes_fails_the_cluster_helper_at_once(
             raise AssertionError("the cluster cannot be ready")
     assert loop.time() - started < 20
     assert [str(e) for e in caught.value.exceptions] == ["dev0: the disk is gone"]
+
+
+class _Stubborn:
+    """A service whose clean-up never ends: it swallows its cancellation and waits."""
+
+    def __init__(self, started: asyncio.Event) -> None:
+        self.started = started
+
+    async def run(self) -> None:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.Event().wait()  # a close that never ends
+
+
+async def test_a_service_that_does_not_stop_fails_the_test_with_where_it_waits() -> None:
+    started = asyncio.Event()
+    with pytest.raises(ExceptionGroup) as caught:
+        async with running({"stubborn": _Stubborn(started)}, stop_s=0.2):
+            await started.wait()
+    [error] = caught.value.exceptions
+    assert isinstance(error, RuntimeError)
+    message = str(error)
+    assert message.startswith("stubborn did not stop within 0 s of being cancelled")
+    # The task's own line: where run() is stuck, down to the awaited future.
+    [line] = [line for line in message.splitlines() if line.startswith("stubborn-run:")]
+    # stuck in the except clause's wait, not in the first one
+    stuck_at = _Stubborn.run.__code__.co_firstlineno + next(
+        i for i, text in enumerate(inspect.getsourcelines(_Stubborn.run)[0]) if "never ends" in text)
+    assert re.fullmatch(rf"stubborn-run: test_helpers.py:{stuck_at} _Stubborn.run -> locks.py:\d+ Event.wait -> a future",
+                        line), line

@@ -32,6 +32,7 @@ from lime_mqtt.core.errors import ConfigError, NoSubscribers, PublishRefused, Tr
 from lime_mqtt.transport.base import BrokerAddress, LastWill, Message, ReconnectHook, check_topic
 
 CONNECT_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0  # for the DISCONNECT to be written on the way out
 # Reconnecting: the first retry after about RECONNECT_MIN_S, doubling to RECONNECT_MAX_S,
 # each delay jittered by +-50% so that a whole cluster does not knock at once.
 RECONNECT_MIN_S = 0.2
@@ -331,9 +332,17 @@ class MqttConnection:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
         try:
-            await self._client.__aexit__(exc_type, exc, tb)
-        except aiomqtt.MqttError:
-            pass  # the connection is already gone; nothing left to close
+            # aiomqtt gives up on the DISCONNECT after its own timeout (10 s) and leaves the
+            # socket open; a close here takes at most CLOSE_TIMEOUT_S and closes it.
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._client.__aexit__(exc_type, exc, tb)
+        except (aiomqtt.MqttError, TimeoutError):
+            paho = self._client._client
+            if paho.socket() is not None:  # not gone: the DISCONNECT could not be written
+                log.warning("%s: the DISCONNECT to %s was not sent within %.0f s (%d packets unsent); "
+                            "closing the socket", self.client_id, self.address, CLOSE_TIMEOUT_S,
+                            len(paho._out_packet))
+                paho._sock_close()
 
     async def publish(
         self,
