@@ -49,7 +49,8 @@ async def running(services: dict[str, Service], stop_s: float = 60.0) -> AsyncIt
     out every service is cancelled and awaited; one that has not stopped ``stop_s`` later
     fails the test with where each task waits."""
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(_stops_when_told(name, service, stop_s), name=name) for name, service in services.items()]
+        tasks = [group.create_task(_stops_when_told(name, service, stop_s), name=name)
+                 for name, service in services.items()]
         try:
             yield
         finally:

@@ -83,5 +83,5 @@ async def test_a_service_that_does_not_stop_fails_the_test_with_where_it_waits()
     # stuck in the except clause's wait, not in the first one
     stuck_at = _Stubborn.run.__code__.co_firstlineno + next(
         i for i, text in enumerate(inspect.getsourcelines(_Stubborn.run)[0]) if "never ends" in text)
-    assert re.fullmatch(rf"stubborn-run: test_helpers.py:{stuck_at} _Stubborn.run -> locks.py:\d+ Event.wait -> a future",
-                        line), line
+    expected = rf"stubborn-run: test_helpers.py:{stuck_at} _Stubborn.run -> locks.py:\d+ Event.wait -> a future"
+    assert re.fullmatch(expected, line), line
