@@ -101,7 +101,10 @@ async def _telemetry(broker: str, cluster: str, ids: list[str],
 async def test_a_cancelled_request_frees_its_kv_cache_on_every_device(
     broker: LocalBroker, cluster_name: str, tiny_model: Path
 ) -> None:
-    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10]) as cluster:
+    # Each layer 2 ms slower: the 400 tokens take seconds, so the cancel, sent at the third
+    # message, surely comes before the end (at full speed all 400 came first, once).
+    async with in_process_cluster(broker.url, cluster_name, tiny_model, [10, 10],
+                                  device_options={"layer_delay_ms": 2.0}) as cluster:
         messages = []
         held_at_cancel = 0
         async for message in ask(broker.url, cluster_name, {"id": "long-one", "prompt": "Report", "max_tokens": 400}):

@@ -51,7 +51,10 @@ def folder() -> BrokerFolder:
 def test_a_cluster_on_the_generated_configuration_keeps_every_sender_in_its_place(
     folder: BrokerFolder, tiny_model: Path, tmp_path: Path
 ) -> None:
-    devices = [DeviceSpec(d, 10, 1, ("--no-measure", "--telemetry-interval", "1")) for d in ("dev0", "dev1")]
+    # Each layer 2 ms slower: b's 400-token answer takes seconds, so that its cancel (sent
+    # after its first message) surely comes before the end (at full speed it did not, once).
+    devices = [DeviceSpec(d, 10, 1, ("--no-measure", "--telemetry-interval", "1", "--emulate-layer-delay-ms", "2"))
+               for d in ("dev0", "dev1")]
     with SecureBroker(folder) as broker, ProcessCluster(
         broker.url, CLUSTER, str(tiny_model), devices, tmp_path / "logs", identities=folder,
         planner_args=("--strategy", "equal", "--reserve-mb", "0"),

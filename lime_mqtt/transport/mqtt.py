@@ -14,12 +14,12 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
@@ -40,6 +40,7 @@ RECONNECT_MAX_S = 5.0
 _DISCONNECTED = object()
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The message id of the QoS 1 publish the current task is waiting for (see _hear_acks).
 _PUBLISH_MID: ContextVar[int | None] = ContextVar("lime_publish_mid", default=None)
@@ -48,6 +49,21 @@ _PUBLISH_MID: ContextVar[int | None] = ContextVar("lime_publish_mid", default=No
 # password, 0x87 not authorized, which Mosquitto 2.0 sends for a wrong password too;
 # MQTT 3.1.1: 4 and 5).
 _LOGIN_REFUSED = {0x86, 0x87, 4, 5}
+
+
+async def _keeping_cancellation(call: Awaitable[T]) -> T:
+    """``await call``, one of aiomqtt's, without losing a cancellation of the caller.
+
+    aiomqtt waits with ``asyncio.wait_for``, which in Python 3.11 returns the result and
+    drops a cancellation that arrives in the same turn of the event loop as the broker's
+    answer (python/cpython#86296; fixed in 3.12). A device agent cancelled just as its
+    SUBACK arrived served on and never stopped. Here the cancellation is raised anyway."""
+    task = asyncio.current_task()
+    requested = task.cancelling() if task is not None else 0
+    result = await call
+    if task is not None and task.cancelling() > requested:
+        raise asyncio.CancelledError
+    return result
 
 
 class _LoginRefused(TransportError):
@@ -169,7 +185,7 @@ class MqttConnection:
         self._take_the_fast_paths(client)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
-                await client.__aenter__()
+                await _keeping_cancellation(client.__aenter__())
         except MqttConnectError as exc:
             raise self._refused(exc) from exc
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
@@ -282,7 +298,7 @@ class MqttConnection:
             self._lost.clear()
             log.warning("%s: connection to %s lost; reconnecting", self.client_id, self.address)
             try:
-                await self._client.__aexit__(None, None, None)
+                await _keeping_cancellation(self._client.__aexit__(None, None, None))
             except aiomqtt.MqttError:
                 pass
             delay = RECONNECT_MIN_S
@@ -291,7 +307,7 @@ class MqttConnection:
                 try:
                     await self._connect(first=False)
                     if self._subscriptions:
-                        await self._client.subscribe(list(self._subscriptions.items()))
+                        await _keeping_cancellation(self._client.subscribe(list(self._subscriptions.items())))
                     break
                 except (TransportError, aiomqtt.MqttError) as exc:
                     # A refused login (rotated or removed credentials) does not mend itself: say it louder.
@@ -335,7 +351,7 @@ class MqttConnection:
             # aiomqtt gives up on the DISCONNECT after its own timeout (10 s) and leaves the
             # socket open; a close here takes at most CLOSE_TIMEOUT_S and closes it.
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await self._client.__aexit__(exc_type, exc, tb)
+                await _keeping_cancellation(self._client.__aexit__(exc_type, exc, tb))
         except (aiomqtt.MqttError, TimeoutError):
             paho = self._client._client
             if paho.socket() is not None:  # not gone: the DISCONNECT could not be written
@@ -382,7 +398,8 @@ class MqttConnection:
             await self.wait_connected()
             token = _PUBLISH_MID.set(None)
             try:
-                await self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+                await _keeping_cancellation(
+                    self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties))
                 self._check_ack(topic, _PUBLISH_MID.get(), require_subscribers)
                 return
             except aiomqtt.MqttError as exc:
@@ -410,7 +427,7 @@ class MqttConnection:
         self._subscriptions.update({t: qos for t in topics})
         await self.wait_connected()
         try:
-            await self._client.subscribe([(t, qos) for t in topics])
+            await _keeping_cancellation(self._client.subscribe([(t, qos) for t in topics]))
         except aiomqtt.MqttError as exc:
             if not self.reconnect:
                 raise TransportError(f"subscribe to {topics} failed: {exc}") from exc
@@ -421,7 +438,7 @@ class MqttConnection:
             self._subscriptions.pop(topic, None)
         await self.wait_connected()
         try:
-            await self._client.unsubscribe(list(topics))
+            await _keeping_cancellation(self._client.unsubscribe(list(topics)))
         except aiomqtt.MqttError as exc:
             if not self.reconnect:
                 raise TransportError(f"unsubscribe from {topics} failed: {exc}") from exc
