@@ -55,7 +55,10 @@ def test_dashboard_shows_the_cluster_streams_an_answer_and_sees_a_device_go(
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser
-    devices = [DeviceSpec(d, 100, 1, ("--telemetry-interval", "0.5")) for d in DEVICES]
+    # Each layer 4 ms slower: the tiny model's 40 tokens take about a second, long enough for
+    # the browser to be seen showing the answer grow (without it they take a tenth of that).
+    devices = [DeviceSpec(d, 100, 1, ("--telemetry-interval", "0.5", "--emulate-layer-delay-ms", "4"))
+               for d in DEVICES]
     with ProcessCluster(broker.url, CLUSTER, str(tiny_model), devices, tmp_path / "logs",
                         planner_args=("--strategy", "equal", "--heartbeat-timeout", "3"),
                         coordinator_args=("--telemetry-interval", "0.5")) as procs:
