@@ -178,3 +178,33 @@ def test_a_decode_steps_rotary_rows_are_the_modules_own_bits(tmp_path: Path) -> 
             want_cos, want_sin = shard.rotary(probe[:1].view(1, 1, -1), torch.tensor([[position]]))
             assert torch.equal(cos[i, 0], want_cos[0, 0]) and torch.equal(sin[i, 0], want_sin[0, 0])
     assert (None, 6) in shard._rotary_memo and (None, 300 + 31) in shard._rotary_memo
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_layers_in_one_kernel_call_give_the_bits_of_a_call_per_layer(
+    models: dict[tuple[str, str], Path], tmp_path_factory: pytest.TempPathFactory, family: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shard whose layers are all held runs them in one kernel call (``FusedLayers``); the
+    logits of every step, alone and batched, are the bits of one call per layer."""
+    folder = _model(models, tmp_path_factory, family, "float32")
+    whole, layered = pipeline(folder, SPLITS[1])[0], pipeline(folder, SPLITS[1])[0]
+    monkeypatch.setattr(layered, "_fused_whole", lambda tables: None)
+    runs = []
+    for shard in (whole, layered):
+        caches = [shard.new_cache() for _ in PROMPTS]
+        seen = [shard.forward(cache, 0, prompt) for cache, prompt in zip(caches, PROMPTS, strict=True)]
+        tokens = [int(logits.argmax()) for logits in seen]
+        positions = [len(prompt) for prompt in PROMPTS]
+        for _ in range(4):
+            alone = shard.forward(caches[0], positions[0], [tokens[0]])
+            both = shard.forward_batch(caches, [positions[0] + 1, positions[1]], 1, tokens=[int(alone.argmax()),
+                                                                                             tokens[1]])
+            seen += [alone, *both]
+            tokens = [int(row.argmax()) for row in both]
+            positions = [positions[0] + 2, positions[1] + 1]
+        runs.append(seen)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    made = [w for w in whole._whole.values() if w is not None]
+    assert made and made[0].count == LAYERS  # the whole shard did run as one call

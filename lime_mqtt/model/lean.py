@@ -23,6 +23,7 @@ model's dtype between operations), without its modules, masks and cache objects:
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,6 +364,7 @@ class FusedStep:
                                      ctypes.cast(self._k, ctypes.c_void_p), ctypes.cast(self._v, ctypes.c_void_p),
                                      base, base + row, base + 2 * row)
         self.work: torch.Tensor | None = None
+        self.work_at = 0  # its address
         self.work_longest = 0  # the longest sequence ``work`` has room for
         self.cache_at = [(c.k.data_ptr(), c.v.data_ptr(), c.capacity) for c in rows.caches]
 
@@ -394,16 +396,67 @@ def _float_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
     return table.reshape(rows, -1).to(torch.float32).contiguous()
 
 
+def _work_for(lib: ctypes.CDLL, spec: kernels.LayerSpec, step: FusedStep) -> int:
+    """The address of ``step``'s work buffer, made (or grown) for layers like ``spec``
+    (every layer of a kind has the same shapes)."""
+    if step.work is None or step.work_longest < step.longest:
+        step.work_longest = step.longest + WORK_AHEAD  # a step kept from one position to the next grows
+        step.work = torch.empty(int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.work_longest)),
+                                dtype=torch.float32)
+        step.work_at = step.work.data_ptr()
+    return step.work_at
+
+
 def fused_layer(spec: kernels.LayerSpec, step: FusedStep, x: torch.Tensor, offset: int,
                 window: int | None) -> torch.Tensor:
     """One decoder layer in one kernel call, on ``x`` [R, hidden] float32 (in place)."""
     lib = kernels.library()
-    if step.work is None or step.work_longest < step.longest:  # every layer has the same shapes
-        step.work_longest = step.longest + WORK_AHEAD  # a step kept from one position to the next grows
-        step.work = torch.empty(int(lib.lime_layer_work(ctypes.byref(spec), step.spec.rows, step.work_longest)),
-                                dtype=torch.float32)
+    work = _work_for(lib, spec, step)
     x = x.contiguous()
-    if lib.lime_layer(ctypes.byref(spec), ctypes.byref(step.spec), offset, window or 0, x.data_ptr(),
-                      step.work.data_ptr()) != 0:
+    if lib.lime_layer(ctypes.byref(spec), ctypes.byref(step.spec), offset, window or 0, x.data_ptr(), work) != 0:
         raise ModelError("the layer kernel refused this layer")
     return x
+
+
+class FusedLayers:
+    """All layers of a shard in one kernel call (``lime_layers``), for a shard whose layers
+    are all in memory and all run fused: after a layer's weights have streamed through the
+    caches, each call from Python into a layer (its torch and ctypes calls) costs tens of
+    microseconds, once per layer and step. The same kernel runs each layer as
+    :func:`fused_layer` does, so the bits are the same."""
+
+    def __init__(self, specs: list[kernels.LayerSpec], kinds: list[str], windows: list[int | None]) -> None:
+        count = len(specs)
+        self.specs = specs  # kept alive: the arrays hold their addresses
+        self.kinds = kinds
+        self.count = count
+        self._layers = (ctypes.c_void_p * count)(*(ctypes.addressof(spec) for spec in specs))
+        self._offsets = (ctypes.c_int64 * count)(*range(count))
+        self._windows = (ctypes.c_int64 * count)(*(window or 0 for window in windows))
+        self._steps = (ctypes.c_void_p * count)()
+        self._works = (ctypes.c_void_p * count)()
+        self._first = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}  # each kind's first layer
+        self._bound: dict[str, tuple[int, int]] = {}  # kind -> (step, work) addresses in the arrays now
+        self._lock = threading.Lock()  # the arrays are written for each call
+
+    def __repr__(self) -> str:
+        return f"FusedLayers({self.count} layers, kinds={sorted(self._first)})"
+
+    def run(self, steps: dict[str, FusedStep], x: torch.Tensor) -> torch.Tensor:
+        """Every layer on ``x`` [R, hidden] float32 (in place); ``steps`` by layer kind."""
+        lib = kernels.library()
+        x = x.contiguous()
+        with self._lock:
+            for kind, first in self._first.items():
+                step = steps[kind]
+                bound = (ctypes.addressof(step.spec), _work_for(lib, self.specs[first], step))
+                if self._bound.get(kind) != bound:
+                    for i, layer_kind in enumerate(self.kinds):
+                        if layer_kind == kind:
+                            self._steps[i], self._works[i] = bound
+                    self._bound[kind] = bound
+            refused = lib.lime_layers(self.count, self._layers, self._steps, self._offsets, self._windows,
+                                      x.data_ptr(), self._works)
+        if refused:
+            raise ModelError(f"the layer kernel refused layer {-1 - refused} of the shard")
+        return x
