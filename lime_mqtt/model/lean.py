@@ -12,7 +12,8 @@ model's dtype between operations), without its modules, masks and cache objects:
   weights. bfloat16 and float16 matrices use torch's products (see :func:`project`).
 - **float32 steps of up to :data:`KERNEL_ROWS` rows** (float32 or GGUF weights) run each
   layer in one kernel call (:func:`fused_layer`): norms, projections, RoPE, the cache
-  write, attention of every row on its own sequence's cache, the MLP.
+  write, attention of every row on its own sequence's cache, the MLP. A shard whose
+  layers are all held runs all of them in one call (:class:`FusedLayers`).
 - **Attention** otherwise (longer chunks; bfloat16 and float16 models) uses torch's
   attention per sequence as transformers calls it (see :func:`attention`).
   Sliding-window layers attend to their last ``window`` positions.
