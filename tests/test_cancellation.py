@@ -61,3 +61,31 @@ async def test_without_the_guard_this_python_loses_that_cancellation() -> None:
 
     task = await _cancel_as_it_is_answered(bare_call, answer, waiting)
     assert await task == "went on"
+
+
+async def test_a_connect_stopped_as_the_connack_comes_is_stopped_and_leaves_no_socket(
+    broker: LocalBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiomqtt
+
+    from lime_mqtt.transport.mqtt import MqttConnection
+
+    loop = asyncio.get_running_loop()
+    connack, waiting = loop.create_future(), asyncio.Event()
+    clients: list[aiomqtt.Client] = []
+    enter = aiomqtt.Client.__aenter__
+
+    async def connected_late(self: aiomqtt.Client) -> aiomqtt.Client:
+        clients.append(self)
+        await enter(self)  # the real connection; then a wait as aiomqtt's own
+        waiting.set()
+        await asyncio.wait_for(connack, 10)
+        return self
+
+    monkeypatch.setattr(aiomqtt.Client, "__aenter__", connected_late)
+    conn = MqttConnection(broker.url)
+    task = await _cancel_as_it_is_answered(conn.__aenter__, connack, waiting)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [client] = clients
+    assert client._client.socket() is None  # not left connected behind the caller's back

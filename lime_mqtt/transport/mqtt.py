@@ -185,8 +185,14 @@ class MqttConnection:
         self._hear_acks(client)
         self._take_the_fast_paths(client)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
-                await _keeping_cancellation(client.__aenter__())
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S + 1):
+                    await _keeping_cancellation(client.__aenter__())
+            except BaseException:
+                # Stopped (or timed out) just as the CONNACK came: the socket may be open.
+                if client._client.socket() is not None:
+                    client._client._sock_close()
+                raise
         except MqttConnectError as exc:
             raise self._refused(exc) from exc
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
