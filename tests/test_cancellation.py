@@ -20,8 +20,7 @@ async def _cancel_as_it_is_answered(call: Callable[[], Awaitable[Any]], answer: 
     """Start ``call``; once it waits for ``answer``, give the answer and cancel it in the
     same turn of the event loop, as when the broker's SUBACK and a stop arrive together."""
     task = asyncio.create_task(call())
-    await waiting.wait()
-    await asyncio.sleep(0)  # it is suspended inside wait_for now
+    await waiting.wait()  # set just before its wait_for, which it then entered without yielding
     answer.set_result(None)
     task.cancel()
     return task
