@@ -564,14 +564,15 @@ int lime_layer(const lime_layer_t *L, const lime_step_t *S, int64_t offset, int6
     return 0;
 }
 
-/* Layers one after another on the same x, in one call from Python: layer i is
- * lime_layer(layers[i], steps[i], offsets[i], windows[i], x, works[i]). A call from Python
- * costs tens of microseconds once a layer's weights have streamed through the caches, and
- * a shard makes one per step instead of one per layer. 0, or -1 - i when layer i refuses. */
+/* A shard's layers one after another on the same x, in one call from Python: layer i (its
+ * offset in the shard) is lime_layer(layers[i], steps[i], i, windows[i], x, works[i]). A
+ * call from Python costs tens of microseconds once a layer's weights have streamed through
+ * the caches, and a shard makes one per step instead of one per layer. 0, or -1 - i when
+ * layer i refuses. */
 int lime_layers(int64_t n, const lime_layer_t *const *layers, const lime_step_t *const *steps,
-                const int64_t *offsets, const int64_t *windows, float *x, float *const *works) {
+                const int64_t *windows, float *x, float *const *works) {
     for (int64_t i = 0; i < n; i++)
-        if (lime_layer(layers[i], steps[i], offsets[i], windows[i], x, works[i]) != 0) return (int)(-1 - i);
+        if (lime_layer(layers[i], steps[i], i, windows[i], x, works[i]) != 0) return (int)(-1 - i);
     return 0;
 }
 

@@ -118,7 +118,7 @@ def _load() -> ctypes.CDLL:
             lib.lime_set_threads.restype = ctypes.c_int
             lib.lime_layer.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
             lib.lime_layer.restype = ctypes.c_int
-            lib.lime_layers.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr]
+            lib.lime_layers.argtypes = [i64, ptr, ptr, ptr, ptr, ptr]
             lib.lime_layers.restype = ctypes.c_int
             lib.lime_layer_work.argtypes = [ptr, i64, i64]
             lib.lime_layer_work.restype = i64

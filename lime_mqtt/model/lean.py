@@ -432,13 +432,26 @@ class FusedLayers:
         self.kinds = kinds
         self.count = count
         self._layers = (ctypes.c_void_p * count)(*(ctypes.addressof(spec) for spec in specs))
-        self._offsets = (ctypes.c_int64 * count)(*range(count))
         self._windows = (ctypes.c_int64 * count)(*(window or 0 for window in windows))
         self._steps = (ctypes.c_void_p * count)()
         self._works = (ctypes.c_void_p * count)()
         self._first = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}  # each kind's first layer
         self._bound: dict[str, tuple[int, int]] = {}  # kind -> (step, work) addresses in the arrays now
         self._lock = threading.Lock()  # the arrays are written for each call
+
+    @classmethod
+    def of(cls, specs: list[kernels.LayerSpec | None], kinds: list[str],
+           windows: list[int | None]) -> FusedLayers | None:
+        """The layers as one call; None when one of them does not run fused, or when the
+        layers of a kind differ in shape (one work buffer per kind must fit them all)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for spec, kind in zip(specs, kinds, strict=True):
+            if spec is None:
+                return None
+            shape = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.inter)
+            if shapes.setdefault(kind, shape) != shape:
+                return None
+        return cls(specs, kinds, windows) if specs else None  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"FusedLayers({self.count} layers, kinds={sorted(self._first)})"
@@ -456,8 +469,8 @@ class FusedLayers:
                         if layer_kind == kind:
                             self._steps[i], self._works[i] = bound
                     self._bound[kind] = bound
-            refused = lib.lime_layers(self.count, self._layers, self._steps, self._offsets, self._windows,
-                                      x.data_ptr(), self._works)
+            refused = lib.lime_layers(self.count, self._layers, self._steps, self._windows, x.data_ptr(),
+                                      self._works)
         if refused:
             raise ModelError(f"the layer kernel refused layer {-1 - refused} of the shard")
         return x

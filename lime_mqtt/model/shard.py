@@ -205,8 +205,8 @@ class Shard:
         self._rotary_memo: dict[tuple[str | None, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._rotary_static = getattr(self.rotary, "rope_type", None) in STATIC_ROPE_TYPES
         self._layer_kinds = sorted(set(self.adapter.layer_types[spec.start : spec.stop]))  # sliding, full, ...
-        # All layers in one kernel call, by the rotary width of each kind (None: layer by layer).
-        self._whole: dict[tuple[tuple[str, int], ...], FusedLayers | None] = {}
+        self._whole: FusedLayers | None = None  # all layers in one kernel call (_fused_whole)
+        self._whole_built = False
         self._prefixes = {i: self.adapter.layer_prefix(i) for i in spec.streamed}
         self._own_stream = stream is None and bool(streamed_keys)
         self.stream = stream if stream is not None else (
@@ -282,7 +282,7 @@ class Shard:
             self.layers[index - self.spec.start] = self._load_layer(index)
         if self.stream is not None and self._own_stream:
             self.stream.close()
-        self._whole.clear()  # the layers held changed
+        self._whole, self._whole_built = None, False  # the layers held changed
         self.spec = replace(self.spec, streamed=tuple(sorted(new)), slots=max(1, slots))
         self._prefixes = {i: self.adapter.layer_prefix(i) for i in self.spec.streamed}
         self.stream, self._own_stream = (stream if new else None), False
@@ -341,12 +341,16 @@ class Shard:
         steps = {kind: FusedStep.of(rows, kind, *table) for kind, table in tables.items()} if fused else {}
         if fused:
             x = x.to(torch.float32).clone()  # the kernel works in place
-            whole = self._fused_whole(tables) if not self.layer_delay_s else None
-            if whole is not None:
-                x = whole.run(steps, x)
-                for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
-                    cache.length = start + count
-                return x
+        whole = self._fused_whole(tables) if fused and not self.layer_delay_s else None
+        x = whole.run(steps, x) if whole is not None else self._layer_by_layer(x, rows, tables, steps)
+        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+            cache.length = start + count
+        return x
+
+    def _layer_by_layer(self, x: torch.Tensor, rows: Rows, tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        steps: dict[str, FusedStep]) -> torch.Tensor:
+        """Each layer in turn, held or streamed from disk; fused when ``steps`` are given."""
+        fused = bool(steps)
         for offset in range(len(self.layers)):
             index = self.spec.start + offset
             if self.layer_delay_s:
@@ -376,25 +380,20 @@ class Shard:
             finally:
                 del weights
                 self.stream.release()
-        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
-            cache.length = start + count
         return x
 
     def _fused_whole(self, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> FusedLayers | None:
-        """All of this shard's layers as one kernel call, when every one is held and runs
-        fused; None: layer by layer."""
-        key = tuple((kind, int(cos.shape[-1])) for kind, (cos, _) in tables.items())
-        if key not in self._whole:
-            widths = dict(key)
-            kinds = [self.adapter.layer_types[self.spec.start + offset] for offset in range(len(self.layers))]
+        """All of this shard's layers as one kernel call, made on the first fused step (the
+        rotary widths are the same on every step); None: layer by layer."""
+        if not self._whole_built:
+            self._whole_built = True
+            widths = {kind: int(cos.shape[-1]) for kind, (cos, _) in tables.items()}
+            indexes = range(self.spec.start, self.spec.stop)
+            kinds = [self.adapter.layer_types[index] for index in indexes]
             specs = [layer.fused(self.adapter, widths[kind]) if layer is not None else None
                      for layer, kind in zip(self.layers, kinds, strict=True)]
-            whole = None
-            if specs and all(spec is not None for spec in specs) and _same_shapes_by_kind(specs, kinds):
-                windows = [self.adapter.window(self.spec.start + offset) for offset in range(len(self.layers))]
-                whole = FusedLayers(specs, kinds, windows)  # type: ignore[arg-type]
-            self._whole[key] = whole
-        return self._whole[key]
+            self._whole = FusedLayers.of(specs, kinds, [self.adapter.window(index) for index in indexes])
+        return self._whole
 
     def _rotary_tables(self, x: torch.Tensor, rows: Rows) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per layer kind, the rotary cos and sin [R, 1, rotary dim] of the step's rows.
@@ -517,16 +516,6 @@ class Shard:
         # Norm over all positions, then keep the last, as transformers does.
         last = rms_norm(self.adapter, x, self.norm)[-1:]
         return self._logits(last)[0]
-
-
-def _same_shapes_by_kind(specs: list[Any], kinds: list[str]) -> bool:
-    """Do the layers of each kind have the same shapes (one work buffer per kind fits all)?"""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec, kind in zip(specs, kinds, strict=True):
-        shape = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.inter)
-        if shapes.setdefault(kind, shape) != shape:
-            return False
-    return True
 
 
 def _numel(item: Any) -> int:
