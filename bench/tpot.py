@@ -198,7 +198,9 @@ def main() -> int:
                 telemetry = ("--telemetry-interval", "0.5") if args.breakdown else ()
                 devices = [DeviceSpec(f"{name}-dev{i}", memory_mb, args.device_threads, telemetry)
                            for i in range(stages)]
-                env = {"PYTHONPATH": str(Path(tree).resolve())} if tree else None
+                # PYTHONSAFEPATH: ``python -m`` would otherwise put the working directory (this
+                # checkout, when run from its root) before PYTHONPATH, and run this tree's code.
+                env = {"PYTHONPATH": str(Path(tree).resolve()), "PYTHONSAFEPATH": "1"} if tree else None
                 procs = stack.enter_context(ProcessCluster(broker.url, name, str(folder), devices, log_dir / name,
                                                            planner_args=("--strategy", "equal"), extra_env=env,
                                                            coordinator_args=coordinator_args))

@@ -13,7 +13,9 @@ MQTT is tested elsewhere (test_e2e_processes.py, test_formats.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy
 import pytest
 import torch
 
@@ -186,10 +188,14 @@ def test_all_layers_in_one_kernel_call_give_the_bits_of_a_call_per_layer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A shard whose layers are all held runs them in one kernel call (``FusedLayers``); the
-    logits of every step, alone and batched, are the bits of one call per layer."""
+    logits of every step, alone and batched, are the bits of one call per layer. A lone
+    sequence's decode step takes the numpy path around that call (``Shard._lone_row``)."""
     folder = _model(models, tmp_path_factory, family, "float32")
     whole, layered = pipeline(folder, SPLITS[1])[0], pipeline(folder, SPLITS[1])[0]
     monkeypatch.setattr(layered, "_fused_whole", lambda tables: None)
+    lone_rows: list[Any] = []
+    lone_row = whole._lone_row
+    monkeypatch.setattr(whole, "_lone_row", lambda *args: lone_rows.append(lone_row(*args)) or lone_rows[-1])
     runs = []
     for shard in (whole, layered):
         caches = [shard.new_cache() for _ in PROMPTS]
@@ -207,3 +213,4 @@ def test_all_layers_in_one_kernel_call_give_the_bits_of_a_call_per_layer(
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     assert whole._whole is not None and whole._whole.count == LAYERS  # the whole shard did run as one call
+    assert sum(isinstance(row, numpy.ndarray) for row in lone_rows) >= 4  # the lone steps, after the first

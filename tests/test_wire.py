@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cbor2
+import numpy
 import pytest
 import torch
 
@@ -41,9 +42,29 @@ def test_envelope_round_trip() -> None:
     back = decode_envelope(env.encode())
     assert isinstance(back, Step)
     assert (back.kind, back.request_id, back.step, back.epoch, back.pos) == ("step", "r1", 4, 2, 17)
-    assert torch.equal(back.hidden, hidden)
+    # float32 hidden states arrive as a numpy array of their own (the engine writes to it)
+    assert isinstance(back.hidden, numpy.ndarray) and back.hidden.flags.writeable
+    assert torch.equal(torch.from_numpy(back.hidden), hidden)
     assert back.sampling == Sampling(0.7, 40, 0.9, 123)
     assert back.reply == env.reply
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hidden_states_round_trip_as_arrays_or_tensors(dtype: torch.dtype) -> None:
+    """float32 and float16 hidden states decode to numpy arrays, bfloat16 (which numpy lacks)
+    to a tensor; either encodes again to the very same bytes."""
+    hidden = torch.randn(1, 2, 8).to(dtype)
+    payload = Step("r1", 1, 0, 5, hidden=hidden).encode()
+    back = decode_envelope(payload, hidden_size=8)
+    assert isinstance(back, Step)
+    assert isinstance(back.hidden, torch.Tensor if dtype == torch.bfloat16 else numpy.ndarray)
+    assert back.width == 2
+    assert back.encode() == payload
+
+
+def test_numpy_arrays_without_a_wire_dtype_are_refused() -> None:
+    with pytest.raises(WireError, match="cannot travel"):
+        tensor_to_wire(numpy.zeros(3, dtype=numpy.complex64))
 
 
 @pytest.mark.parametrize(

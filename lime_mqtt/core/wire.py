@@ -41,6 +41,7 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 # The dtypes numpy has, by name: their bytes go through numpy alone, with fewer calls into
 # torch (each costs tens of microseconds right after a forward pass has cooled the caches).
 _NUMPY = {"f32": numpy.float32, "f16": numpy.float16, "i64": numpy.int64, "i32": numpy.int32}
+_NUMPY_NAMES = {numpy.dtype(kind): name for name, kind in _NUMPY.items()}
 _ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4}
 _FLOATS = ("f32", "f16", "bf16")
 
@@ -49,8 +50,14 @@ _FLOATS = ("f32", "f16", "bf16")
 MAX_CHUNKS = 2**20
 
 
-def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
-    """A tensor as a CBOR-ready map: dtype name, shape, raw little-endian bytes."""
+def tensor_to_wire(tensor: torch.Tensor | numpy.ndarray) -> dict[str, Any]:
+    """A tensor (or a numpy array of a numpy dtype) as a CBOR-ready map: dtype name, shape,
+    raw little-endian bytes."""
+    if isinstance(tensor, numpy.ndarray):
+        name = _NUMPY_NAMES.get(tensor.dtype)
+        if name is None:
+            raise WireError(f"dtype {tensor.dtype} cannot travel on the wire")
+        return {"dtype": name, "shape": list(tensor.shape), "data": tensor.tobytes()}  # C order
     name = _NAMES.get(tensor.dtype)
     if name is None:
         raise WireError(f"dtype {tensor.dtype} cannot travel on the wire")
@@ -91,14 +98,18 @@ def _tensor_parts(obj: Any) -> tuple[str, list[int], bytes]:
 
 
 def _tensor(name: str, shape: list[int], data: bytes) -> torch.Tensor:
-    # A fresh, aligned copy (not a view of the message buffer): CPU kernels run slower
-    # paths on misaligned inputs.
     if name in _NUMPY:
-        return torch.from_numpy(numpy.frombuffer(data, dtype=_NUMPY[name]).reshape(shape).copy())
+        return torch.from_numpy(_array(name, shape, data))
     out = torch.empty(shape, dtype=_DTYPES[name])
     if data:
         out.view(-1).view(torch.uint8).numpy()[:] = numpy.frombuffer(data, dtype=numpy.uint8)
     return out
+
+
+def _array(name: str, shape: list[int], data: bytes) -> numpy.ndarray:
+    # A fresh, aligned copy (not a view of the message buffer): CPU kernels run slower
+    # paths on misaligned inputs, and the engine's work in place on what it is given.
+    return numpy.frombuffer(data, dtype=_NUMPY[name]).reshape(shape).copy()
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,8 @@ class Step:
     epoch: int
     pos: int = 0
     tokens: list[int] | None = None
-    hidden: torch.Tensor | None = None  # [1, S, H]
+    # [1, S, H]; decoded from the wire, a numpy array (float32, float16) or a tensor (bfloat16)
+    hidden: torch.Tensor | numpy.ndarray | None = None
     sampling: Sampling | None = None
     want_logits: bool = False
     reply: str | None = None
@@ -185,7 +197,7 @@ class Step:
         """How many positions this step carries."""
         if self.tokens is not None:
             return len(self.tokens)
-        return self.hidden.shape[1] if self.hidden is not None and self.hidden.dim() == 3 else 1
+        return int(self.hidden.shape[1]) if self.hidden is not None and len(self.hidden.shape) == 3 else 1
 
     def encode(self) -> bytes:
         body = _head(self, self.step, self.epoch, self.pos)
@@ -297,8 +309,11 @@ def _text(body: dict[Any, Any], name: str, max_length: int) -> str:
     return value
 
 
-def _hidden(obj: Any, hidden_size: int | None) -> torch.Tensor:
-    """Hidden states ``[1, S, H]`` of a float dtype, with ``H`` the plan's hidden size when known."""
+def _hidden(obj: Any, hidden_size: int | None) -> torch.Tensor | numpy.ndarray:
+    """Hidden states ``[1, S, H]`` of a float dtype, with ``H`` the plan's hidden size when
+    known: a numpy array where numpy has the dtype (the engine takes them as they are, with
+    no call into torch on a decode step's path, each of which costs tens of microseconds
+    right after a forward pass has cooled the caches), else a tensor (bfloat16)."""
     name, shape, data = _tensor_parts(obj)
     if len(shape) != 3 or shape[0] != 1 or shape[1] < 1:
         raise WireError(f"hidden states must have shape [1, S, H], not {shape}")
@@ -306,7 +321,7 @@ def _hidden(obj: Any, hidden_size: int | None) -> torch.Tensor:
         raise WireError(f"hidden states must be floating point, not {_DTYPES[name]}")
     if hidden_size is not None and shape[2] != hidden_size:
         raise WireError(f"hidden states are {shape[2]} wide, the model's hidden size is {hidden_size}")
-    return _tensor(name, shape, data)
+    return _array(name, shape, data) if name in _NUMPY else _tensor(name, shape, data)
 
 
 def decode_envelope(payload: bytes, *, hidden_size: int | None = None,

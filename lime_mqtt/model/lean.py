@@ -458,8 +458,13 @@ class FusedLayers:
 
     def run(self, steps: dict[str, FusedStep], x: torch.Tensor) -> torch.Tensor:
         """Every layer on ``x`` [R, hidden] float32 (in place); ``steps`` by layer kind."""
-        lib = kernels.library()
         x = x.contiguous()
+        self.run_at(steps, x.data_ptr())
+        return x
+
+    def run_at(self, steps: dict[str, FusedStep], x: int) -> None:
+        """:meth:`run` on the rows at address ``x`` (C order float32 [R, hidden], in place)."""
+        lib = kernels.library()
         with self._lock:
             for kind, first in self._first.items():
                 step = steps[kind]
@@ -469,8 +474,6 @@ class FusedLayers:
                         if layer_kind == kind:
                             self._steps[i], self._works[i] = bound
                     self._bound[kind] = bound
-            refused = lib.lime_layers(self.count, self._layers, self._steps, self._windows, x.data_ptr(),
-                                      self._works)
+            refused = lib.lime_layers(self.count, self._layers, self._steps, self._windows, x, self._works)
         if refused:
             raise ModelError(f"the layer kernel refused layer {-1 - refused} of the shard")
-        return x

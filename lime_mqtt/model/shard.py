@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy
 import torch
 
 from lime_mqtt.core.errors import ModelError
@@ -198,6 +199,10 @@ class Shard:
             self.head = self.embed if tied else self._matrix(head_key)  # tied: one copy for both
         if self.norm is not None:
             self.norm = prepare_norm(self.adapter, self.norm)
+        # A lone decode row's embedding, read as numpy (_lone_row): float32 rows only.
+        self._embed_rows = self.embed.data.numpy() if self.embed is not None and self.embed.fmt == "F32" else None
+        self._embed_scale = numpy.float32(self.config.hidden_size**0.5)  # scaled embeddings, in float32
+        self._probe = torch.zeros(1, 1, self.config.hidden_size, dtype=self.dtype)  # what the rotary module sees
         self.rotary = self.adapter.build_rotary(self.config)
         # A decode step's rotary rows, by (layer kind, position): the same for every request,
         # so each is computed once (_rotary_tables); only where the frequencies do not depend
@@ -336,7 +341,7 @@ class Shard:
             cache.reserve(start + count)
         if not self.layers:
             return x
-        tables = self._rotary_tables(x, rows)
+        tables = self._rotary_tables(x.view(1, x.shape[0], -1), rows)
         fused = self.dtype == torch.float32 and rows.total <= KERNEL_ROWS
         steps = {kind: FusedStep.of(rows, kind, *table) for kind, table in tables.items()} if fused else {}
         if fused:
@@ -395,8 +400,9 @@ class Shard:
             self._whole = FusedLayers.of(specs, kinds, [self.adapter.window(index) for index in indexes])
         return self._whole
 
-    def _rotary_tables(self, x: torch.Tensor, rows: Rows) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer kind, the rotary cos and sin [R, 1, rotary dim] of the step's rows.
+    def _rotary_tables(self, probe: torch.Tensor, rows: Rows) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer kind, the rotary cos and sin [R, 1, rotary dim] of the step's rows
+        (``probe``: [1, R, hidden] of the compute dtype, for the rotary module).
 
         A decode step's (one new position per sequence) come from ``_rotary_memo``, each
         row made by the call that makes it without the memo (the rotary module on that one
@@ -404,7 +410,6 @@ class Shard:
         module's half a dozen torch operations per step (about 0.2 ms on each stage, with
         the caches cold after the previous step's weights)."""
         by_kind = self.adapter.family.rotary_by_layer_type
-        probe = x.view(1, x.shape[0], -1)
         if self._rotary_static and all(count == 1 for count in rows.counts):
             made: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # one table unless by kind
             for kind in self._layer_kinds:
@@ -456,31 +461,75 @@ class Shard:
         positions: list[int],
         rows: int,
         tokens: list[int] | None = None,
-        hidden: list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
+        hidden: list[torch.Tensor | numpy.ndarray] | None = None,
+    ) -> list[torch.Tensor | numpy.ndarray]:
         """One decode step (one new token) of several sequences at once, each on its own
         cache: one matrix product per weight for all of them, and each sequence's result
         the same bits as alone (``rows`` is kept for callers; no padding is needed).
-        Returns, per sequence, its hidden state [1, 1, H] or, on the last stage, its
-        logits [vocab]."""
+        Returns, per sequence, its hidden state [1, 1, H] (a numpy array from the one-call
+        path of a lone sequence, else a tensor) or, on the last stage, its logits [vocab]."""
         count = len(positions)
         if not 0 < count <= KERNEL_ROWS:
             raise ModelError(f"a batch of {count} sequences is not in [1, {KERNEL_ROWS}]")
         if self.embed is not None:
             if tokens is None or len(tokens) != count:
                 raise ModelError("the first stage needs one token id per sequence")
-            x = self._embed(tokens)
+        elif hidden is None or len(hidden) != count:
+            raise ModelError("a later stage needs one hidden state per sequence")
+        lone = self._lone_row(caches[0], positions[0], tokens, hidden[0] if hidden else None) if count == 1 else None
+        if lone is not None:
+            return [self._logits(rms_norm(self.adapter, torch.from_numpy(lone), self.norm), batched=True)[0]
+                    if self.head is not None and self.norm is not None else lone.reshape(1, 1, -1)]
+        if self.embed is not None:
+            x = self._embed(tokens)  # type: ignore[arg-type]
         else:
-            if hidden is None or len(hidden) != count:
-                raise ModelError("a later stage needs one hidden state per sequence")
+            assert hidden is not None
             # One sequence: its own tensor (_run copies it before the kernel works in place).
-            joined = hidden[0].reshape(1, -1) if count == 1 else torch.cat([h.reshape(1, -1) for h in hidden])
-            x = joined.to(self.dtype)
+            parts = [_tensor(h).reshape(1, -1) for h in hidden]
+            x = (parts[0] if count == 1 else torch.cat(parts)).to(self.dtype)
         x = self._run(x, Rows(caches, positions, [1] * count, batched=True))
         if self.head is None or self.norm is None:
             return [x[i : i + 1].view(1, 1, -1) for i in range(count)]
         logits = self._logits(rms_norm(self.adapter, x, self.norm), batched=True)
         return [logits[i] for i in range(count)]
+
+    def _lone_row(self, cache: KVCache, pos: int, tokens: list[int] | None, hidden: Any) -> numpy.ndarray | None:
+        """One row (a decode step of one sequence) through all of this shard's layers in one
+        kernel call, on a numpy array [1, hidden] from its input to its output: the same
+        bits as :meth:`_run`, without the dozen torch calls around the kernel, each of which
+        costs tens of microseconds on every stage, its caches cold after the previous
+        step's weights (docs/benchmarks.md). None when the shard does not run that way (not
+        float32, a layer streamed or not fused, layers slowed down, or before its first
+        fused step has made the one-call layers)."""
+        whole = self._whole
+        if whole is None or self.layer_delay_s:
+            return None
+        x = self._first_row(tokens) if self.embed is not None else _fresh_row(hidden)
+        if x.shape != (1, self.config.hidden_size):
+            raise ModelError(f"a hidden state of {x.size} values; the model's hidden size is {self.config.hidden_size}")
+        rows = Rows([cache], [pos], [1], batched=True)
+        self._align_cache(cache, pos)
+        cache.reserve(pos + 1)
+        tables = self._rotary_tables(self._probe, rows)
+        whole.run_at({kind: FusedStep.of(rows, kind, *table) for kind, table in tables.items()}, x.ctypes.data)
+        cache.length = pos + 1
+        return x
+
+    def _first_row(self, tokens: list[int] | None) -> numpy.ndarray:
+        """A lone token's embedding, a new float32 array [1, hidden] (scaled as the family
+        scales it, in float32 as transformers does)."""
+        if tokens is None or len(tokens) != 1:
+            raise ModelError("the first stage needs one token id")
+        assert self.embed is not None
+        token = tokens[0]
+        if self._embed_rows is None:
+            return self._embed(tokens).to(torch.float32).numpy()  # a new tensor: the kernel may write to it
+        if not 0 <= token < self.embed.out:
+            raise ModelError(f"token id out of range [0, {self.embed.out})")
+        x = self._embed_rows[token : token + 1].copy()
+        if self.adapter.family.scaled_embedding:
+            x *= self._embed_scale
+        return x
 
     @torch.inference_mode()
     def forward(
@@ -488,23 +537,34 @@ class Shard:
         cache: KVCache,  # this request's
         pos: int,
         tokens: list[int] | None = None,
-        hidden: torch.Tensor | None = None,
+        hidden: torch.Tensor | numpy.ndarray | None = None,
         logits: bool = True,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | numpy.ndarray | None:
         """Run this span on one step of one request.
 
         Input: ``tokens`` (first stage) or ``hidden`` [1, S, H]. Output: hidden states
-        [1, S, H], or, on the last stage, the logits of the last position [vocab] (``None``
-        with ``logits=False``: a leading prefill chunk only fills the cache).
+        [1, S, H] (a numpy array from the one-call path of one row), or, on the last stage,
+        the logits of the last position [vocab] (``None`` with ``logits=False``: a leading
+        prefill chunk only fills the cache).
         """
         if self.embed is not None:
             if tokens is None:
                 raise ModelError("the first stage needs token ids")
-            x = self._embed(tokens)
+            lone = self._lone_row(cache, pos, tokens, None) if len(tokens) == 1 else None
         else:
             if hidden is None:
                 raise ModelError("a later stage needs hidden states")
-            x = hidden.reshape(-1, hidden.shape[-1]).to(self.dtype)
+            lone = self._lone_row(cache, pos, None, hidden) if hidden.shape[-2:-1] == (1,) else None
+        if lone is not None:
+            if self.norm is None or self.head is None:
+                return lone.reshape(1, 1, -1)
+            return self._logits(rms_norm(self.adapter, torch.from_numpy(lone), self.norm))[0] if logits else None
+        if self.embed is not None:
+            x = self._embed(tokens)  # type: ignore[arg-type]
+        else:
+            assert hidden is not None
+            x = _tensor(hidden)
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         count = int(x.shape[0])
         if count == 0:
             raise ModelError("a step needs at least one token")
@@ -516,6 +576,18 @@ class Shard:
         # Norm over all positions, then keep the last, as transformers does.
         last = rms_norm(self.adapter, x, self.norm)[-1:]
         return self._logits(last)[0]
+
+
+def _tensor(hidden: torch.Tensor | numpy.ndarray) -> torch.Tensor:
+    """Hidden states as a tensor (the wire gives numpy arrays, sharing their memory)."""
+    return torch.from_numpy(hidden) if isinstance(hidden, numpy.ndarray) else hidden
+
+
+def _fresh_row(hidden: torch.Tensor | numpy.ndarray) -> numpy.ndarray:
+    """One hidden state as a new float32 array [1, hidden], which the kernel may write to."""
+    if isinstance(hidden, torch.Tensor):
+        hidden = hidden.detach().to(torch.float32).numpy()
+    return numpy.array(hidden, dtype=numpy.float32).reshape(1, -1)
 
 
 def _numel(item: Any) -> int:
