@@ -148,3 +148,19 @@ def test_flushing_weights_from_the_caches_keeps_them_as_they_were() -> None:
     flushed = lib.lime_flush(weights.data_ptr(), weights.numel() * 4)
     assert flushed == (0 if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64", "i686") else -1)
     assert torch.equal(weights, before)
+
+
+@pytest.mark.parametrize("n", [64, 576, 1000])  # 1000: a tail after the last full vector
+def test_the_final_norm_is_close_to_transformers_and_row_by_row(n: int) -> None:
+    """kernels.rms_norm_at (a float32 model's final norm) against transformers' formula, in
+    place or not; each row's bits do not depend on the other rows."""
+    torch.manual_seed(n)
+    x, weight, eps = torch.randn(5, n) * 3, torch.rand(n) + 0.5, 1e-6
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    y = torch.empty_like(x)
+    kernels.rms_norm_at(x.data_ptr(), 5, n, weight, eps, y.data_ptr())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    for row in range(5):
+        alone = x[row : row + 1].clone()
+        kernels.rms_norm_at(alone.data_ptr(), 1, n, weight, eps, alone.data_ptr())  # in place
+        assert torch.equal(alone, y[row : row + 1])

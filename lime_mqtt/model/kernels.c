@@ -577,6 +577,13 @@ int lime_layers(int64_t n, const lime_layer_t *const *layers, const lime_step_t 
 }
 
 /* Floats of `work` lime_layer needs for `rows` rows and contexts up to `longest`. */
+/* The model's final RMS norm of `rows` rows of x (n wide) into y (x itself allowed): the
+ * arithmetic of the layers' own norms. */
+int lime_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *y) {
+    rms_norm_rows(x, rows, n, w, eps, y);
+    return 0;
+}
+
 int64_t lime_layer_work(const lime_layer_t *L, int64_t rows, int64_t longest) {
     int64_t H = L->hidden, QW = L->heads * L->head_dim, KW = L->kv_heads * L->head_dim, I = L->inter;
     int64_t widest = (H > I ? H : I) > QW ? (H > I ? H : I) : QW;

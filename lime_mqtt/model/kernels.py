@@ -120,6 +120,8 @@ def _load() -> ctypes.CDLL:
             lib.lime_layer.restype = ctypes.c_int
             lib.lime_layers.argtypes = [i64, ptr, ptr, ptr, ptr, ptr]
             lib.lime_layers.restype = ctypes.c_int
+            lib.lime_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+            lib.lime_rms_norm.restype = ctypes.c_int
             lib.lime_layer_work.argtypes = [ptr, i64, i64]
             lib.lime_layer_work.restype = i64
             lib.lime_set_narrow_rows.argtypes = [ctypes.c_int]
@@ -290,6 +292,13 @@ def linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     if status != 0:
         raise ModelError(f"the {weight.fmt} kernel refused a [{weight.out}, {weight.n}] matrix")
     return y
+
+
+def rms_norm_at(x: int, rows: int, n: int, weight: torch.Tensor, eps: float, y: int) -> None:
+    """The RMS norm of ``rows`` float32 rows of ``n`` at address ``x`` into ``y`` (``x``
+    itself allowed), times ``weight`` (float32 [n], contiguous): the arithmetic of the
+    layers' norms in the kernels."""
+    library().lime_rms_norm(x, rows, n, weight.data_ptr(), eps, y)
 
 
 def rows(weight: PackedWeight, index: torch.Tensor) -> torch.Tensor:

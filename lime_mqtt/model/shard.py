@@ -199,6 +199,7 @@ class Shard:
             self.head = self.embed if tied else self._matrix(head_key)  # tied: one copy for both
         if self.norm is not None:
             self.norm = prepare_norm(self.adapter, self.norm)
+        self._norm32 = self.norm.to(torch.float32).contiguous() if self.norm is not None else None  # _final_norm
         # A lone decode row's embedding, read as numpy (_lone_row): float32 rows only.
         self._embed_rows = self.embed.data.numpy() if self.embed is not None and self.embed.fmt == "F32" else None
         self._embed_scale = numpy.float32(self.config.hidden_size**0.5)  # scaled embeddings, in float32
@@ -444,6 +445,28 @@ class Shard:
     def _rotary_call(self, probe: torch.Tensor, positions: torch.Tensor, kind: str | None) -> Any:
         return self.rotary(probe, positions) if kind is None else self.rotary(probe, positions, kind)
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final norm of hidden states [R, hidden]: float32 ones by the kernels'
+        norm (the arithmetic of the layers' own norms there: one C call, not half a dozen
+        torch operations on the last stage's path), others as transformers computes it."""
+        if self.norm is None or self._norm32 is None:
+            raise ModelError("this shard has no head")
+        if x.dtype != torch.float32:
+            return rms_norm(self.adapter, x, self.norm)
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        kernels.rms_norm_at(x.data_ptr(), int(x.shape[0]), int(x.shape[1]), self._norm32, self.adapter.eps,
+                            y.data_ptr())
+        return y
+
+    def _lone_logits(self, x: numpy.ndarray, batched: bool) -> torch.Tensor:
+        """:meth:`_final_norm` and the logits [vocab] of a lone row from :meth:`_lone_row`,
+        normed in place."""
+        if self.norm is None or self._norm32 is None:
+            raise ModelError("this shard has no head")
+        kernels.rms_norm_at(x.ctypes.data, 1, x.shape[1], self._norm32, self.adapter.eps, x.ctypes.data)
+        return self._logits(torch.from_numpy(x), batched)[0]
+
     def _logits(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
         """Logits [rows, vocab] of final hidden states ``x`` [rows, hidden]."""
         if self.norm is None or self.head is None:
@@ -478,8 +501,7 @@ class Shard:
             raise ModelError("a later stage needs one hidden state per sequence")
         lone = self._lone_row(caches[0], positions[0], tokens, hidden[0] if hidden else None) if count == 1 else None
         if lone is not None:
-            return [self._logits(rms_norm(self.adapter, torch.from_numpy(lone), self.norm), batched=True)[0]
-                    if self.head is not None and self.norm is not None else lone.reshape(1, 1, -1)]
+            return [self._lone_logits(lone, batched=True) if self.head is not None else lone.reshape(1, 1, -1)]
         if self.embed is not None:
             x = self._embed(tokens)  # type: ignore[arg-type]
         else:
@@ -490,7 +512,7 @@ class Shard:
         x = self._run(x, Rows(caches, positions, [1] * count, batched=True))
         if self.head is None or self.norm is None:
             return [x[i : i + 1].view(1, 1, -1) for i in range(count)]
-        logits = self._logits(rms_norm(self.adapter, x, self.norm), batched=True)
+        logits = self._logits(self._final_norm(x), batched=True)
         return [logits[i] for i in range(count)]
 
     def _lone_row(self, cache: KVCache, pos: int, tokens: list[int] | None, hidden: Any) -> numpy.ndarray | None:
@@ -558,7 +580,7 @@ class Shard:
         if lone is not None:
             if self.norm is None or self.head is None:
                 return lone.reshape(1, 1, -1)
-            return self._logits(rms_norm(self.adapter, torch.from_numpy(lone), self.norm))[0] if logits else None
+            return self._lone_logits(lone, batched=False) if logits else None
         if self.embed is not None:
             x = self._embed(tokens)  # type: ignore[arg-type]
         else:
@@ -574,7 +596,7 @@ class Shard:
         if not logits:
             return None
         # Norm over all positions, then keep the last, as transformers does.
-        last = rms_norm(self.adapter, x, self.norm)[-1:]
+        last = self._final_norm(x)[-1:]
         return self._logits(last)[0]
 
 
