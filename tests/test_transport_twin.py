@@ -16,7 +16,8 @@ import pytest
 from lime_mqtt.core.errors import TransportError
 from lime_mqtt.transport.base import Connection, LastWill, Message, Transport
 from lime_mqtt.transport.memory import MemoryBroker, MemoryConnection, topic_matches
-from lime_mqtt.transport.mqtt import MqttTransport
+from lime_mqtt.transport.mosquitto import LocalBroker
+from lime_mqtt.transport.mqtt import MqttTransport, _plain_publish
 
 WAIT_S = 5.0
 
@@ -490,3 +491,59 @@ async def test_copy_per_subscription_as_mosquitto() -> None:
 async def test_a_connection_is_a_memory_connection() -> None:
     async with MemoryBroker().connection("c") as conn:
         assert isinstance(conn, MemoryConnection) and conn.client_id == "c"
+
+
+# -- the MQTT connection's own reading of plain QoS 0 messages ------------------------
+
+
+def test_plain_qos0_publish_packets_are_read_without_paho() -> None:
+    """_plain_publish reads a QoS 0 PUBLISH without properties (topic, payload, retain) and
+    leaves every other packet to paho: QoS 1 and 2, properties, a short or bad packet."""
+    topic = b"lime/v2/c/device/a/to/device/b/stage/1"
+
+    def packet(properties: bytes = b"\x00", payload: bytes = b"\x01\x02", name: bytes = topic) -> bytearray:
+        return bytearray(len(name).to_bytes(2, "big") + name + properties + payload)
+
+    assert _plain_publish(0x30, packet()) == Message(topic.decode(), b"\x01\x02", retain=False)
+    assert _plain_publish(0x31, packet(payload=b"")) == Message(topic.decode(), b"", retain=True)
+    assert _plain_publish(0x32, packet()) is None  # QoS 1 (two more bytes: its id)
+    assert _plain_publish(0x34, packet()) is None  # QoS 2
+    assert _plain_publish(0x30, packet(properties=b"\x05\x08\x00\x02r/")) is None  # a response topic
+    assert _plain_publish(0x30, bytearray(b"\x00\x10abc")) is None  # shorter than its topic
+    assert _plain_publish(0x30, bytearray(b"\x00")) is None
+    assert _plain_publish(0x30, packet(name=b"\xff\xfe")) is None  # not UTF-8: paho says what it is
+
+
+@pytest.mark.integration
+async def test_plain_qos0_messages_skip_paho_and_arrive_as_the_others(
+    broker: LocalBroker, cluster_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through Mosquitto: plain QoS 0 messages (live and retained) take _plain_publish,
+    messages with properties or QoS 1 take paho's way, and all arrive alike, in order."""
+    import lime_mqtt.transport.mqtt as mqtt_module
+
+    plain: list[Message] = []
+
+    def spy(command: int, packet: bytearray) -> Message | None:
+        message = _plain_publish(command, packet)
+        if message is not None:
+            plain.append(message)
+        return message
+
+    monkeypatch.setattr(mqtt_module, "_plain_publish", spy)
+    transport = MqttTransport(broker.url)
+    p = cluster_name
+    async with transport.connection() as pub:
+        await pub.publish(f"{p}/kept", b"kept", qos=1, retain=True)
+        async with transport.connection() as sub:
+            messages = sub.messages()
+            await sub.subscribe(f"{p}/#", qos=0)
+            await pub.publish(f"{p}/a", b"plain", qos=0)
+            await pub.publish(f"{p}/b", b"asking", qos=0, response_topic=f"{p}/r", correlation_data=b"7")
+            await pub.publish(f"{p}/c", b"", qos=0)
+            got = [await next_message(messages) for _ in range(4)]
+        await pub.publish(f"{p}/kept", b"", qos=1, retain=True)  # leave no retained message behind
+    assert [(m.topic.removeprefix(f"{p}/"), m.payload, m.retain, m.response_topic, m.correlation_data)
+            for m in got] == [("kept", b"kept", True, None, None), ("a", b"plain", False, None, None),
+                              ("b", b"asking", False, f"{p}/r", b"7"), ("c", b"", False, None, None)]
+    assert [m.payload for m in plain] == [b"kept", b"plain", b""]  # the one with properties went through paho
