@@ -477,7 +477,6 @@ class Shard:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    @torch.inference_mode()
     def forward_batch(
         self,
         caches: list[KVCache],  # one per sequence
@@ -502,6 +501,15 @@ class Shard:
         lone = self._lone_row(caches[0], positions[0], tokens, hidden[0] if hidden else None) if count == 1 else None
         if lone is not None:
             return [self._lone_logits(lone, batched=True) if self.head is not None else lone.reshape(1, 1, -1)]
+        return self._forward_rows(caches, positions, tokens, hidden)
+
+    @torch.inference_mode()
+    def _forward_rows(self, caches: list[KVCache], positions: list[int], tokens: list[int] | None,
+                      hidden: list[torch.Tensor | numpy.ndarray] | None) -> list[torch.Tensor | numpy.ndarray]:
+        """:meth:`forward_batch` through :meth:`_run` (torch's inference mode, which the
+        path of a lone row does without: entering and leaving it costs 50 us with cold
+        caches)."""
+        count = len(positions)
         if self.embed is not None:
             x = self._embed(tokens)  # type: ignore[arg-type]
         else:
@@ -553,7 +561,6 @@ class Shard:
             x *= self._embed_scale
         return x
 
-    @torch.inference_mode()
     def forward(
         self,
         cache: KVCache,  # this request's
@@ -581,6 +588,12 @@ class Shard:
             if self.norm is None or self.head is None:
                 return lone.reshape(1, 1, -1)
             return self._lone_logits(lone, batched=False) if logits else None
+        return self._forward_span(cache, pos, tokens, hidden, logits)
+
+    @torch.inference_mode()
+    def _forward_span(self, cache: KVCache, pos: int, tokens: list[int] | None,
+                      hidden: torch.Tensor | numpy.ndarray | None, logits: bool) -> torch.Tensor | None:
+        """:meth:`forward` through :meth:`_run`, in torch's inference mode."""
         if self.embed is not None:
             x = self._embed(tokens)  # type: ignore[arg-type]
         else:
