@@ -6,9 +6,9 @@ never blocks on a layer, a streamed read or an emulated delay, and the connectio
 responsive. A *quick* decode step (one token per sequence, on a shard whose layers are
 all in memory, whose recent decode steps took under :data:`INLINE_STEP_S`; one slower
 step sends the next to the worker at once, and a new plan starts over) runs on the
-event loop's own thread instead: handing a step to the worker thread and back cost
-about 0.6 ms per stage on SmolLM2 (4 stages: 63.0 ms per token through the worker, 60.5
-inline, in one run of ``bench/tpot.py --compare-tree``; docs/architecture.md). While the link monitor
+event loop's own thread instead: handing a step to the worker thread and back costs
+about 0.25 ms per stage on SmolLM2 (4 stages: 43.1 ms per token through the worker, 42.1
+inline, every one of 7 rounds of ``bench/tpot.py --compare-tree``; docs/benchmarks.md). While the link monitor
 waits for an echo (:attr:`Compute.keep_loop_free`), every step goes to the worker, so
 that a round trip is not stretched by a step. Both threads are given the device's torch
 thread count (OpenMP keeps it per thread). (The event loop also does the small tensor
