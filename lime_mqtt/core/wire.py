@@ -108,7 +108,7 @@ def _tensor(name: str, shape: list[int], data: bytes) -> torch.Tensor:
 
 def _array(name: str, shape: list[int], data: bytes) -> numpy.ndarray:
     # A fresh, aligned copy (not a view of the message buffer): CPU kernels run slower
-    # paths on misaligned inputs, and the engine's work in place on what it is given.
+    # paths on misaligned inputs, and the engine works in place on what it is given.
     return numpy.frombuffer(data, dtype=_NUMPY[name]).reshape(shape).copy()
 
 

@@ -576,7 +576,6 @@ int lime_layers(int64_t n, const lime_layer_t *const *layers, const lime_step_t 
     return 0;
 }
 
-/* Floats of `work` lime_layer needs for `rows` rows and contexts up to `longest`. */
 /* The model's final RMS norm of `rows` rows of x (n wide) into y (x itself allowed): the
  * arithmetic of the layers' own norms. */
 int lime_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *y) {
@@ -584,6 +583,7 @@ int lime_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float
     return 0;
 }
 
+/* Floats of `work` lime_layer needs for `rows` rows and contexts up to `longest`. */
 int64_t lime_layer_work(const lime_layer_t *L, int64_t rows, int64_t longest) {
     int64_t H = L->hidden, QW = L->heads * L->head_dim, KW = L->kv_heads * L->head_dim, I = L->inter;
     int64_t widest = (H > I ? H : I) > QW ? (H > I ? H : I) : QW;

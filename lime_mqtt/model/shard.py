@@ -335,11 +335,21 @@ class Shard:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         return x
 
-    def _run(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """All of this shard's layers on ``x`` [R, hidden]."""
+    def _make_room(self, rows: Rows) -> None:
+        """Before a step: each cache cut back to the step's position and with room for its rows."""
         for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
             self._align_cache(cache, start)
             cache.reserve(start + count)
+
+    @staticmethod
+    def _filled(rows: Rows) -> None:
+        """After a step: each cache holds its rows."""
+        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
+            cache.length = start + count
+
+    def _run(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """All of this shard's layers on ``x`` [R, hidden]."""
+        self._make_room(rows)
         if not self.layers:
             return x
         tables = self._rotary_tables(x.view(1, x.shape[0], -1), rows)
@@ -349,8 +359,7 @@ class Shard:
             x = x.to(torch.float32).clone()  # the kernel works in place
         whole = self._fused_whole(tables) if fused and not self.layer_delay_s else None
         x = whole.run(steps, x) if whole is not None else self._layer_by_layer(x, rows, tables, steps)
-        for cache, start, count in zip(rows.caches, rows.starts, rows.counts, strict=True):
-            cache.length = start + count
+        self._filled(rows)
         return x
 
     def _layer_by_layer(self, x: torch.Tensor, rows: Rows, tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -449,22 +458,27 @@ class Shard:
         """The model's final norm of hidden states [R, hidden]: float32 ones by the kernels'
         norm (the arithmetic of the layers' own norms there: one C call, not half a dozen
         torch operations on the last stage's path), others as transformers computes it."""
-        if self.norm is None or self._norm32 is None:
-            raise ModelError("this shard has no head")
         if x.dtype != torch.float32:
+            if self.norm is None:
+                raise ModelError("this shard has no head")
             return rms_norm(self.adapter, x, self.norm)
         x = x.contiguous()
         y = torch.empty_like(x)
-        kernels.rms_norm_at(x.data_ptr(), int(x.shape[0]), int(x.shape[1]), self._norm32, self.adapter.eps,
-                            y.data_ptr())
+        self._norm_rows(x.data_ptr(), int(x.shape[0]), y.data_ptr())
         return y
 
-    def _lone_logits(self, x: numpy.ndarray, batched: bool) -> torch.Tensor:
-        """:meth:`_final_norm` and the logits [vocab] of a lone row from :meth:`_lone_row`,
-        normed in place."""
-        if self.norm is None or self._norm32 is None:
+    def _norm_rows(self, x: int, rows: int, y: int) -> None:
+        """The kernels' final norm of ``rows`` float32 rows at address ``x`` into ``y``."""
+        if self._norm32 is None:
             raise ModelError("this shard has no head")
-        kernels.rms_norm_at(x.ctypes.data, 1, x.shape[1], self._norm32, self.adapter.eps, x.ctypes.data)
+        kernels.rms_norm_at(x, rows, self.config.hidden_size, self._norm32, self.adapter.eps, y)
+
+    def _lone_output(self, x: numpy.ndarray, batched: bool) -> torch.Tensor | numpy.ndarray:
+        """What a lone row from :meth:`_lone_row` gives: its hidden state [1, 1, H], or on the
+        last stage its logits [vocab] (normed in place first)."""
+        if self.head is None:
+            return x.reshape(1, 1, -1)
+        self._norm_rows(x.ctypes.data, 1, x.ctypes.data)
         return self._logits(torch.from_numpy(x), batched)[0]
 
     def _logits(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
@@ -500,7 +514,7 @@ class Shard:
             raise ModelError("a later stage needs one hidden state per sequence")
         lone = self._lone_row(caches[0], positions[0], tokens, hidden[0] if hidden else None) if count == 1 else None
         if lone is not None:
-            return [self._lone_logits(lone, batched=True) if self.head is not None else lone.reshape(1, 1, -1)]
+            return [self._lone_output(lone, batched=True)]
         return self._forward_rows(caches, positions, tokens, hidden)
 
     @torch.inference_mode()
@@ -538,11 +552,10 @@ class Shard:
         if x.shape != (1, self.config.hidden_size):
             raise ModelError(f"a hidden state of {x.size} values; the model's hidden size is {self.config.hidden_size}")
         rows = Rows([cache], [pos], [1], batched=True)
-        self._align_cache(cache, pos)
-        cache.reserve(pos + 1)
+        self._make_room(rows)
         tables = self._rotary_tables(self._probe, rows)
         whole.run_at({kind: FusedStep.of(rows, kind, *table) for kind, table in tables.items()}, x.ctypes.data)
-        cache.length = pos + 1
+        self._filled(rows)
         return x
 
     def _first_row(self, tokens: list[int] | None) -> numpy.ndarray:
@@ -585,9 +598,7 @@ class Shard:
                 raise ModelError("a later stage needs hidden states")
             lone = self._lone_row(cache, pos, None, hidden) if hidden.shape[-2:-1] == (1,) else None
         if lone is not None:
-            if self.norm is None or self.head is None:
-                return lone.reshape(1, 1, -1)
-            return self._lone_logits(lone, batched=False) if logits else None
+            return self._lone_output(lone, batched=False) if logits or self.head is None else None
         return self._forward_span(cache, pos, tokens, hidden, logits)
 
     @torch.inference_mode()
